@@ -1,0 +1,135 @@
+"""The ``perceptio`` command line (ARCHITECTURE.md, CLI contract)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from perceptio_core.config import ConfigError
+from storage import StoreError
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help="profile name (configs/NAME.yaml) or YAML path; default tiny")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set vqvae.steps=200 (repeatable)")
+    p.add_argument("--workdir", default=None, help="working folder (default: run.workdir of the profile)")
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from flows.pipeline import perceptio_pipeline, summary_table
+
+    summary = perceptio_pipeline(
+        profile=args.config, overrides=args.overrides, workdir=args.workdir,
+        only=args.only, from_stage=args.from_stage,
+    )
+    print(summary_table(summary))
+    print(f"summary: {Path(summary['workdir']) / 'runs' / summary['run_id'] / 'summary.json'}")
+    return 0
+
+
+def _cmd_stages(args: argparse.Namespace) -> int:
+    from flows.pipeline import resolve_config
+    from tasks.runner import RunContext, compute_keys
+    from tasks.stages import STAGES
+
+    cfg = resolve_config(args.config, args.overrides, args.workdir)
+    run = RunContext(cfg=cfg, workdir=Path(cfg.run.workdir).expanduser().resolve(), run_id="-")
+    keys = compute_keys(cfg, STAGES, run.workdir)
+    store = run.store
+    rows = []
+    print(f"store {store.url}")
+    print(f"{'stage':<16}{'key':<22}{'state':<7}upstream")
+    for spec in STAGES:
+        key = keys[spec.name][0]
+        fresh = store.has(spec.name, key)
+        rows.append({"stage": spec.name, "key": key, "fresh": fresh, "upstream": list(spec.upstream)})
+        print(f"{spec.name:<16}{key:<22}{'fresh' if fresh else 'stale':<7}{', '.join(spec.upstream)}")
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    return 0
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from perceptio_core.config import load_config
+    from perceptio_core.synth import generate_world
+
+    ov = list(args.overrides)
+    if args.images is not None:
+        ov.append(f"synth.images={args.images}")
+    if args.seed is not None:
+        ov.append(f"synth.seed={args.seed}")
+    cfg = load_config(args.config, ov)
+    info = generate_world(Path(args.out), cfg.synth, progress=True)
+    print(json.dumps(info, indent=2, default=str))
+    return 0
+
+
+def _cmd_lineage(args: argparse.Namespace) -> int:
+    from flows.pipeline import resolve_config
+    from storage import ArtifactStore, format_lineage, lineage
+
+    cfg = resolve_config(args.config, args.overrides, args.workdir)
+    wd = Path(cfg.run.workdir).expanduser().resolve()
+    store = ArtifactStore(cfg.run.store or str(wd / "store"), cache_dir=wd / "cache")
+    ref = args.artifact
+    if ref in _stage_names():  # a bare stage name: the artifact of the current config
+        from tasks.runner import compute_keys
+        from tasks.stages import STAGES
+
+        stage, key = ref, compute_keys(cfg, STAGES, wd)[ref][0]
+    else:
+        stage, key = store.find(ref)
+    print(format_lineage(lineage(store, stage, key)))
+    return 0
+
+
+def _stage_names() -> list[str]:
+    from tasks.stages import BY_NAME
+
+    return list(BY_NAME)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="perceptio", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("run", help="run the pipeline (default profile: offline, CPU, synthetic world)")
+    _common(p)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--only", default=None, metavar="STAGE", help="run this stage alone")
+    g.add_argument("--from", dest="from_stage", default=None, metavar="STAGE",
+                   help="run this stage and everything downstream of it")
+    p.set_defaults(fn=_cmd_run)
+    p = sub.add_parser("stages", help="each stage, its cache key, fresh or stale")
+    _common(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=_cmd_stages)
+    p = sub.add_parser("synth", help="write the synthetic world in the real on-disk formats")
+    p.add_argument("--out", required=True)
+    p.add_argument("--images", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--config", default=None)
+    p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.set_defaults(fn=_cmd_synth)
+    p = sub.add_parser("lineage", help="an artifact's upstream chain, from the store alone")
+    p.add_argument("artifact", help="a stage name, stage/key, a key prefix, or a store URL")
+    _common(p)
+    p.set_defaults(fn=_cmd_lineage)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ConfigError, FileNotFoundError, StoreError) as e:
+        print(f"perceptio: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""The Perceptio pipeline as a Prefect flow (ARCHITECTURE.md, the DAG).
+
+The flow body only sequences the stages; :class:`Plan` decides for each one whether it runs in this
+run (all of them by default, one with ``only``, a stage and its descendants with ``from_stage``) or
+is taken from the store as it is. Every run writes ``<workdir>/runs/<run-id>/summary.json`` and the
+resolved ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+from prefect.runtime import flow_run as runtime_flow_run
+from prefect.states import State
+
+from perceptio_core.config import ConfigError, PerceptioConfig, dump_config, load_config
+from storage.atomic import write_json, write_text
+from tasks.runner import ArtifactRef, RunContext, compute_keys
+from tasks.stage_task import stage_task
+from tasks.stages import BY_NAME, STAGES, downstream_of
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
+
+
+def resolve_config(
+    profile: str | None, overrides: list[str] | None, workdir: str | None
+) -> PerceptioConfig:
+    ov = list(overrides or [])
+    if workdir:
+        ov.append(f"run.workdir={workdir}")
+    return load_config(profile, ov)
+
+
+class Plan:
+    """Runs or resolves each stage and records what happened, for the summary."""
+
+    def __init__(self, run: RunContext, only: str | None = None, from_stage: str | None = None):
+        for name in (only, from_stage):
+            if name is not None and name not in BY_NAME:
+                raise ConfigError(f"unknown stage {name!r} (stages: {', '.join(BY_NAME)})")
+        if only and from_stage:
+            raise ConfigError("give --only or --from, not both")
+        self.run = run
+        self.keys = compute_keys(run.cfg, STAGES, run.workdir)
+        if only:
+            self.selected = {only}
+        elif from_stage:
+            self.selected = downstream_of(from_stage)
+        else:
+            self.selected = set(BY_NAME)
+        self.records: dict[str, dict[str, Any]] = {}
+        self.t0 = time.time()
+
+    def step(self, name: str, *upstream: ArtifactRef | State) -> ArtifactRef:
+        spec = BY_NAME[name]
+        refs = {r.stage: r for r in (_unwrap(u) for u in upstream)}
+        if set(refs) != set(spec.upstream):
+            raise RuntimeError(f"stage {name} takes {spec.upstream}, the flow gave {sorted(refs)}")
+        key, material = self.keys[name]
+        store = self.run.store
+        url = store.artifact_url(name, key)
+        t0 = time.time()
+        if name not in self.selected:
+            if not store.has(name, key):
+                raise RuntimeError(
+                    f"stage {name} is needed but not selected in this run, and its artifact "
+                    f"{url} is not in the store: run it first (or use --from {name})"
+                )
+            ref = ArtifactRef(name, key, url, "reused")
+            manifest = store.manifest(name, key)
+        else:
+            reused = [r.url for r in refs.values() if r.status == "reused"]
+            result = stage_task(name, url, reused)(name, self.run, key, material, refs)
+            ref = _unwrap(result)
+            manifest = store.manifest(name, key)
+        self.records[name] = {
+            "key": key,
+            "url": ref.url,
+            "status": ref.status,
+            "wall_s": round(time.time() - t0, 3),
+            "compute_wall_s": manifest.timings.get("wall_s"),
+            "metrics": manifest.metrics,
+            "quarantine": {
+                "count": manifest.quarantine.get("count", 0),
+                "reasons": manifest.quarantine.get("reasons", {}),
+            },
+        }
+        return ref
+
+    def summary(self) -> dict[str, Any]:
+        flat = {
+            f"{stage}.{k}": v
+            for stage, rec in self.records.items()
+            for k, v in _flatten(rec["metrics"]).items()
+        }
+        return {
+            "run_id": self.run.run_id,
+            "flow_run_id": self.run.flow_run_id,
+            "workdir": str(self.run.workdir),
+            "store": self.run.store_url,
+            "wall_s": round(time.time() - self.t0, 3),
+            "stages": self.records,
+            "metrics": flat,
+        }
+
+    def finish(self) -> dict[str, Any]:
+        summary = self.summary()
+        out = self.run.workdir / "runs" / self.run.run_id
+        write_json(out / "summary.json", summary)
+        return summary
+
+
+def _unwrap(x: ArtifactRef | State) -> ArtifactRef:
+    if isinstance(x, State):
+        x = x.result()
+    if not isinstance(x, ArtifactRef):
+        raise TypeError(f"expected an ArtifactRef, got {type(x).__name__}")
+    return x
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        kk = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict):
+            out.update(_flatten(v, kk))
+        else:
+            out[kk] = v
+    return out
+
+
+def start_run(
+    profile: str | None, overrides: list[str] | None, workdir: str | None, run_id: str | None
+) -> RunContext:
+    cfg = resolve_config(profile, overrides, workdir)
+    wd = Path(cfg.run.workdir).expanduser().resolve()
+    run = RunContext(cfg=cfg, workdir=wd, run_id=run_id or new_run_id())
+    fr = runtime_flow_run.id
+    run.flow_run_id = str(fr) if fr else None
+    out = wd / "runs" / run.run_id
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "config.yaml", dump_config(cfg))
+    if cfg.run.torch_threads:
+        import torch
+
+        torch.set_num_threads(cfg.run.torch_threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return run
+
+
+@flow(name="perceptio-pipeline", log_prints=True)
+def perceptio_pipeline(
+    profile: str = "tiny",
+    overrides: list[str] | None = None,
+    workdir: str | None = None,
+    only: str | None = None,
+    from_stage: str | None = None,
+    run_id: str | None = None,
+) -> dict[str, Any]:
+    """The whole pipeline; ``only``/``from_stage`` restrict which stages run in this run."""
+    run = start_run(profile, overrides, workdir, run_id)
+    plan = Plan(run, only=only, from_stage=from_stage)
+    plan.step("sources")
+    return plan.finish()
+
+
+def summary_table(summary: dict[str, Any]) -> str:
+    """The per-stage summary every ``perceptio run`` prints."""
+    lines = [f"run {summary['run_id']}  ({summary['wall_s']:.1f} s)  store {summary['store']}"]
+    lines.append(f"{'stage':<16}{'status':<10}{'key':<22}{'wall s':>8}  {'quarantined':>11}  metrics")
+    for name, rec in summary["stages"].items():
+        metrics = ", ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in list(_flatten(rec["metrics"]).items())[:6]
+        )
+        lines.append(
+            f"{name:<16}{rec['status']:<10}{rec['key']:<22}{rec['wall_s']:>8.1f}  "
+            f"{rec['quarantine']['count']:>11}  {metrics}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,385 @@
+"""Typed configuration: one dataclass per component, loaded from YAML profiles (``configs/``).
+
+A profile is a YAML mapping of sections to fields; ``--set section.key=value`` overrides any field
+(the value is parsed as YAML, so ``--set vqvae.steps=10`` gives an int). An unknown section or key,
+or a value of the wrong type, raises :class:`ConfigError` naming the dotted key. Derived values are
+computed in ``__post_init__`` so that overriding a base field never leaves them stale.
+
+Where SPEC.md gives no legible paper value (the loss weights, the codebook size) the default is the
+SPEC's stated default and the field's comment says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A profile or override names an unknown key or gives a value of the wrong type."""
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunConfig:
+    """Where a run keeps its things and what it runs on."""
+
+    workdir: str = "perceptio-work"
+    store: str = ""  # artifact store: a local path or any fsspec URL; "" -> <workdir>/store
+    device: str = "auto"  # "auto" (cuda when present), "cpu", "cuda"
+    seed: int = 0
+    torch_threads: int = 0  # 0: leave torch's default
+
+
+@dataclass
+class DataConfig:
+    """Which datasets to read. ``root`` unset: the synthetic world is generated into the workdir."""
+
+    root: str | None = None
+    refer_datasets: list[str] = field(default_factory=lambda: ["refcoco", "refcoco+", "refcocog"])
+    coco_images: str = "images/train2014"  # relative to root
+    ade20k: str = "ADEChallengeData2016"  # relative to root; "" to skip
+    hardblink: str = "HardBLINK"  # relative to root; "" to skip
+    vqa_tsv: str = "vqa/mmbench_world.tsv"  # relative to root (or absolute); "" to skip
+    captions: str = "annotations/captions_train2014.json"  # relative to root; "" to skip
+    llava_json: str | None = None  # optional LLaVA-1.5 instruction JSON (SPEC §5)
+    glamm_json: str | None = None  # optional GLaMM grounded-conversation JSON (SPEC §5)
+
+
+@dataclass
+class SynthConfig:
+    """The synthetic world (used when ``data.root`` is unset)."""
+
+    images: int = 240  # COCO-style images carrying the RefCOCO/+/g trees
+    ade_images: int = 120
+    hardblink_per_count: int = 24  # HardBLINK-style questions for each of 3, 4, 5 points
+    vqa_questions: int = 120
+    width: int = 128
+    height: int = 96
+    seed: int = 0
+
+
+@dataclass
+class TeacherFitConfig:
+    """The offline default: fit a small Depth Anything V2 config on the world's true depth."""
+
+    hidden_size: int = 64
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    patch_size: int = 14
+    fusion_hidden_size: int = 32
+    steps: int = 400
+    batch_size: int = 16
+    lr: float = 3e-4
+    weight_decay: float = 0.05
+    grad_weight: float = 0.5  # weight of the multi-scale gradient-matching term (MiDaS)
+    holdout_fraction: float = 0.1  # images kept out of the fit, only evaluated (reported metrics)
+    seed: int = 0
+
+
+@dataclass
+class TeacherConfig:
+    """Depth Anything V2 teacher (SPEC §2). ``checkpoint`` is a local directory or hub id; unset, the
+    ``fit_teacher`` stage fits one on the synthetic world and the teacher loads that directory."""
+
+    checkpoint: str | None = None
+    input_size: int = 112  # the processor's target size (518 at paper scale)
+    map_size: int = 80  # stored maps are map_size x map_size, per-image min-max normalised to [0, 1]
+    batch_size: int = 16
+    num_workers: int = 0
+    chunk_size: int = 64  # maps per durable chunk (a killed run resumes at chunk granularity)
+    precision: str = "auto"  # "auto" (bf16 on cuda, fp32 on cpu), "fp32", "bf16", "fp16"
+    fit: TeacherFitConfig = field(default_factory=TeacherFitConfig)
+
+
+@dataclass
+class VQVAEConfig:
+    """Depth VQ-VAE (SPEC §2). K is not legible in the paper: default 128 (SPEC's default)."""
+
+    codebook_size: int = 128
+    code_dim: int = 128
+    grid: int = 10  # latent grid side: grid * grid = N tokens per map
+    input_size: int = 80  # maps are resized to input_size; input_size / grid = downsampling factor
+    hidden: int = 64
+    steps: int = 1500
+    batch_size: int = 32
+    lr: float = 1e-3
+    ema_decay: float = 0.99
+    commitment: float = 0.25
+    dead_code_threshold: float = 1e-3  # EMA cluster size below which a code is restarted
+    holdout_fraction: float = 0.1
+    seed: int = 0
+    downsample: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        if self.grid <= 0 or self.input_size % self.grid:
+            raise ConfigError(
+                f"vqvae.input_size ({self.input_size}) must be a multiple of vqvae.grid ({self.grid})"
+            )
+        self.downsample = self.input_size // self.grid
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid * self.grid
+
+
+@dataclass
+class CurateConfig:
+    """Sources to samples to WebDataset shards (SPEC §5, §6; ``perceptio_core/curate.py``).
+
+    Splits use normalised names ("train", "val", "testA", "testB", "test"; ADE20k's "training" is
+    "train"). Mask areas are in pixels of the original image. Teacher depth is relative inverse
+    depth normalised to [0, 1] per image: larger is nearer.
+    """
+
+    tasks: list[str] = field(
+        default_factory=lambda: ["refer_seg", "semantic_seg", "depth_cot", "instruct", "grounded_conv"]
+    )  # which sample kinds to build; "instruct"/"grounded_conv" also need data.llava_json/glamm_json
+    splits: list[str] = field(default_factory=lambda: ["train"])  # RefCOCO/+/g and ADE20k splits kept
+    seed: int = 0  # point sampling of the depth chain-of-thought samples
+    # filters (SPEC §5: degenerate masks, ambiguity, near-duplicates)
+    min_mask_area: int = 32  # pixels; smaller masks are dropped as degenerate
+    max_mask_frac: float = 0.95  # masks covering more of the image are dropped as degenerate
+    dedup_jaccard: float = 0.8  # same object, token-set Jaccard >= this: keep the first expression
+    ambiguity_filter: bool = True
+    drop_eval_overlap: bool = False  # drop train refs whose image is in any refer val/test split
+    # ADE20k semantic segmentation
+    ade_max_classes_per_image: int = 3  # largest present classes first
+    # depth chain-of-thought (HardBLINK-style, SPEC §6)
+    depth_cot_sources: list[str] = field(default_factory=lambda: ["coco"])  # "coco", "ade20k"
+    depth_cot_per_image: int = 1
+    depth_cot_min_points: int = 2
+    depth_cot_max_points: int = 5
+    min_point_distance: float = 20.0  # pixels between any two marked points
+    depth_cot_margin: float = 0.1  # every pair of points differs by this much in teacher depth
+    depth_cot_max_tries: int = 200  # candidate points per sample before giving up on an image
+    # optional instruction / grounded-conversation sources (paths come from the data section)
+    llava_image_root: str | None = None  # unset: the LLaVA JSON's folder
+    glamm_image_root: str | None = None  # unset: the GLaMM JSON's folder
+    # shards (ARCHITECTURE: a few hundred MB each at scale)
+    shard_max_bytes: int = 256 * 1024 * 1024
+    shard_max_samples: int = 10000
+
+
+@dataclass
+class PerceptioConfig:
+    """The whole resolved configuration of a run."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    vqvae: VQVAEConfig = field(default_factory=VQVAEConfig)
+    curate: CurateConfig = field(default_factory=CurateConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    def section(self, dotted: str) -> Any:
+        obj: Any = self
+        for part in dotted.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+
+# --------------------------------------------------------------------------------------------
+# Loading, overriding, dumping
+# --------------------------------------------------------------------------------------------
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_PROFILE = "tiny"
+
+
+def to_dict(obj: Any) -> Any:
+    """A dataclass tree as plain dicts/lists (derived ``init=False`` fields included)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def canonical_json(obj: Any) -> str:
+    """Stable JSON text of a config (sub)tree, for digests."""
+    return json.dumps(to_dict(obj), sort_keys=True, separators=(",", ":"))
+
+
+def _check_value(value: Any, tp: Any, key: str) -> Any:
+    """Return ``value`` coerced to ``tp`` where that is lossless (int -> float), else raise."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_value(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list ({_type_name(tp)}), got {value!r}")
+        args = typing.get_args(tp)
+        inner = args[0] if args else Any
+        out = [_check_value(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+        return out if origin is list else tuple(out)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected a boolean, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {tp!r}")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    """Build dataclass ``cls`` from ``data``, checking every key and type."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = prefix or "top level"
+        raise ConfigError(
+            f"unknown config key {prefix + '.' if prefix else ''}{unknown[0]!s} "
+            f"(known in {where}: {', '.join(sorted(fields))})"
+        )
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        tp = hints[name]
+        key = f"{prefix}.{name}" if prefix else name
+        if dataclasses.is_dataclass(tp):
+            base = to_dict(tp())
+            merged = _deep_merge(base, value, key) if isinstance(value, dict) else value
+            kwargs[name] = _build(tp, _strip_derived(tp, merged), key)
+        else:
+            kwargs[name] = _check_value(value, tp, key)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:  # e.g. a __post_init__ check
+        raise ConfigError(f"{prefix or 'config'}: {e}") from e
+
+
+def _strip_derived(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    derived = {f.name for f in dataclasses.fields(cls) if not f.init}
+    return {k: v for k, v in data.items() if k not in derived}
+
+
+def _deep_merge(base: dict[str, Any], upd: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = dict(base)
+    for k, v in upd.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v, f"{prefix}.{k}" if prefix else k)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"vqvae.steps=10"`` -> (["vqvae", "steps"], 10). The value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form section.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({e})") from e
+    return key.split("."), value
+
+
+def resolve_profile(profile: str | Path | None) -> Path:
+    """A profile name (``tiny``) or a YAML path -> the file's path."""
+    if profile is None:
+        profile = DEFAULT_PROFILE
+    p = Path(profile)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.exists():
+            raise ConfigError(f"config file not found: {p}")
+        return p
+    cand = CONFIG_DIR / f"{profile}.yaml"
+    if not cand.exists():
+        names = sorted(x.stem for x in CONFIG_DIR.glob("*.yaml"))
+        raise ConfigError(f"unknown profile {profile!r} (profiles: {', '.join(names)})")
+    return cand
+
+
+def load_config(
+    profile: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> PerceptioConfig:
+    """Load a YAML profile (name or path), apply ``section.key=value`` overrides, check everything."""
+    path = resolve_profile(profile)
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a profile must be a mapping of sections")
+    data = _deep_merge(to_dict(PerceptioConfig()), data)
+    for ov in overrides:
+        keys, value = parse_override(ov)
+        node = data
+        for i, k in enumerate(keys[:-1]):
+            if not isinstance(node.get(k), dict):
+                raise ConfigError(f"unknown config key {'.'.join(keys[: i + 1])} (in override {ov!r})")
+            node = node[k]
+        if keys[-1] not in node:
+            raise ConfigError(f"unknown config key {'.'.join(keys)} (in override {ov!r})")
+        node[keys[-1]] = value
+    # derived fields are recomputed, never read back
+    return _build(PerceptioConfig, _strip_all_derived(PerceptioConfig, data), "")
+
+
+def _strip_all_derived(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    out = _strip_derived(cls, data)
+    for k, v in list(out.items()):
+        tp = hints.get(k)
+        if tp is not None and dataclasses.is_dataclass(tp) and isinstance(v, dict):
+            out[k] = _strip_all_derived(tp, v)
+    return out
+
+
+def dump_config(cfg: PerceptioConfig) -> str:
+    """The resolved config as YAML (what every run writes beside its artifacts)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

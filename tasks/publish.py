@@ -1,0 +1,101 @@
+"""Publishing a stage's artifact to Prefect: a table artifact with lineage and a markdown artifact
+with the stage's pictures, under a stable key per stage so the UI shows its history across runs."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from typing import Any
+
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from storage import ArtifactStore, Manifest
+from tasks.runner import ArtifactRef
+
+MAX_INLINE_PNG = 600_000  # bytes; larger pictures are linked, not inlined
+
+
+def artifact_key(stage: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes."""
+    return "perceptio-" + stage.replace("_", "-").lower()
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        kk = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict):
+            out.update(_flat(v, kk))
+        else:
+            out[kk] = v
+    return out
+
+
+def _run_link(store: ArtifactStore, stage: str, key: str, ui_url: str | None) -> str:
+    """Where the upstream artifact came from: the producing flow run (a UI link when known)."""
+    try:
+        m = store.manifest(stage, key)
+    except Exception:  # noqa: BLE001 - a pruned upstream is shown as such, never fatal
+        return "(not in store)"
+    fr = m.produced_by.get("flow_run_id")
+    run_id = m.produced_by.get("run_id", "?")
+    if fr and ui_url:
+        return f"[run {run_id}]({ui_url.rstrip('/')}/runs/flow-run/{fr})"
+    return f"run {run_id}" + (f" (flow run {fr})" if fr else "")
+
+
+def lineage_rows(
+    ref: ArtifactRef, manifest: Manifest, store: ArtifactStore, ui_url: str | None
+) -> list[dict[str, str]]:
+    """Rows of the stage's table artifact: what it is, and what it came from."""
+    rows = [
+        {"field": "stage", "value": ref.stage},
+        {"field": "status in this run", "value": ref.status},
+        {"field": "store URL", "value": ref.url},
+        {"field": "cache key", "value": ref.key},
+        {"field": "config digest", "value": manifest.config_digest[:16]},
+        {"field": "code digest", "value": manifest.code.get("digest", "")[:16]},
+        {"field": "git commit", "value": str(manifest.code.get("git_commit"))},
+        {"field": "produced by", "value": _run_link(store, ref.stage, ref.key, ui_url)},
+    ]
+    for up_stage, up_key in sorted(manifest.inputs.items()):
+        url = manifest.input_urls.get(up_stage, store.artifact_url(up_stage, up_key))
+        rows.append(
+            {
+                "field": f"upstream {up_stage}",
+                "value": f"{up_key} {url} ({_run_link(store, up_stage, up_key, ui_url)})",
+            }
+        )
+    for k, v in _flat(manifest.metrics).items():
+        rows.append({"field": f"metric {k}", "value": f"{v:.4g}" if isinstance(v, float) else str(v)})
+    q = manifest.quarantine or {}
+    if q.get("count"):
+        rows.append({"field": "quarantined", "value": f"{q['count']} {q.get('reasons', {})}"})
+    return rows
+
+
+def publish_stage(
+    ref: ArtifactRef, manifest: Manifest, store: ArtifactStore, ui_url: str | None = None
+) -> None:
+    """Create the stage's Prefect artifacts (table always, markdown with pictures if any)."""
+    key = artifact_key(ref.stage)
+    create_table_artifact(
+        table=lineage_rows(ref, manifest, store, ui_url),
+        key=key,
+        description=f"{ref.stage} {ref.key} ({ref.status}): lineage, config, code and metrics",
+    )
+    figures = manifest.produced_by.get("figures") or {}
+    if not figures:
+        return
+    folder = store.dir(ref.stage, ref.key)
+    parts = [f"# {ref.stage} `{ref.key}`\n", f"Store: `{ref.url}`\n"]
+    for caption, name in figures.items():
+        p = Path(folder) / name
+        if p.exists() and p.stat().st_size <= MAX_INLINE_PNG:
+            b64 = base64.b64encode(p.read_bytes()).decode()
+            parts.append(f"## {caption}\n\n![{caption}](data:image/png;base64,{b64})\n")
+        else:
+            parts.append(f"## {caption}\n\n`{ref.url}/{name}`\n")
+    create_markdown_artifact(
+        markdown="\n".join(parts), key=key + "-figures", description=f"{ref.stage} pictures"
+    )

@@ -1,0 +1,219 @@
+"""The one way a stage runs: resolve inputs, check the store, call the stage body, write, publish.
+
+A stage is declared once (:class:`StageSpec`) with its upstream stages, the config sections and the
+code it depends on; its cache key follows from those alone (:func:`compute_keys`), so
+``perceptio stages`` can tell fresh from stale without running anything. When the store already
+holds the artifact for the key the stage is ``cached``: no model is loaded, nothing is read beyond
+the manifest. Otherwise the body runs against an :class:`~storage.ArtifactWriter` whose staging
+folder survives a kill, so a long stage resumes from the files it already finished.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import socket
+import time
+import traceback
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from perceptio_core.config import PerceptioConfig, canonical_json, to_dict
+from perceptio_core.records import QuarantineEntry
+from storage import ArtifactStore, ArtifactWriter, Manifest, code_digest, git_commit, stage_key
+from storage.keys import digest_text
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+QUARANTINE_SAMPLE = 200  # entries kept verbatim in a manifest; the full list is the artifact's file
+
+
+@dataclass(frozen=True)
+class ArtifactRef:
+    """What a stage task returns: a reference to an artifact, never its content."""
+
+    stage: str
+    key: str
+    url: str
+    status: str  # "computed", "cached" (in the store already), "reused" (not selected in this run)
+
+
+@dataclass
+class StageOutput:
+    """What a stage body returns besides the files it wrote."""
+
+    metrics: dict[str, Any] = field(default_factory=dict)
+    quarantine: list[QuarantineEntry] = field(default_factory=list)
+    figures: dict[str, str] = field(default_factory=dict)  # caption -> artifact file name (PNG)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RunContext:
+    """One pipeline run: its config, where it works, and which stages it forces."""
+
+    cfg: PerceptioConfig
+    workdir: Path
+    run_id: str
+    force: frozenset[str] = frozenset()
+    flow_run_id: str | None = None
+
+    @property
+    def store_url(self) -> str:
+        return self.cfg.run.store or str(self.workdir / "store")
+
+    @property
+    def store(self) -> ArtifactStore:
+        return ArtifactStore(self.store_url, cache_dir=self.workdir / "cache")
+
+
+@dataclass
+class StageContext:
+    """Everything a stage body may use."""
+
+    run: RunContext
+    spec: "StageSpec"
+    key: str
+    writer: ArtifactWriter
+    upstream: dict[str, ArtifactRef]
+    log: logging.Logger | logging.LoggerAdapter
+
+    @property
+    def cfg(self) -> PerceptioConfig:
+        return self.run.cfg
+
+    @property
+    def store(self) -> ArtifactStore:
+        return self.writer.store
+
+    def upstream_dir(self, stage: str) -> Path:
+        ref = self.upstream[stage]
+        return self.store.dir(ref.stage, ref.key)
+
+    def upstream_manifest(self, stage: str) -> Manifest:
+        ref = self.upstream[stage]
+        return self.store.manifest(ref.stage, ref.key)
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """A stage: its name, inputs, the config and code that make its key, and its body."""
+
+    name: str
+    upstream: tuple[str, ...]
+    sections: tuple[str, ...]  # dotted config sections the stage reads ("teacher", "vqvae", ...)
+    code: tuple[str, ...]  # modules whose source makes the code version ("perceptio_core.vqvae")
+    body: Callable[[StageContext], StageOutput]
+    description: str = ""
+    # extra key material computed from the config (e.g. a digest of the input data's files)
+    fingerprint: Callable[[PerceptioConfig, Path], str] | None = None
+    # run before the cache check, every run: cheap idempotent set-up (e.g. the synthetic world)
+    prepare: Callable[[RunContext], None] | None = None
+
+    def code_files(self) -> list[Path]:
+        files = []
+        for mod in self.code + ("tasks.runner",):
+            p = REPO_ROOT / (mod.replace(".", "/") + ".py")
+            if not p.exists():
+                raise FileNotFoundError(f"stage {self.name}: code module {mod} not found at {p}")
+            files.append(p)
+        return files
+
+    def config_view(self, cfg: PerceptioConfig) -> dict[str, Any]:
+        return {s: to_dict(cfg.section(s)) for s in self.sections}
+
+
+def compute_keys(
+    cfg: PerceptioConfig, stages: list[StageSpec], workdir: Path
+) -> dict[str, tuple[str, dict[str, Any]]]:
+    """Every stage's cache key (with its key material), in topological order. Pure: reads the
+    config and the code files (and the input fingerprint), never an artifact."""
+    keys: dict[str, tuple[str, dict[str, Any]]] = {}
+    for spec in stages:
+        code = code_digest(spec.code_files())
+        config = spec.config_view(cfg)
+        if spec.fingerprint is not None:
+            config = {**config, "_inputs": spec.fingerprint(cfg, workdir)}
+        upstream = {u: keys[u][0] for u in spec.upstream}
+        key = stage_key(spec.name, code, config, upstream)
+        keys[spec.name] = (key, {"code": code, "config": config, "upstream": upstream})
+    return keys
+
+
+def _quarantine_summary(entries: list[QuarantineEntry]) -> dict[str, Any]:
+    reasons = Counter(e.reason.split(":")[0] for e in entries)
+    return {
+        "count": len(entries),
+        "reasons": dict(sorted(reasons.items())),
+        "entries": [e.to_dict() for e in entries[:QUARANTINE_SAMPLE]],
+    }
+
+
+def execute_stage(
+    spec: StageSpec,
+    run: RunContext,
+    key: str,
+    material: dict[str, Any],
+    upstream: dict[str, ArtifactRef],
+    log: logging.Logger | logging.LoggerAdapter,
+) -> tuple[ArtifactRef, Manifest]:
+    """Run one stage (or find it cached) and return its reference and manifest."""
+    store = run.store
+    if spec.name not in run.force and store.has(spec.name, key):
+        log.info("%s: cached (%s)", spec.name, key)
+        m = store.manifest(spec.name, key)
+        return ArtifactRef(spec.name, key, m.url, "cached"), m
+    for name, ref in upstream.items():
+        if not store.has(ref.stage, ref.key):
+            raise RuntimeError(
+                f"stage {spec.name}: upstream artifact {name}/{ref.key} is not in the store "
+                f"{store.url}; run the pipeline without --only/--from first"
+            )
+    writer = store.writer(spec.name, key)
+    if writer.resumed_files:
+        log.info(
+            "%s: resuming, %d finished file(s) from an earlier attempt", spec.name,
+            len(writer.resumed_files),
+        )
+    ctx = StageContext(run=run, spec=spec, key=key, writer=writer, upstream=upstream, log=log)
+    t0 = time.time()
+    try:
+        out = spec.body(ctx)
+    except BaseException:
+        log.error("%s failed:\n%s", spec.name, traceback.format_exc())
+        raise
+    wall = time.time() - t0
+    if out.quarantine:
+        writer.write_json("quarantine.json", [e.to_dict() for e in out.quarantine])
+    config = material["config"]
+    manifest = Manifest(
+        stage=spec.name,
+        key=key,
+        url="",
+        inputs=dict(material["upstream"]),
+        input_urls={n: r.url for n, r in upstream.items()},
+        config=config,
+        config_digest=digest_text(canonical_json(config)),
+        code={
+            "digest": material["code"],
+            "files": [str(p.relative_to(REPO_ROOT)) for p in spec.code_files()],
+            "git_commit": git_commit(REPO_ROOT),
+        },
+        metrics=out.metrics,
+        timings={"wall_s": round(wall, 3)},
+        quarantine=_quarantine_summary(out.quarantine),
+        produced_by={
+            "run_id": run.run_id,
+            "flow_run_id": run.flow_run_id,
+            "host": socket.gethostname(),
+            "user": os.environ.get("USER", ""),
+            "python": platform.python_version(),
+            "figures": out.figures,
+            "notes": out.notes,
+        },
+    )
+    manifest = writer.commit(manifest)
+    log.info("%s: computed in %.1f s -> %s", spec.name, wall, manifest.url)
+    return ArtifactRef(spec.name, key, manifest.url, "computed"), manifest

@@ -1,0 +1,77 @@
+"""Stage ``sources``: resolve the datasets named by the config (or generate the synthetic world),
+read and validate them with the real-format readers, and store the records and the quarantine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from perceptio_core.config import PerceptioConfig, canonical_json
+from perceptio_core.sources import data_fingerprint, read_sources
+from perceptio_core.synth import generate_world
+from storage import code_digest
+from storage.keys import digest_text
+from tasks.runner import REPO_ROOT, RunContext, StageContext, StageOutput, StageSpec
+
+SYNTH_CODE = ("perceptio_core.synth", "perceptio_core.render")
+
+
+def _synth_digest(cfg: PerceptioConfig) -> str:
+    files = [REPO_ROOT / (m.replace(".", "/") + ".py") for m in SYNTH_CODE]
+    return digest_text(canonical_json(cfg.synth), code_digest([f for f in files if f.exists()]))
+
+
+def world_dir(cfg: PerceptioConfig, workdir: Path) -> Path:
+    """Where the synthetic world of this config lives (one folder per synth config and code)."""
+    return Path(workdir).resolve() / "worlds" / _synth_digest(cfg)[:16]
+
+
+def data_root(cfg: PerceptioConfig, workdir: Path) -> Path:
+    if cfg.data.root:
+        root = Path(cfg.data.root).expanduser().resolve()
+        if not root.is_dir():
+            raise FileNotFoundError(f"data.root {root} does not exist or is not a folder")
+        return root
+    return world_dir(cfg, workdir)
+
+
+def fingerprint(cfg: PerceptioConfig, workdir: Path) -> str:
+    """Key material for the inputs: the synthetic world's config and generator code, or a content
+    digest of a real data root's annotation files and image listings."""
+    if cfg.data.root:
+        return "data:" + data_fingerprint(data_root(cfg, workdir), cfg.data)
+    return "synth:" + _synth_digest(cfg)
+
+
+def prepare(run: RunContext) -> None:
+    """Make sure the synthetic world exists (generated once; regenerated identically if deleted)."""
+    if not run.cfg.data.root:
+        generate_world(world_dir(run.cfg, run.workdir), run.cfg.synth, progress=True)
+
+
+def read(ctx: StageContext) -> StageOutput:
+    root = data_root(ctx.cfg, ctx.run.workdir)
+    ctx.log.info("reading sources under %s", root)
+    sources = read_sources(root, ctx.cfg.data, cache_dir=ctx.run.workdir / "cache", progress=True)
+    with ctx.writer.atomic("sources.json", "w") as f:
+        f.write(sources.to_json())
+    counts = sources.counts()
+    for q in sources.quarantine[:20]:
+        ctx.log.warning("quarantined %s %s: %s", q.source, q.record, q.reason)
+    if len(sources.quarantine) > 20:
+        ctx.log.warning("... and %d more quarantined records", len(sources.quarantine) - 20)
+    ctx.log.info("sources: %s", counts)
+    return StageOutput(metrics=counts, quarantine=list(sources.quarantine), notes=[f"root {root}"])
+
+
+SPEC = StageSpec(
+    name="sources",
+    upstream=(),
+    sections=("data",),
+    code=("tasks.sources", "perceptio_core.sources", "perceptio_core.refer", "perceptio_core.ade20k",
+          "perceptio_core.hardblink", "perceptio_core.vqa", "perceptio_core.records",
+          "perceptio_core.image_io", "perceptio_core.safe_pickle"),
+    body=read,
+    description="resolve and validate the datasets (or the synthetic world)",
+    fingerprint=fingerprint,
+    prepare=prepare,
+)
