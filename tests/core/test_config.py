@@ -1,0 +1,67 @@
+"""Config profiles load, overrides apply with type checks, errors name the key."""
+
+import pytest
+import yaml
+
+from perceptio_core import config as C
+from perceptio_core.config import ConfigError, PerceptioConfig, dump_config, load_config
+
+
+def test_every_profile_loads_and_matches_the_code():
+    profiles = sorted(C.CONFIG_DIR.glob("*.yaml"))
+    assert {p.stem for p in profiles} >= {"tiny"}
+    for p in profiles:
+        cfg = load_config(p.stem)
+        assert isinstance(cfg, PerceptioConfig)
+        # every key of the YAML is a field of the dataclass it configures (checked by load_config),
+        # and the dump reloads to the same config
+        again = load_config(p.stem)
+        assert C.to_dict(cfg) == C.to_dict(again)
+
+
+def test_override_sets_typed_values():
+    cfg = load_config("tiny", ["vqvae.steps=7", "vqvae.lr=0.5", "data.root=/x", "run.seed=3"])
+    assert cfg.vqvae.steps == 7 and cfg.vqvae.lr == 0.5 and cfg.data.root == "/x" and cfg.run.seed == 3
+    cfg = load_config("tiny", ["vqvae.lr=1"])  # an int where a float is expected is fine
+    assert cfg.vqvae.lr == 1.0 and isinstance(cfg.vqvae.lr, float)
+
+
+def test_derived_value_follows_its_base():
+    cfg = load_config("tiny", ["vqvae.input_size=320"])
+    assert cfg.vqvae.downsample == 32
+    tiny = load_config("tiny", ["vqvae.grid=5", "vqvae.input_size=40"])
+    assert tiny.vqvae.downsample == 8 and tiny.vqvae.num_tokens == 25
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("vqvae.codebok_size=3", "unknown config key vqvae.codebok_size"),
+        ("nosuch.x=1", "unknown config key nosuch"),
+        ("vqvae.steps=ten", "vqvae.steps: expected an integer, got 'ten'"),
+        ("vqvae.steps=1.5", "vqvae.steps: expected an integer"),
+        ("data.refer_datasets=refcoco", "data.refer_datasets: expected a list"),
+        ("vqvae.input_size=85", "multiple of vqvae.grid"),
+        ("vqvae", "not of the form section.key=value"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        load_config("tiny", [override])
+
+
+def test_bad_profile_key_is_named(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("vqvae:\n  steps: 3\n  colour: red\n")
+    with pytest.raises(ConfigError, match="unknown config key vqvae.colour"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="unknown profile 'nope'"):
+        load_config("nope")
+
+
+def test_dump_reloads_identically(tmp_path):
+    cfg = load_config("tiny", ["vqvae.steps=9"])
+    p = tmp_path / "resolved.yaml"
+    p.write_text(dump_config(cfg))
+    assert C.to_dict(load_config(p)) == C.to_dict(cfg)
+    assert yaml.safe_load(p.read_text())["vqvae"]["steps"] == 9
