@@ -44,6 +44,9 @@ def _cmd_stages(args: argparse.Namespace) -> int:
     print(f"store {store.url}")
     print(f"{'stage':<16}{'key':<22}{'state':<7}upstream")
     for spec in STAGES:
+        if spec.name not in keys:
+            print(f"{spec.name:<16}{'-':<22}{'off':<7}(not in the DAG under this config)")
+            continue
         key = keys[spec.name][0]
         fresh = store.has(spec.name, key)
         rows.append({"stage": spec.name, "key": key, "fresh": fresh, "upstream": list(spec.upstream)})

@@ -111,6 +111,12 @@ class StageSpec:
     fingerprint: Callable[[PerceptioConfig, Path], str] | None = None
     # run before the cache check, every run: cheap idempotent set-up (e.g. the synthetic world)
     prepare: Callable[[RunContext], None] | None = None
+    # whether the stage is part of the DAG under this config (e.g. fit_teacher only without a
+    # released teacher checkpoint); a disabled stage is no one's upstream
+    enabled: Callable[[PerceptioConfig], bool] | None = None
+
+    def is_enabled(self, cfg: PerceptioConfig) -> bool:
+        return self.enabled is None or self.enabled(cfg)
 
     def code_files(self) -> list[Path]:
         files = []
@@ -132,11 +138,13 @@ def compute_keys(
     config and the code files (and the input fingerprint), never an artifact."""
     keys: dict[str, tuple[str, dict[str, Any]]] = {}
     for spec in stages:
+        if not spec.is_enabled(cfg):
+            continue
         code = code_digest(spec.code_files())
         config = spec.config_view(cfg)
         if spec.fingerprint is not None:
             config = {**config, "_inputs": spec.fingerprint(cfg, workdir)}
-        upstream = {u: keys[u][0] for u in spec.upstream}
+        upstream = {u: keys[u][0] for u in spec.upstream if u in keys}
         key = stage_key(spec.name, code, config, upstream)
         keys[spec.name] = (key, {"code": code, "config": config, "upstream": upstream})
     return keys

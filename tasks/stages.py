@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from tasks import sources
+from tasks import depth, sources
 from tasks.runner import StageSpec
 
 STAGES: list[StageSpec] = [
     sources.SPEC,
+    depth.FIT_TEACHER,
+    depth.TEACHER_DEPTH,
+    depth.TRAIN_VQVAE,
+    depth.TOKENIZE_DEPTH,
 ]
 BY_NAME: dict[str, StageSpec] = {s.name: s for s in STAGES}
 
