@@ -10,6 +10,7 @@ from pathlib import Path
 
 from perceptio_core.config import ConfigError
 from storage import StoreError
+from tasks.runner import PipelineError
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ConfigError, FileNotFoundError, StoreError) as e:
+    except (ConfigError, FileNotFoundError, StoreError, PipelineError) as e:
         print(f"perceptio: error: {e}", file=sys.stderr)
         return 2
 

@@ -20,7 +20,7 @@ from prefect.states import State
 
 from perceptio_core.config import ConfigError, PerceptioConfig, dump_config, load_config
 from storage.atomic import write_json, write_text
-from tasks.runner import ArtifactRef, RunContext, compute_keys
+from tasks.runner import ArtifactRef, PipelineError, RunContext, compute_keys
 from tasks.stage_task import stage_task
 from tasks.stages import BY_NAME, STAGES, downstream_of
 
@@ -74,7 +74,7 @@ class Plan:
         t0 = time.time()
         if name not in self.selected:
             if not store.has(name, key):
-                raise RuntimeError(
+                raise PipelineError(
                     f"stage {name} is needed but not selected in this run, and its artifact "
                     f"{url} is not in the store: run it first (or use --from {name})"
                 )

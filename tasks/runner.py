@@ -30,6 +30,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 QUARANTINE_SAMPLE = 200  # entries kept verbatim in a manifest; the full list is the artifact's file
 
 
+class PipelineError(RuntimeError):
+    """A run cannot go on as asked (a needed upstream artifact is missing, ...): a user error."""
+
+
 @dataclass(frozen=True)
 class ArtifactRef:
     """What a stage task returns: a reference to an artifact, never its content."""
@@ -175,7 +179,7 @@ def execute_stage(
         return ArtifactRef(spec.name, key, m.url, "cached"), m
     for name, ref in upstream.items():
         if not store.has(ref.stage, ref.key):
-            raise RuntimeError(
+            raise PipelineError(
                 f"stage {spec.name}: upstream artifact {name}/{ref.key} is not in the store "
                 f"{store.url}; run the pipeline without --only/--from first"
             )

@@ -1,0 +1,150 @@
+"""The default pipeline on a reduced world (the ``smoke`` profile), through the CLI, checked by what
+it produced: summary, manifests, artifacts, cache behaviour, resume after a kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from flows.cli import main as cli_main
+from storage import ArtifactStore
+
+ROOT = Path(__file__).resolve().parents[2]
+STAGES = ["sources", "fit_teacher", "teacher_depth", "train_vqvae", "tokenize_depth"]
+
+
+def _run(workdir: Path, *extra: str) -> dict:
+    rc = cli_main(["run", "--config", "smoke", "--workdir", str(workdir), *extra])
+    assert rc == 0
+    runs = sorted((workdir / "runs").iterdir(), key=lambda p: p.stat().st_mtime)
+    return json.loads((runs[-1] / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    wd = tmp_path_factory.mktemp("e2e")
+    return wd, _run(wd)
+
+
+@pytest.mark.slow
+def test_first_run_computes_every_stage(first_run):
+    wd, summary = first_run
+    assert list(summary["stages"]) == STAGES
+    assert {s["status"] for s in summary["stages"].values()} == {"computed"}
+    m = summary["metrics"]
+    for name in ["teacher_depth.absrel_vs_true", "teacher_depth.pair_order_acc_vs_true",
+                 "train_vqvae.recon_absrel", "train_vqvae.delta1", "train_vqvae.code_usage",
+                 "train_vqvae.perplexity"]:
+        assert name in m and np.isfinite(m[name]), name
+    assert 0.0 <= m["train_vqvae.code_usage"] <= 1.0
+    assert m["sources.coco_images"] == 24
+    # the resolved config is written beside the run
+    run_dir = wd / "runs" / summary["run_id"]
+    assert "vqvae:" in (run_dir / "config.yaml").read_text()
+
+
+@pytest.mark.slow
+def test_artifacts_and_lineage_in_the_store(first_run, capsys):
+    wd, summary = first_run
+    store = ArtifactStore(wd / "store")
+    keys = {s: summary["stages"][s]["key"] for s in STAGES}
+    vq = store.verify("train_vqvae", keys["train_vqvae"], digests=True)
+    assert vq.inputs == {"sources": keys["sources"], "teacher_depth": keys["teacher_depth"]}
+    assert {"model.safetensors", "config.json"} <= set(vq.files)
+    assert vq.config["vqvae"]["codebook_size"] == 32 and vq.code["digest"]
+    tok_dir = store.dir("tokenize_depth", keys["tokenize_depth"])
+    tokens = np.load(tok_dir / "tokens.npy")
+    digests = json.loads((tok_dir / "digests.json").read_text())
+    assert tokens.shape == (len(digests), 100) and tokens.min() >= 0 and tokens.max() < 32
+    # every training image (COCO + ADE) has a teacher map or a quarantine entry
+    td = store.manifest("teacher_depth", keys["teacher_depth"])
+    assert td.metrics["images"] + td.quarantine["count"] == summary["metrics"]["sources.coco_images"] + summary["metrics"]["sources.ade20k"]
+    capsys.readouterr()
+    assert cli_main(["lineage", "train_vqvae", "--config", "smoke", "--workdir", str(wd)]) == 0
+    out = capsys.readouterr().out
+    assert f"train_vqvae/{keys['train_vqvae']}" in out
+    assert f"<- teacher_depth/{keys['teacher_depth']}" in out and f"<- sources/{keys['sources']}" in out
+
+
+@pytest.mark.slow
+def test_second_run_is_all_cached_then_vqvae_change_reruns_only_downstream(first_run, capsys, monkeypatch):
+    wd, summary = first_run
+    import tasks.depth
+
+    def no_model(*a, **k):
+        raise AssertionError("a cached teacher stage must not load or fit a model")
+
+    monkeypatch.setattr(tasks.depth, "load_teacher", no_model)
+    monkeypatch.setattr(tasks.depth, "fit_teacher", no_model)
+    again = _run(wd)
+    assert {s: r["status"] for s, r in again["stages"].items()} == {s: "cached" for s in STAGES}
+    assert {s: r["key"] for s, r in again["stages"].items()} == {s: r["key"] for s, r in summary["stages"].items()}
+    changed = _run(wd, "--set", "vqvae.steps=41")
+    status = {s: r["status"] for s, r in changed["stages"].items()}
+    assert status == {"sources": "cached", "fit_teacher": "cached", "teacher_depth": "cached",
+                      "train_vqvae": "computed", "tokenize_depth": "computed"}
+    capsys.readouterr()
+    assert cli_main(["stages", "--config", "smoke", "--workdir", str(wd), "--set", "vqvae.steps=42"]) == 0
+    out = capsys.readouterr().out
+    assert "teacher_depth" in out and out.count("stale") == 2
+
+
+@pytest.mark.slow
+def test_only_needs_its_upstream_in_the_store(tmp_path, capsys):
+    rc = cli_main(["run", "--config", "smoke", "--workdir", str(tmp_path), "--only", "train_vqvae"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "stage sources is needed but not selected" in err and "not in the store" in err
+    # an unknown stage is a clear error naming it
+    assert cli_main(["run", "--config", "smoke", "--workdir", str(tmp_path), "--only", "nope"]) == 2
+    assert "unknown stage 'nope'" in capsys.readouterr().err
+
+
+KILL_SCRIPT = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import perceptio_core.depth_maps as dm
+import tasks.depth as td
+real = dm.write_chunk
+def write_then_die(*a, **k):
+    real(*a, **k)
+    if a[1] == 0:  # the first chunk is durable: die like a killed job
+        os.kill(os.getpid(), signal.SIGKILL)
+td.write_chunk = write_then_die
+from flows.cli import main
+sys.exit(main(["run", "--config", "smoke", "--workdir", {wd!r}]))
+"""
+
+
+@pytest.mark.slow
+def test_teacher_killed_half_way_resumes_without_recomputing(first_run, tmp_path):
+    wd0, summary0 = first_run
+    wd = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.run(
+        [sys.executable, "-c", KILL_SCRIPT.format(root=str(ROOT), wd=str(wd))],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+    key = summary0["stages"]["teacher_depth"]["key"]
+    store = ArtifactStore(wd / "store")
+    assert not store.has("teacher_depth", key)  # nothing trusted was published
+    staged = sorted(x.name for x in (wd / "store" / "teacher_depth" / f".staging-{key}").iterdir())
+    assert staged == ["maps-000000.json", "maps-000000.npy"]
+    summary = _run(wd)
+    td = summary["stages"]["teacher_depth"]
+    assert td["status"] == "computed" and td["key"] == key
+    assert td["metrics"]["resumed_chunks"] == 1
+    # the resumed artifact holds the same maps as the uninterrupted run's
+    a = store.dir("teacher_depth", key)
+    b = ArtifactStore(wd0 / "store").dir("teacher_depth", key)
+    for f in sorted(b.glob("maps-*.npy")):
+        np.testing.assert_array_equal(np.load(a / f.name), np.load(f))
