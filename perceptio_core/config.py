@@ -48,6 +48,10 @@ class DataConfig:
 
     root: str | None = None
     refer_datasets: list[str] = field(default_factory=lambda: ["refcoco", "refcoco+", "refcocog"])
+    # which refs(<split_by>).p each REFER dataset reads (refcocog also ships "google")
+    refer_split_by: dict[str, str] = field(
+        default_factory=lambda: {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd"}
+    )
     coco_images: str = "images/train2014"  # relative to root
     ade20k: str = "ADEChallengeData2016"  # relative to root; "" to skip
     hardblink: str = "HardBLINK"  # relative to root; "" to skip
@@ -68,6 +72,17 @@ class SynthConfig:
     width: int = 128
     height: int = 96
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.images < 1 or min(self.ade_images, self.hardblink_per_count, self.vqa_questions) < 0:
+            raise ConfigError("synth: images must be >= 1 and the other counts >= 0")
+        if min(self.width, self.height) < 32:
+            raise ConfigError(f"synth: images of {self.width}x{self.height} are too small (32 px a side at least)")
+        if self.hardblink_per_count and (self.width < 64 or self.height < 48):
+            raise ConfigError(
+                f"synth: HardBLINK needs images of at least 64x48 to place 5 labelled points "
+                f"(got {self.width}x{self.height}); set synth.hardblink_per_count=0 or enlarge them"
+            )
 
 
 @dataclass
@@ -171,6 +186,141 @@ class CurateConfig:
     shard_max_bytes: int = 256 * 1024 * 1024
     shard_max_samples: int = 10000
 
+    def __post_init__(self) -> None:
+        known = {"refer_seg", "semantic_seg", "depth_cot", "instruct", "grounded_conv"}
+        unknown = sorted(set(self.tasks) - known)
+        if unknown:
+            raise ConfigError(f"curate.tasks: unknown task(s) {unknown} (known: {sorted(known)})")
+        if not 2 <= self.depth_cot_min_points <= self.depth_cot_max_points <= 8:
+            raise ConfigError("curate: need 2 <= depth_cot_min_points <= depth_cot_max_points <= 8 (A-H)")
+        if not (0.0 < self.max_mask_frac <= 1.0 and 0.0 < self.dedup_jaccard <= 1.0):
+            raise ConfigError("curate.max_mask_frac and curate.dedup_jaccard must lie in (0, 1]")
+        if self.shard_max_bytes <= 0 or self.shard_max_samples <= 0 or self.depth_cot_per_image < 0:
+            raise ConfigError("curate: shard_max_bytes, shard_max_samples must be > 0, depth_cot_per_image >= 0")
+
+
+@dataclass
+class TinyVLMConfig:
+    """The offline default base (ARCHITECTURE "finetune"): a 2-layer, 64-dim InternVL built from
+    ``InternVLConfig`` (InternVL vision tower + Qwen2 text model) with a byte-level BPE tokenizer
+    trained on the world's texts. Used only when ``model.base`` is unset."""
+
+    tokenizer_vocab_size: int = 512  # BPE vocabulary before the K + 3 perception tokens are added
+    image_size: int = 64  # InternVL tile side; (image_size / patch_size)^2 / 4 image tokens
+    patch_size: int = 8
+    vision_hidden_size: int = 64
+    vision_layers: int = 2
+    vision_heads: int = 4
+    text_hidden_size: int = 64
+    text_layers: int = 2
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    text_intermediate_size: int = 128
+    max_position_embeddings: int = 2048
+
+
+@dataclass
+class ModelConfig:
+    """The Perceptio model (SPEC §1, §4): InternVL + LoRA, ``[SEG]`` -> SAM2 mask decoder, depth
+    tokens decoded by the frozen VQ-VAE. K and N are read from the depth tokenizer, not set here."""
+
+    base: str | None = None  # transformers-format InternVL (dir or hub id; the paper: InternVL2.5
+    # 8B / 4B in the HF "-hf" layout); unset: the tiny config below, built fresh
+    tokenizer: str | None = None  # tokenizer dir or hub id; unset: the base's own
+    dtype: str = "float32"  # weights of the base: "float32", "bfloat16" (paper scale), "float16"
+    lora_rank: int = 8  # paper: 256
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    # LoRA targets inside the language model only (the vision tower and projector stay frozen)
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    sam2_variant: str = "tiny-test"  # "tiny-test" or a SAM2.1 Hiera size: "sam2.1_hiera_tiny",
+    # "sam2.1_hiera_small", "sam2.1_hiera_base_plus", "sam2.1_hiera_large"
+    sam2_checkpoint: str | None = None  # Meta's released .pt ({"model": state_dict}); unset: random
+    freeze_sam2_image_encoder: bool = True  # SPEC §4: frozen (the mask decoder is fine-tuned)
+    mask_threshold: float = 0.5  # sigmoid(mask logits) > threshold at inference (SPEC §1)
+    max_length: int = 8192  # tokens per sequence (SPEC §4); longer targets are cut at the end
+    gradient_checkpointing: bool = False  # on the language model; for paper-scale training
+    tiny: TinyVLMConfig = field(default_factory=TinyVLMConfig)
+
+
+@dataclass
+class LossConfig:
+    """The one-stage composite loss (SPEC §3):
+    L = L_llm + w_seg * (bce * BCE + dice * Dice) + w_dtok * (w_marker * L_marker + w_token * L_token
+    + w_count * L_count) + w_rec * L_rec.
+
+    The paper's values of w_seg, w_marker, w_token, w_count, w_dtok and w_rec are not legible in our
+    copy (SPEC §3): each defaults to 1.0. The BCE 1.0 / Dice 0.25 split is the SPEC's.
+    """
+
+    w_seg: float = 1.0  # paper value illegible: 1.0
+    bce: float = 1.0  # SPEC §3
+    dice: float = 0.25  # SPEC §3
+    w_dtok: float = 1.0  # paper value illegible: 1.0
+    w_marker: float = 1.0  # paper value illegible: 1.0
+    w_token: float = 1.0  # paper value illegible: 1.0
+    w_count: float = 1.0  # paper value illegible: 1.0
+    w_rec: float = 1.0  # paper value illegible: 1.0
+    rec_tau: float = 1.0  # temperature of the soft code distribution in L_rec (1.0: plain softmax,
+    # as SPEC §3 writes it; AiT uses about 0.8)
+
+
+@dataclass
+class TrainLoopConfig:
+    """The one training loop (``perceptio_core/trainer.py``; SPEC §4), shared by ``base`` and
+    ``finetune``. ``steps`` counts optimizer updates; the global batch is batch_size * grad_accum *
+    number of processes. AdamW, linear warm-up over ``warmup_frac`` of the steps then cosine to zero,
+    gradient clipping at ``max_grad_norm`` (SPEC §4: 5%, 1.0)."""
+
+    steps: int = 300
+    batch_size: int = 4  # per process and micro-step (paper: 1 per GPU)
+    grad_accum: int = 1  # micro-steps per optimizer step (paper: 8)
+    lr: float = 5e-4
+    weight_decay: float = 0.0  # on >= 2-D trainable tensors only
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup_frac: float = 0.05  # SPEC §4
+    max_grad_norm: float = 1.0  # SPEC §4
+    precision: str = "auto"  # "auto" (bf16 on CUDA, none on CPU), "no", "bf16", "fp16"
+    num_workers: int = 2  # data loader worker processes (0: load in the training process)
+    prefetch_factor: int = 2  # batches each worker prepares ahead
+    shuffle: bool = True  # per-epoch permutation from (seed, epoch); False: manifest order
+    shuffle_window_shards: int = 0  # 0: global permutation; w: shard order shuffled, samples
+    # shuffled within groups of w shards (webdataset-like locality for network storage)
+    seed: int = 0
+    checkpoint_every: int = 100  # optimizer steps between resumable checkpoints
+    keep_checkpoints: int = 2  # the last K complete checkpoints are kept
+    find_unused_parameters: bool = True  # DDP: some trainable heads see no gradient in some
+    # batches (e.g. the mask decoder on a batch without masks)
+
+
+@dataclass
+class FinetuneConfig(TrainLoopConfig):
+    """The ``finetune`` stage (SPEC §3, §4): LoRA on the LLM (rank etc. in ``model``), the new token
+    rows, the SAM2 mask decoder and the [SEG] projection, on the curated shards. The defaults fit
+    the tiny profile on the CPU in minutes; the paper: lr 2e-5-ish, batch 1 x 8 accumulation x 64
+    GPUs, rank 256."""
+
+    steps: int = 300
+    batch_size: int = 4
+    lr: float = 1e-3
+    splits: list[str] = field(default_factory=lambda: ["train"])  # manifest splits trained on
+    tasks: list[str] | None = None  # manifest tasks trained on (None: every task)
+
+
+@dataclass
+class BaseFitConfig(TrainLoopConfig):
+    """The offline default's ``base`` stage: full fine-tuning of the tiny InternVL (``model.tiny``)
+    on the world's captions and VQA, LLM NLL only, no perception tokens. Unused when ``model.base``
+    names a released InternVL."""
+
+    steps: int = 400
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+
 
 @dataclass
 class PerceptioConfig:
@@ -182,6 +332,10 @@ class PerceptioConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     vqvae: VQVAEConfig = field(default_factory=VQVAEConfig)
     curate: CurateConfig = field(default_factory=CurateConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    base: BaseFitConfig = field(default_factory=BaseFitConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)

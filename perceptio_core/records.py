@@ -3,20 +3,42 @@
 Every reader in ``perceptio_core`` (``refer.py``, ``ade20k.py``, ``hardblink.py``, ``vqa.py``) turns
 a dataset tree in its real on-disk format into these records; nothing here knows about files,
 Prefect or the artifact store. A record that cannot be used becomes a :class:`QuarantineEntry`
-naming the record and the reason, and the rest goes on.
+naming the record and the reason, and the rest goes on. The reasons are the ``REASON_*`` constants
+below, alone or followed by ``": <detail>"``.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+# Quarantine reasons (a reason is one of these, alone or as "<reason>: <detail>").
+REASON_MISSING_IMAGE = "missing image"
+REASON_CORRUPT_IMAGE = "corrupt image"
+REASON_IMAGE_SIZE = "image size mismatch"
+REASON_MISSING_ANNOTATION = "missing annotation"
+REASON_CROWD = "crowd annotation"
+REASON_ZERO_AREA = "zero-area mask"
+REASON_MALFORMED_MASK = "malformed mask"
+REASON_EMPTY_SENTENCE = "empty sentence"
+REASON_EMPTY_CAPTION = "empty caption"
+REASON_CORRUPT_ANNOTATION = "corrupt annotation"
+REASON_MALFORMED = "malformed record"
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A dataset-level input (a root, a dataset folder, a refs pickle, an annotation file) is missing.
+
+    Not a per-record problem: the read stops. The message names the path that was expected.
+    """
 
 
 @dataclass(frozen=True)
 class QuarantineEntry:
     """One bad input record: where it came from, which record, and why it was set aside."""
 
-    source: str  # "refcoco", "refcoco+", "refcocog", "coco", "ade20k", "hardblink", "vqa", ...
+    source: str  # "refcoco", "refcoco+", "refcocog", "captions", "ade20k", "hardblink", "vqa", ...
     record: str  # a human-readable id: "ref_id=12", "image_id=3 (COCO_train2014_000000000003.jpg)"
     reason: str  # "missing image", "corrupt image: ...", "zero-area mask", "empty sentence", ...
 
@@ -76,6 +98,12 @@ class AdeRecord:
     width: int
     height: int
     depth_path: str | None = None
+    digest: str = ""  # sha256 of the image file's bytes
+
+    def image_record(self) -> ImageRecord:
+        """This image as an :class:`ImageRecord` (source "ade20k")."""
+        return ImageRecord(self.image_id, self.image_path.rsplit("/", 1)[-1], self.image_path,
+                           self.width, self.height, "ade20k", self.depth_path, self.digest)
 
 
 @dataclass(frozen=True)
@@ -91,6 +119,7 @@ class HardBlinkRecord:
     answer: str  # "(A)"
     split: str = "test"
     source_image_id: int | None = None  # the world image it was drawn on, when known
+    depth_path: str | None = None  # true depth of the unmarked scene (.npy, metres), when known
 
 
 @dataclass(frozen=True)
@@ -109,7 +138,11 @@ class VqaRecord:
 
 @dataclass
 class Sources:
-    """Everything the ``sources`` stage resolved: records per dataset plus the quarantine."""
+    """Everything the ``sources`` stage resolved: records per dataset plus the quarantine.
+
+    ``coco_images`` holds every COCO image a ref or a caption uses (validated, with its digest);
+    ``ade_classes`` maps ADE20k class indices to names (``objectInfo150``).
+    """
 
     root: str
     coco_images: dict[int, ImageRecord] = field(default_factory=dict)
@@ -119,6 +152,7 @@ class Sources:
     vqa: list[VqaRecord] = field(default_factory=list)
     captions: list[tuple[int, str]] = field(default_factory=list)  # (image_id, caption)
     quarantine: list[QuarantineEntry] = field(default_factory=list)
+    ade_classes: dict[int, str] = field(default_factory=dict)
 
     def counts(self) -> dict[str, int]:
         by_dataset: dict[str, int] = {}
@@ -133,3 +167,69 @@ class Sources:
             "captions": len(self.captions),
             "quarantined": len(self.quarantine),
         }
+
+    def quarantine_counts(self) -> dict[str, int]:
+        """Quarantined records per source."""
+        out: dict[str, int] = {}
+        for q in self.quarantine:
+            out[q.source] = out.get(q.source, 0) + 1
+        return dict(sorted(out.items()))
+
+    def depth_images(self, ade_splits: tuple[str, ...] | None = None) -> list[ImageRecord]:
+        """Every distinct image that needs a teacher depth map (SPEC §2: the fine-tuning corpora):
+        the COCO images that at least one referring expression uses, then the ADE20k images
+        (all splits, or only ``ade_splits``), deduplicated by digest (first occurrence wins;
+        records without a digest are deduplicated by path)."""
+        used = sorted({r.image_id for r in self.refs})
+        out: list[ImageRecord] = []
+        seen: set[str] = set()
+        cands = [self.coco_images[i] for i in used if i in self.coco_images]
+        cands += [a.image_record() for a in self.ade if ade_splits is None or a.split in ade_splits]
+        for rec in cands:
+            key = rec.digest or f"path:{rec.path}"
+            if key not in seen:
+                seen.add(key)
+                out.append(rec)
+        return out
+
+    def to_json(self) -> str:
+        """The whole resolved source set as JSON text (see :meth:`from_json`)."""
+        data = {
+            "format": 1,
+            "root": self.root,
+            "coco_images": [asdict(r) for _, r in sorted(self.coco_images.items())],
+            "refs": [asdict(r) for r in self.refs],
+            "ade": [asdict(r) for r in self.ade],
+            "ade_classes": {str(k): v for k, v in sorted(self.ade_classes.items())},
+            "hardblink": [asdict(r) for r in self.hardblink],
+            "vqa": [asdict(r) for r in self.vqa],
+            "captions": [[i, c] for i, c in self.captions],
+            "quarantine": [q.to_dict() for q in self.quarantine],
+        }
+        return json.dumps(data, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> Sources:
+        """Rebuild a :class:`Sources` from :meth:`to_json`'s text; the result compares equal."""
+        data = json.loads(text)
+        if data.get("format") != 1:
+            raise ValueError(f"unsupported Sources JSON format {data.get('format')!r}")
+        refs = [RefRecord(**{**r, "bbox": tuple(r["bbox"])}) for r in data["refs"]]
+        ade = [AdeRecord(**{**a, "present_classes": tuple(a["present_classes"])}) for a in data["ade"]]
+        hb = [
+            HardBlinkRecord(**{**h, "points": tuple(tuple(p) for p in h["points"]),
+                               "labels": tuple(h["labels"])})
+            for h in data["hardblink"]
+        ]
+        images = [ImageRecord(**r) for r in data["coco_images"]]
+        return cls(
+            root=data["root"],
+            coco_images={r.image_id: r for r in images},
+            refs=refs,
+            ade=ade,
+            hardblink=hb,
+            vqa=[VqaRecord(**v) for v in data["vqa"]],
+            captions=[(int(i), str(c)) for i, c in data["captions"]],
+            quarantine=[QuarantineEntry(**q) for q in data["quarantine"]],
+            ade_classes={int(k): v for k, v in data["ade_classes"].items()},
+        )

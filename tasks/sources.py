@@ -12,7 +12,7 @@ from storage import code_digest
 from storage.keys import digest_text
 from tasks.runner import REPO_ROOT, RunContext, StageContext, StageOutput, StageSpec
 
-SYNTH_CODE = ("perceptio_core.synth", "perceptio_core.render")
+SYNTH_CODE = ("perceptio_core.synth", "perceptio_core.render", "perceptio_core.refer")
 
 
 def _synth_digest(cfg: PerceptioConfig) -> str:

@@ -1,0 +1,32 @@
+"""Shared test fixtures.
+
+``tiny_world``: one small synthetic world (24 COCO images at 64x48, 8 ADE20k images, 2 HardBLINK
+questions per point count, 12 VQA questions), generated once per test session into a temporary
+folder; treat it as read-only (copy what a test needs to modify).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from perceptio_core.config import SynthConfig
+from perceptio_core.synth import generate_world
+
+TINY_WORLD = dict(images=24, ade_images=8, hardblink_per_count=2, vqa_questions=12,
+                  width=64, height=48, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_world_config() -> SynthConfig:
+    """The :class:`SynthConfig` of ``tiny_world``."""
+    return SynthConfig(**TINY_WORLD)
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory: pytest.TempPathFactory, tiny_world_config: SynthConfig) -> Path:
+    """The root folder of a small synthetic world (generated once per session; read-only)."""
+    root = tmp_path_factory.mktemp("tiny_world") / "world"
+    generate_world(root, tiny_world_config)
+    return root
