@@ -22,7 +22,7 @@ from perceptio_core.config import ConfigError, PerceptioConfig, dump_config, loa
 from storage.atomic import write_json, write_text
 from tasks.runner import ArtifactRef, PipelineError, RunContext, compute_keys
 from tasks.stage_task import stage_task
-from tasks.stages import BY_NAME, STAGES, downstream_of
+from tasks.stages import BY_NAME, STAGES, downstream_of, upstream_of
 
 
 def new_run_id() -> str:
@@ -55,14 +55,18 @@ class Plan:
             self.selected = downstream_of(from_stage)
         else:
             self.selected = set(BY_NAME)
+        # the stages this run touches: the selected ones and what they read (``--only train_vqvae``
+        # must not ask for a tokenize_depth artifact its changed config has not produced yet)
+        self.needed = set(self.selected).union(*(upstream_of(s) for s in self.selected))
         self.records: dict[str, dict[str, Any]] = {}
         self.t0 = time.time()
 
     def step(self, name: str, *upstream: ArtifactRef | State | None) -> ArtifactRef | None:
         """Run (or resolve) stage ``name`` given its upstream references; None when the stage is
-        not part of the DAG under this config (e.g. ``fit_teacher`` with a released teacher)."""
+        not part of the DAG under this config (e.g. ``fit_teacher`` with a released teacher) or not
+        needed by this run (downstream of an ``only`` stage)."""
         spec = BY_NAME[name]
-        if name not in self.keys:
+        if name not in self.keys or name not in self.needed:
             return None
         refs = {r.stage: r for r in (_unwrap(u) for u in upstream if u is not None)}
         wanted = {u for u in spec.upstream if u in self.keys}
@@ -176,7 +180,8 @@ def perceptio_pipeline(
     fitted = plan.step("fit_teacher", world)
     depth = plan.step("teacher_depth", world, fitted)
     codebook = plan.step("train_vqvae", world, depth)
-    plan.step("tokenize_depth", depth, codebook)
+    tokens = plan.step("tokenize_depth", depth, codebook)
+    plan.step("curate", world, depth, tokens)
     return plan.finish()
 
 

@@ -88,14 +88,19 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def is_temp(name: str) -> bool:
+    """A writer's temporary file: ours (``x.tmp-<pid>-<id>``) or a hidden one (``.x.tmp``)."""
+    return TMP_MARK in name or name.startswith(".")
+
+
 def clean_temp(folder: str | os.PathLike) -> int:
-    """Remove the temporary leftovers of killed writers below ``folder``; returns how many."""
+    """Remove the temporary leftovers of killed writers in ``folder``; returns how many."""
     n = 0
     folder = Path(folder)
     if not folder.exists():
         return 0
-    for p in folder.rglob(f"*{TMP_MARK}*"):
-        if p.is_file():
+    for p in folder.iterdir():
+        if p.is_file() and is_temp(p.name):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
                 n += 1

@@ -31,41 +31,57 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _run_link(store: ArtifactStore, stage: str, key: str, ui_url: str | None) -> str:
-    """Where the upstream artifact came from: the producing flow run (a UI link when known)."""
+def _ui_base(ui_url: str | None) -> str:
+    """Links point into the Prefect UI: absolute when its URL is known (PREFECT_UI_URL, derived from
+    PREFECT_API_URL), else root-relative, which the UI of the server holding the artifact resolves."""
+    return ui_url.rstrip("/") if ui_url else ""
+
+
+def _run_link(store: ArtifactStore, stage: str, key: str, ui_url: str | None,
+              current_flow_run: str | None = None) -> str:
+    """Where an artifact came from: a link to the flow run that produced it (read from its
+    manifest, so it holds when the artifact was produced by an earlier run and reused)."""
     try:
         m = store.manifest(stage, key)
     except Exception:  # noqa: BLE001 - a pruned upstream is shown as such, never fatal
         return "(not in store)"
     fr = m.produced_by.get("flow_run_id")
     run_id = m.produced_by.get("run_id", "?")
-    if fr and ui_url:
-        return f"[run {run_id}]({ui_url.rstrip('/')}/runs/flow-run/{fr})"
-    return f"run {run_id}" + (f" (flow run {fr})" if fr else "")
+    if not fr:
+        return f"run {run_id} (no Prefect flow run)"
+    when = " (this flow run)" if fr == current_flow_run else ""
+    return f"[run {run_id}]({_ui_base(ui_url)}/runs/flow-run/{fr}){when}"
 
 
 def lineage_rows(
-    ref: ArtifactRef, manifest: Manifest, store: ArtifactStore, ui_url: str | None
+    ref: ArtifactRef, manifest: Manifest, store: ArtifactStore, ui_url: str | None,
+    flow_run_id: str | None = None,
 ) -> list[dict[str, str]]:
-    """Rows of the stage's table artifact: what it is, and what it came from."""
+    """Rows of the stage's table artifact: what it is, and what it came from. Each upstream artifact
+    gets three rows: its store URL (its asset key), its Prefect artifact key with its cache key, and
+    the flow run that produced it."""
     rows = [
         {"field": "stage", "value": ref.stage},
         {"field": "status in this run", "value": ref.status},
         {"field": "store URL", "value": ref.url},
         {"field": "cache key", "value": ref.key},
+        {"field": "produced by",
+         "value": _run_link(store, ref.stage, ref.key, ui_url, flow_run_id)},
         {"field": "config digest", "value": manifest.config_digest[:16]},
         {"field": "code digest", "value": manifest.code.get("digest", "")[:16]},
         {"field": "git commit", "value": str(manifest.code.get("git_commit"))},
-        {"field": "produced by", "value": _run_link(store, ref.stage, ref.key, ui_url)},
     ]
+    base = _ui_base(ui_url)
     for up_stage, up_key in sorted(manifest.inputs.items()):
         url = manifest.input_urls.get(up_stage, store.artifact_url(up_stage, up_key))
-        rows.append(
-            {
-                "field": f"upstream {up_stage}",
-                "value": f"{up_key} {url} ({_run_link(store, up_stage, up_key, ui_url)})",
-            }
-        )
+        up_art = artifact_key(up_stage)
+        rows += [
+            {"field": f"upstream {up_stage}", "value": url},
+            {"field": f"upstream {up_stage} artifact",
+             "value": f"[{up_art}]({base}/artifacts/key/{up_art}) key {up_key}"},
+            {"field": f"upstream {up_stage} produced by",
+             "value": _run_link(store, up_stage, up_key, ui_url, flow_run_id)},
+        ]
     for k, v in _flat(manifest.metrics).items():
         rows.append({"field": f"metric {k}", "value": f"{v:.4g}" if isinstance(v, float) else str(v)})
     q = manifest.quarantine or {}
@@ -75,12 +91,14 @@ def lineage_rows(
 
 
 def publish_stage(
-    ref: ArtifactRef, manifest: Manifest, store: ArtifactStore, ui_url: str | None = None
+    ref: ArtifactRef, manifest: Manifest, store: ArtifactStore, ui_url: str | None = None,
+    flow_run_id: str | None = None,
 ) -> None:
-    """Create the stage's Prefect artifacts (table always, markdown with pictures if any)."""
+    """Create the stage's Prefect artifacts (table always, markdown with pictures if any), in every
+    run: a stage reused from the store emits no asset event, its table still says where it came from."""
     key = artifact_key(ref.stage)
     create_table_artifact(
-        table=lineage_rows(ref, manifest, store, ui_url),
+        table=lineage_rows(ref, manifest, store, ui_url, flow_run_id),
         key=key,
         description=f"{ref.stage} {ref.key} ({ref.status}): lineage, config, code and metrics",
     )
@@ -88,7 +106,11 @@ def publish_stage(
     if not figures:
         return
     folder = store.dir(ref.stage, ref.key)
-    parts = [f"# {ref.stage} `{ref.key}`\n", f"Store: `{ref.url}`\n"]
+    parts = [
+        f"# {ref.stage} `{ref.key}`\n",
+        f"Store: `{ref.url}` ({ref.status} in this run; produced by "
+        f"{_run_link(store, ref.stage, ref.key, ui_url, flow_run_id)})\n",
+    ]
     for caption, name in figures.items():
         p = Path(folder) / name
         if p.exists() and p.stat().st_size <= MAX_INLINE_PNG:

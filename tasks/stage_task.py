@@ -40,7 +40,7 @@ def _run_stage(
             },
         )
     ui = PREFECT_UI_URL.value()
-    publish_stage(ref, manifest, run.store, ui_url=ui)
+    publish_stage(ref, manifest, run.store, ui_url=ui, flow_run_id=run.flow_run_id)
     if ref.status == "cached":
         # A reuse is not a materialization: Prefect emits no asset event for a "Cached" state,
         # while the table artifact above still says where the reused output came from.

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tasks import depth, sources
+from tasks import curate, depth, sources
 from tasks.runner import StageSpec
 
 STAGES: list[StageSpec] = [
@@ -11,6 +11,7 @@ STAGES: list[StageSpec] = [
     depth.TEACHER_DEPTH,
     depth.TRAIN_VQVAE,
     depth.TOKENIZE_DEPTH,
+    curate.SPEC,
 ]
 BY_NAME: dict[str, StageSpec] = {s.name: s for s in STAGES}
 

@@ -1,0 +1,60 @@
+"""Stage ``curate``: every source into one sample schema, written as WebDataset shards with a
+parquet manifest and a quarantine table (SPEC §5; ``perceptio_core/curate.py``)."""
+
+from __future__ import annotations
+
+import pyarrow.parquet as pq
+
+from perceptio_core.curate import curate as curate_samples
+from perceptio_core.records import QuarantineEntry
+from perceptio_core.depth_maps import DepthMaps
+from perceptio_core.shards import verify_read_back
+from tasks.depth import load_sources, read_tokens
+from tasks.runner import StageContext, StageOutput, StageSpec
+
+
+def curate(ctx: StageContext) -> StageOutput:
+    sources = load_sources(ctx)
+    tokens = read_tokens(ctx.upstream_dir("tokenize_depth"))
+    maps = DepthMaps(ctx.upstream_dir("teacher_depth"))
+    upstream = {name: ref.key for name, ref in ctx.upstream.items()}
+    out = ctx.writer.staging
+    res = curate_samples(
+        sources, tokens, maps, ctx.cfg.curate, upstream, out,
+        ade_class_names=sources.ade_classes or None,
+        llava_json=ctx.cfg.data.llava_json, glamm_json=ctx.cfg.data.glamm_json,
+    )
+    # the quality check before publishing: the shards read back, sample for sample, as the manifest
+    n = verify_read_back(out)
+    if n != res.n_samples:
+        raise RuntimeError(f"curate: read back {n} samples through webdataset, wrote {res.n_samples}")
+    stats = res.stats
+    metrics = {
+        "samples": stats["samples"],  # by source, then split
+        "samples_total": res.n_samples,
+        "tasks": stats["tasks"],
+        "dropped": stats["dropped"],  # by reason
+        "dropped_total": stats["dropped_total"],
+        "quarantined": res.n_quarantined,
+        "shards": len(res.shards),
+        "bytes": sum(s.n_bytes for s in res.shards),
+        "resumed_samples": res.n_resumed,
+    }
+    ctx.log.info("curate: %d samples in %d shards, %d dropped", n, len(res.shards), stats["dropped_total"])
+    table = pq.read_table(out / "quarantine.parquet").to_pylist()
+    quarantine = [QuarantineEntry(r["source"], r["record"], r["reason"]) for r in table]
+    return StageOutput(
+        metrics=metrics, quarantine=quarantine, notes=[f"{n} samples read back through webdataset"]
+    )
+
+
+SPEC = StageSpec(
+    name="curate",
+    upstream=("sources", "teacher_depth", "tokenize_depth"),
+    sections=("curate", "data.llava_json", "data.glamm_json"),
+    code=("tasks.curate", "perceptio_core.curate", "perceptio_core.sample", "perceptio_core.shards",
+          "perceptio_core.perception_format", "perceptio_core.prompts", "perceptio_core.describe",
+          "perceptio_core.filters", "perceptio_core.masks", "perceptio_core.render"),
+    body=curate,
+    description="joint perception samples (RefCOCO/+/g, ADE20k, depth CoT) as WebDataset shards",
+)
