@@ -244,6 +244,12 @@ class ModelConfig:
     gradient_checkpointing: bool = False  # on the language model; for paper-scale training
     tiny: TinyVLMConfig = field(default_factory=TinyVLMConfig)
 
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"model.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if not 0.0 < self.mask_threshold < 1.0:
+            raise ConfigError(f"model.mask_threshold must be in (0, 1), got {self.mask_threshold}")
+
 
 @dataclass
 class LossConfig:
@@ -263,8 +269,8 @@ class LossConfig:
     w_token: float = 1.0  # paper value illegible: 1.0
     w_count: float = 1.0  # paper value illegible: 1.0
     w_rec: float = 1.0  # paper value illegible: 1.0
-    rec_tau: float = 1.0  # temperature of the soft code distribution in L_rec (1.0: plain softmax,
-    # as SPEC §3 writes it; AiT uses about 0.8)
+    rec_tau: float = 1.0  # L_rec temperature, softmax(logits / tau) (1.0: the plain softmax SPEC §3
+    # writes; AiT's softmax(logits x 0.8) is rec_tau = 1.25)
 
 
 @dataclass
@@ -323,6 +329,39 @@ class BaseFitConfig(TrainLoopConfig):
 
 
 @dataclass
+class EvaluateConfig:
+    """The ``evaluate`` stage (SPEC §6; :mod:`perceptio_core.evaluate`): which benchmarks, how many
+    samples each (0: all; a limited subset is spread evenly over the sorted records, the same on
+    every run), decoding, and the report. The limits keep the default run within minutes on a CPU;
+    set them to 0 for the full benchmarks."""
+
+    refer: bool = True  # RefCOCO / RefCOCO+ / RefCOCOg referring segmentation
+    hardblink: bool = True
+    vqa: bool = True  # multiple-choice VQA (MMBench-style)
+    refer_datasets: list[str] = field(default_factory=lambda: ["refcoco", "refcoco+", "refcocog"])
+    refer_splits: list[str] = field(default_factory=lambda: ["val", "testA", "testB", "test"])  # those present
+    refer_limit: int = 10  # expressions per dataset and split
+    hardblink_limit: int = 8  # questions per point count (the public set: 124; the world: 24)
+    vqa_limit: int = 30  # questions per split (train splits are never evaluated)
+    unconstrained_limit: int = 12  # refer + HardBLINK prompts decoded again without the constraint
+    constrained: bool = True  # constrained perception decoding (SPEC §1) for the main run
+    max_new_tokens: int = 160  # N + 3 + the answer
+    num_beams: int = 1  # 1: greedy
+    compare_base: bool = True  # run the same benchmarks with the base model (text only)
+    report_samples: int = 2  # pictures of right and of wrong samples per benchmark
+    depth_pairs: int = 2000  # random pixel pairs per map for the pair-order accuracy
+
+    def __post_init__(self) -> None:
+        for name in ("refer_limit", "hardblink_limit", "vqa_limit", "unconstrained_limit", "report_samples"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"evaluate.{name} must be >= 0 (0: all), got {getattr(self, name)}")
+        if "train" in self.refer_splits:
+            raise ConfigError("evaluate.refer_splits must not contain 'train'")
+        if self.max_new_tokens < 1 or self.num_beams < 1 or self.depth_pairs < 1:
+            raise ConfigError("evaluate.max_new_tokens, num_beams and depth_pairs must be >= 1")
+
+
+@dataclass
 class PerceptioConfig:
     """The whole resolved configuration of a run."""
 
@@ -336,6 +375,7 @@ class PerceptioConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     base: BaseFitConfig = field(default_factory=BaseFitConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
