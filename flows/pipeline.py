@@ -181,7 +181,10 @@ def perceptio_pipeline(
     depth = plan.step("teacher_depth", world, fitted)
     codebook = plan.step("train_vqvae", world, depth)
     tokens = plan.step("tokenize_depth", depth, codebook)
-    plan.step("curate", world, depth, tokens)
+    samples = plan.step("curate", world, depth, tokens)
+    base = plan.step("base", world)
+    model = plan.step("finetune", base, samples, depth, codebook)
+    plan.step("evaluate", world, depth, model, base)
     return plan.finish()
 
 

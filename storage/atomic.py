@@ -99,7 +99,7 @@ def clean_temp(folder: str | os.PathLike) -> int:
     folder = Path(folder)
     if not folder.exists():
         return 0
-    for p in folder.iterdir():
+    for p in folder.rglob("*"):
         if p.is_file() and is_temp(p.name):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()

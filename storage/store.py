@@ -31,7 +31,7 @@ from typing import Any, Iterator
 
 import fsspec
 
-from storage.atomic import atomic_open, clean_temp, fsync_dir, write_json
+from storage.atomic import atomic_open, clean_temp, fsync_dir, is_temp, write_json
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
@@ -237,15 +237,31 @@ class ArtifactWriter:
             self.staging = store.cache_dir / "staging" / stage / key
         self.staging.mkdir(parents=True, exist_ok=True)
         clean_temp(self.staging)  # a killed writer's half files are never trusted
-        self.resumed_files = sorted(p.name for p in self.staging.iterdir() if p.is_file())
+        self.resumed_files = sorted(
+            p.relative_to(self.staging).as_posix() for p in self.staging.rglob("*") if p.is_file()
+        )
         self._t0 = time.time()
         self.committed = False
 
     def file(self, name: str) -> Path:
-        """The staging path of ``name`` (read it; write it only through :meth:`atomic`)."""
-        if "/" in name or name in ("", ".", "..", MANIFEST):
+        """The staging path of ``name``, a relative POSIX path (``model/adapter/config.json``);
+        read it, and write it only through :meth:`atomic`, :meth:`add_file` or :meth:`add_tree`."""
+        parts = name.split("/")
+        if not name or name == MANIFEST or any(p in ("", ".", "..") for p in parts):
             raise ValueError(f"bad artifact file name {name!r}")
-        return self.staging / name
+        return self.staging.joinpath(*parts)
+
+    def add_tree(self, src: str | os.PathLike, prefix: str = "") -> int:
+        """Copy a finished local folder into the artifact under ``prefix`` (file by file, each
+        atomically); returns the number of files."""
+        src = Path(src)
+        n = 0
+        for p in sorted(src.rglob("*")):
+            if p.is_file() and not is_temp(p.name):
+                rel = p.relative_to(src).as_posix()
+                self.add_file(p, f"{prefix}/{rel}" if prefix else rel)
+                n += 1
+        return n
 
     def has_file(self, name: str) -> bool:
         return self.file(name).exists()
@@ -273,9 +289,10 @@ class ArtifactWriter:
         """Publish the staged files with ``manifest`` (its files/url/key fields are filled here)."""
         clean_temp(self.staging)
         files = {}
-        for p in sorted(self.staging.iterdir()):
-            if p.is_file() and p.name != MANIFEST:
-                files[p.name] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
+        for p in sorted(self.staging.rglob("*")):
+            rel = p.relative_to(self.staging).as_posix()
+            if p.is_file() and rel != MANIFEST and not is_temp(p.name):
+                files[rel] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
         manifest.stage, manifest.key = self.stage, self.key
         manifest.url = self.store.artifact_url(self.stage, self.key)
         manifest.files = files

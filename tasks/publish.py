@@ -31,16 +31,20 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _ui_base(ui_url: str | None) -> str:
-    """Links point into the Prefect UI: absolute when its URL is known (PREFECT_UI_URL, derived from
-    PREFECT_API_URL), else root-relative, which the UI of the server holding the artifact resolves."""
-    return ui_url.rstrip("/") if ui_url else ""
+def _ui_link(ui_url: str | None, path: str, label: str) -> str:
+    """A link into the Prefect UI that reads well in both of its table views: with the UI's URL known
+    (PREFECT_UI_URL, derived from PREFECT_API_URL) a bare absolute URL after the label, which the
+    classic UI turns into a link and the new one shows as text; without it a root-relative markdown
+    link, which the UI of the server holding the artifact resolves."""
+    if ui_url:
+        return f"{label} {ui_url.rstrip('/')}{path}"
+    return f"[{label}]({path})"
 
 
 def _run_link(store: ArtifactStore, stage: str, key: str, ui_url: str | None,
               current_flow_run: str | None = None) -> str:
-    """Where an artifact came from: a link to the flow run that produced it (read from its
-    manifest, so it holds when the artifact was produced by an earlier run and reused)."""
+    """Where an artifact came from: the flow run that produced it (read from its manifest, so it
+    holds when the artifact was produced by an earlier run and reused in this one)."""
     try:
         m = store.manifest(stage, key)
     except Exception:  # noqa: BLE001 - a pruned upstream is shown as such, never fatal
@@ -50,7 +54,7 @@ def _run_link(store: ArtifactStore, stage: str, key: str, ui_url: str | None,
     if not fr:
         return f"run {run_id} (no Prefect flow run)"
     when = " (this flow run)" if fr == current_flow_run else ""
-    return f"[run {run_id}]({_ui_base(ui_url)}/runs/flow-run/{fr}){when}"
+    return _ui_link(ui_url, f"/runs/flow-run/{fr}", f"run {run_id}") + when
 
 
 def lineage_rows(
@@ -58,8 +62,8 @@ def lineage_rows(
     flow_run_id: str | None = None,
 ) -> list[dict[str, str]]:
     """Rows of the stage's table artifact: what it is, and what it came from. Each upstream artifact
-    gets three rows: its store URL (its asset key), its Prefect artifact key with its cache key, and
-    the flow run that produced it."""
+    gets three rows: its store URL (its asset key, ending in its cache key), its Prefect artifact key,
+    and the flow run that produced it."""
     rows = [
         {"field": "stage", "value": ref.stage},
         {"field": "status in this run", "value": ref.status},
@@ -71,14 +75,13 @@ def lineage_rows(
         {"field": "code digest", "value": manifest.code.get("digest", "")[:16]},
         {"field": "git commit", "value": str(manifest.code.get("git_commit"))},
     ]
-    base = _ui_base(ui_url)
     for up_stage, up_key in sorted(manifest.inputs.items()):
         url = manifest.input_urls.get(up_stage, store.artifact_url(up_stage, up_key))
         up_art = artifact_key(up_stage)
         rows += [
             {"field": f"upstream {up_stage}", "value": url},
             {"field": f"upstream {up_stage} artifact",
-             "value": f"[{up_art}]({base}/artifacts/key/{up_art}) key {up_key}"},
+             "value": _ui_link(ui_url, f"/artifacts/key/{up_art}", up_art)},
             {"field": f"upstream {up_stage} produced by",
              "value": _run_link(store, up_stage, up_key, ui_url, flow_run_id)},
         ]
@@ -108,8 +111,8 @@ def publish_stage(
     folder = store.dir(ref.stage, ref.key)
     parts = [
         f"# {ref.stage} `{ref.key}`\n",
-        f"Store: `{ref.url}` ({ref.status} in this run; produced by "
-        f"{_run_link(store, ref.stage, ref.key, ui_url, flow_run_id)})\n",
+        f"Store: `{ref.url}`, {ref.status} in this run\n",
+        f"Produced by {_run_link(store, ref.stage, ref.key, ui_url, flow_run_id)}\n",
     ]
     for caption, name in figures.items():
         p = Path(folder) / name

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tasks import curate, depth, sources
+from tasks import curate, depth, model, sources
 from tasks.runner import StageSpec
 
 STAGES: list[StageSpec] = [
@@ -12,6 +12,9 @@ STAGES: list[StageSpec] = [
     depth.TRAIN_VQVAE,
     depth.TOKENIZE_DEPTH,
     curate.SPEC,
+    model.BASE,
+    model.FINETUNE,
+    model.EVALUATE,
 ]
 BY_NAME: dict[str, StageSpec] = {s.name: s for s in STAGES}
 

@@ -125,3 +125,20 @@ def test_lineage_walks_manifests(tmp_path):
     text = format_lineage(tree)
     assert "train_vqvae/v1" in text and "<- teacher_depth/t1" in text and "<- sources/s1" in text
     assert "(not in this store)" in text
+
+
+def test_nested_tree_is_published_and_served(tmp_path):
+    src = tmp_path / "model"
+    (src / "adapter").mkdir(parents=True)
+    (src / "adapter" / "adapter_config.json").write_text("{}")
+    (src / "config.json").write_text('{"a": 1}')
+    (src / "adapter" / ".half.tmp").write_text("x")  # a temp leftover is never published
+    store = ArtifactStore(tmp_path / "s")
+    w = store.writer("finetune", "k")
+    assert w.add_tree(src, "model") == 2
+    m = w.commit(Manifest(stage="finetune", key="k", url=""))
+    assert sorted(m.files) == ["model/adapter/adapter_config.json", "model/config.json"]
+    assert (store.dir("finetune", "k") / "model" / "adapter" / "adapter_config.json").read_text() == "{}"
+    assert store.path("finetune", "k", "model/config.json").read_text() == '{"a": 1}'
+    with pytest.raises(ValueError, match="bad artifact file name"):
+        store.writer("finetune", "k2").file("../escape")
