@@ -134,7 +134,7 @@ def teacher_depth(ctx: StageContext) -> StageOutput:
             for d in scored
         ]
         with ctx.writer.atomic("teacher_depth.png") as f:
-            viz.depth_grid(rows, ["image", "true depth", "teacher (rel. inverse depth)"], f)
+            viz.depth_grid(rows, ["image", "true depth", "teacher (rel. inverse depth)"], f, metric_columns=[1])
         figures["image | true depth | teacher depth"] = "teacher_depth.png"
     return StageOutput(metrics=metrics, quarantine=quarantine, figures=figures)
 
@@ -197,9 +197,17 @@ def vqvae(ctx: StageContext) -> StageOutput:
             true = np.load(images[d].depth_path) if images[d].depth_path else None
             rows.append((np.asarray(viz.load_rgb(images[d].path)), true, t, r))
         with ctx.writer.atomic("reconstructions.png") as f:
-            viz.depth_grid(rows, ["image", "true depth", "teacher", "VQ-VAE reconstruction"], f)
+            viz.depth_grid(rows, ["image", "true depth", "teacher", "VQ-VAE reconstruction"], f, metric_columns=[1])
         figures["held-out: image | true depth | teacher | VQ-VAE reconstruction"] = "reconstructions.png"
-    metrics.update({"train_maps": len(train), "holdout_maps": len(hold)})
+    # the names the run summary reports (issue: train_vqvae.recon_absrel, .delta1, .code_usage, ...)
+    metrics.update({
+        "recon_mse": metrics["holdout_mse"],
+        "recon_absrel": metrics["holdout_absrel"],
+        "delta1": metrics["holdout_delta1"],
+        "code_usage": metrics["usage"],
+        "train_maps": len(train),
+        "holdout_maps": len(hold),
+    })
     return StageOutput(metrics=metrics, figures=figures)
 
 

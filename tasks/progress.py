@@ -9,6 +9,10 @@ from typing import Any
 from tqdm.auto import tqdm
 
 
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, (int, float)) else str(v)
+
+
 class Progress:
     """A ``progress(done, total, info)`` callback; ``close()`` when finished."""
 
@@ -22,10 +26,10 @@ class Progress:
             self.bar = tqdm(total=total, desc=self.desc, leave=False, dynamic_ncols=True)
         self.bar.update(done - self.bar.n)
         if info:
-            self.bar.set_postfix({k: f"{v:.4g}" for k, v in info.items()}, refresh=False)
+            self.bar.set_postfix({k: _fmt(v) for k, v in info.items()}, refresh=False)
         frac = done / max(total, 1)
         if frac >= self._next or done == total:
-            extra = " ".join(f"{k}={v:.4g}" for k, v in (info or {}).items())
+            extra = " ".join(f"{k}={_fmt(v)}" for k, v in (info or {}).items())
             self.log.info("%s: %d/%d (%.0f%%) %s", self.desc, done, total, 100 * frac, extra)
             while self._next <= frac:
                 self._next += self.every
