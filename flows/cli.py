@@ -14,7 +14,7 @@ from tasks.runner import PipelineError
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=None, help="profile name (configs/NAME.yaml) or YAML path; default tiny")
+    p.add_argument("--config", default="tiny", help="profile name (configs/NAME.yaml) or YAML path; default tiny")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set vqvae.steps=200 (repeatable)")
     p.add_argument("--workdir", default=None, help="working folder (default: run.workdir of the profile)")
@@ -91,6 +91,48 @@ def _cmd_lineage(args: argparse.Namespace) -> int:
     return 0
 
 
+def resolve_run_model(run: Path) -> Path:
+    """The finetune artifact of a run: ``run`` is a run folder (``<workdir>/runs/<id>``, read from its
+    summary.json), a workdir (its latest run that has a finetune stage), or a model folder."""
+    run = Path(run).expanduser().resolve()
+    if (run / "model" / "config.json").exists() or (run / "config.json").exists():
+        return run
+    summaries = [run / "summary.json"] if (run / "summary.json").exists() else sorted(
+        (run / "runs").glob("*/summary.json"), key=lambda p: p.stat().st_mtime, reverse=True
+    )
+    for sp in summaries:
+        stages = json.loads(sp.read_text()).get("stages", {})
+        if "finetune" in stages:
+            from storage import ArtifactStore
+
+            summary = json.loads(sp.read_text())
+            store = ArtifactStore(summary["store"], cache_dir=Path(summary["workdir"]) / "cache")
+            return store.dir("finetune", stages["finetune"]["key"])
+    raise FileNotFoundError(f"no trained model under {run} (a run folder, a workdir or a model folder)")
+
+
+def _cmd_infer(args: argparse.Namespace) -> int:
+    from perceptio_core.image_io import ImageError
+    from perceptio_core.infer import infer
+
+    model_dir = resolve_run_model(Path(args.run))
+    template = None if args.template == "none" else args.template
+    try:
+        res = infer(model_dir, args.image, args.query, args.out, template=template,
+                    max_new_tokens=args.max_new_tokens, constrained=not args.unconstrained,
+                    device=args.device)
+    except ImageError as e:
+        print(f"perceptio: error: {e}", file=sys.stderr)
+        return 2
+    print(f"answer: {res.answer}")
+    print(f"perception block: {res.status}")
+    for label, path in (("mask", res.mask_png), ("overlay", res.overlay_png), ("depth", res.depth_png),
+                        ("result", res.result_json)):
+        if path is not None:
+            print(f"{label}: {path}")
+    return 0
+
+
 def _stage_names() -> list[str]:
     from tasks.stages import BY_NAME
 
@@ -118,6 +160,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None)
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.set_defaults(fn=_cmd_synth)
+    p = sub.add_parser("infer", help="answer a query about an image with a trained run; mask and depth PNGs")
+    p.add_argument("--run", required=True, help="a run folder, a workdir (its latest run) or a model folder")
+    p.add_argument("--image", required=True)
+    p.add_argument("--query", required=True, help="what to segment (with the default template) or a prompt")
+    p.add_argument("--out", default="perceptio-infer", help="folder for answer, mask.png, depth.png")
+    p.add_argument("--template", default="refer_seg",
+                   choices=["refer_seg", "semantic_seg", "depth_cot", "instruct", "none"],
+                   help="prompt template the query fills (none: the query is the prompt)")
+    p.add_argument("--max-new-tokens", type=int, default=160)
+    p.add_argument("--unconstrained", action="store_true", help="no constrained perception decoding")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(fn=_cmd_infer)
     p = sub.add_parser("lineage", help="an artifact's upstream chain, from the store alone")
     p.add_argument("artifact", help="a stage name, stage/key, a key prefix, or a store URL")
     _common(p)
