@@ -122,7 +122,7 @@ class Plan:
     def finish(self) -> dict[str, Any]:
         summary = self.summary()
         out = self.run.workdir / "runs" / self.run.run_id
-        write_json(out / "summary.json", summary)
+        write_json(out / "summary.json", summary, sort_keys=False)  # stages in pipeline order
         return summary
 
 

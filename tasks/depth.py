@@ -199,15 +199,7 @@ def vqvae(ctx: StageContext) -> StageOutput:
         with ctx.writer.atomic("reconstructions.png") as f:
             viz.depth_grid(rows, ["image", "true depth", "teacher", "VQ-VAE reconstruction"], f, metric_columns=[1])
         figures["held-out: image | true depth | teacher | VQ-VAE reconstruction"] = "reconstructions.png"
-    # the names the run summary reports (issue: train_vqvae.recon_absrel, .delta1, .code_usage, ...)
-    metrics.update({
-        "recon_mse": metrics["holdout_mse"],
-        "recon_absrel": metrics["holdout_absrel"],
-        "delta1": metrics["holdout_delta1"],
-        "code_usage": metrics["usage"],
-        "train_maps": len(train),
-        "holdout_maps": len(hold),
-    })
+    metrics.update({"train_maps": len(train), "holdout_maps": len(hold)})
     return StageOutput(metrics=metrics, figures=figures)
 
 

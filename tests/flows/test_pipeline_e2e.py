@@ -18,7 +18,8 @@ from flows.cli import main as cli_main
 from storage import ArtifactStore
 
 ROOT = Path(__file__).resolve().parents[2]
-STAGES = ["sources", "fit_teacher", "teacher_depth", "train_vqvae", "tokenize_depth"]
+STAGES = ["sources", "fit_teacher", "teacher_depth", "train_vqvae", "tokenize_depth", "curate",
+          "base", "finetune", "evaluate"]
 
 
 def _run(workdir: Path, *extra: str) -> dict:
@@ -90,11 +91,12 @@ def test_second_run_is_all_cached_then_vqvae_change_reruns_only_downstream(first
     changed = _run(wd, "--set", "vqvae.steps=41")
     status = {s: r["status"] for s, r in changed["stages"].items()}
     assert status == {"sources": "cached", "fit_teacher": "cached", "teacher_depth": "cached",
-                      "train_vqvae": "computed", "tokenize_depth": "computed"}
+                      "train_vqvae": "computed", "tokenize_depth": "computed", "curate": "computed",
+                      "base": "cached", "finetune": "computed", "evaluate": "computed"}
     capsys.readouterr()
     assert cli_main(["stages", "--config", "smoke", "--workdir", str(wd), "--set", "vqvae.steps=42"]) == 0
     out = capsys.readouterr().out
-    assert "teacher_depth" in out and out.count("stale") == 2
+    assert "teacher_depth" in out and out.count("stale") == 5  # vqvae, tokenize, curate, finetune, evaluate
 
 
 @pytest.mark.slow
@@ -148,3 +150,67 @@ def test_teacher_killed_half_way_resumes_without_recomputing(first_run, tmp_path
     b = ArtifactStore(wd0 / "store").dir("teacher_depth", key)
     for f in sorted(b.glob("maps-*.npy")):
         np.testing.assert_array_equal(np.load(a / f.name), np.load(f))
+
+
+@pytest.mark.slow
+def test_curated_shards_read_back_as_the_manifest(first_run):
+    import pyarrow.parquet as pq
+
+    from perceptio_core.shards import read_shards
+
+    wd, summary = first_run
+    store = ArtifactStore(wd / "store")
+    cur = store.dir("curate", summary["stages"]["curate"]["key"])
+    manifest = pq.read_table(cur / "manifest.parquet").to_pylist()
+    shards = sorted(str(p) for p in cur.glob("samples-*.tar"))
+    samples = list(read_shards(shards))
+    assert [s.key for s in samples] == [r["key"] for r in manifest]
+    assert [s.source for s in samples] == [r["source"] for r in manifest]
+    assert [s.has_depth for s in samples] == [r["has_depth"] for r in manifest]
+    m = summary["metrics"]
+    assert m["curate.samples_total"] == len(samples) > 0 and m["curate.shards"] == len(shards)
+    refer = [s for s in samples if s.task == "refer_seg"]
+    assert refer and all(s.target.startswith("[SEG]<d_start>") and len(s.depth_tokens) == 100 for s in refer)
+
+
+@pytest.mark.slow
+def test_finetune_and_evaluate_outputs(first_run):
+    wd, summary = first_run
+    store = ArtifactStore(wd / "store")
+    ft = store.manifest("finetune", summary["stages"]["finetune"]["key"])
+    assert "model/adapter/adapter_config.json" in ft.files and "model/heads.safetensors" in ft.files
+    assert set(ft.inputs) == {"base", "curate", "teacher_depth", "train_vqvae"}
+    m = summary["metrics"]
+    for term in ["llm", "seg_bce", "seg_dice", "marker", "token", "count", "rec"]:
+        assert np.isfinite(m[f"finetune.{term}_first"]) and np.isfinite(m[f"finetune.{term}_last"])
+    for name in ["evaluate.refcoco.val.ciou", "evaluate.refcoco.val.giou", "evaluate.hardblink.mean.accuracy",
+                 "evaluate.perception_block.wellformed", "evaluate.base.hardblink.mean.accuracy"]:
+        assert name in m and 0.0 <= m[name] <= 1.0, name
+    ev = store.dir("evaluate", summary["stages"]["evaluate"]["key"])
+    report = (ev / "report" / "report.md").read_text()
+    assert "| refcoco | val | ciou |" in report and "| hardblink | mean | accuracy |" in report
+    assert list((ev / "report" / "figures").glob("*.png"))
+
+
+@pytest.mark.slow
+def test_infer_on_an_image_not_in_the_dataset(first_run, tmp_path, capsys):
+    from PIL import Image
+
+    wd, _ = first_run
+    img = np.zeros((50, 70, 3), np.uint8)
+    img[25:, :] = (90, 120, 60)  # a ground
+    img[10:30, 20:40] = (220, 30, 30)  # a red square
+    Image.fromarray(img).save(tmp_path / "new.png")
+    capsys.readouterr()
+    rc = cli_main(["infer", "--run", str(wd), "--image", str(tmp_path / "new.png"),
+                   "--query", "the red box", "--out", str(tmp_path / "out")])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert out.startswith("answer: ") and "perception block: " in out
+    result = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert result["image"].endswith("new.png") and "red box" in result["prompt"]
+    # a bad image is a clear error naming the path
+    (tmp_path / "bad.jpg").write_bytes(b"not an image")
+    assert cli_main(["infer", "--run", str(wd), "--image", str(tmp_path / "bad.jpg"), "--query", "x",
+                     "--out", str(tmp_path / "o2")]) == 2
+    assert "bad.jpg" in capsys.readouterr().err
