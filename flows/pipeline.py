@@ -21,7 +21,7 @@ from prefect.states import State
 from perceptio_core.config import ConfigError, PerceptioConfig, dump_config, load_config
 from storage.atomic import write_json, write_text
 from tasks.runner import ArtifactRef, PipelineError, RunContext, compute_keys
-from tasks.stage_task import stage_task
+from tasks.stage_task import StageResult, stage_task
 from tasks.stages import BY_NAME, STAGES, downstream_of, upstream_of
 
 
@@ -59,6 +59,9 @@ class Plan:
         # must not ask for a tokenize_depth artifact its changed config has not produced yet)
         self.needed = set(self.selected).union(*(upstream_of(s) for s in self.selected))
         self.records: dict[str, dict[str, Any]] = {}
+        # what each stage task of this run returned: handed to downstream tasks as it is, so that
+        # Prefect links them to it and draws the edge (tasks.stage_task.StageResult)
+        self.task_results: dict[str, StageResult] = {}
         self.t0 = time.time()
 
     def step(self, name: str, *upstream: ArtifactRef | State | None) -> ArtifactRef | None:
@@ -86,7 +89,12 @@ class Plan:
             manifest = store.manifest(name, key)
         else:
             reused = [r.url for r in refs.values() if r.status == "reused"]
-            result = stage_task(name, url, reused)(name, self.run, key, material, refs)
+            inputs = {n: self.task_results.get(n, r) for n, r in refs.items()}
+            result = stage_task(name, url, reused)(name, self.run, key, material, inputs)
+            if isinstance(result, State):  # a stage reused from the store returns Cached
+                result = result.result()
+            if isinstance(result, StageResult):
+                self.task_results[name] = result
             ref = _unwrap(result)
             manifest = store.manifest(name, key)
         self.records[name] = {
@@ -126,9 +134,11 @@ class Plan:
         return summary
 
 
-def _unwrap(x: ArtifactRef | State) -> ArtifactRef:
+def _unwrap(x: ArtifactRef | StageResult | State) -> ArtifactRef:
     if isinstance(x, State):
         x = x.result()
+    if isinstance(x, StageResult):
+        x = x.ref
     if not isinstance(x, ArtifactRef):
         raise TypeError(f"expected an ArtifactRef, got {type(x).__name__}")
     return x

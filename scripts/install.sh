@@ -15,6 +15,21 @@ fi
 if ! "$PY" -c "import sam2" >/dev/null 2>&1; then
   SAM2_BUILD_CUDA=0 "$PY" -m pip install -q --no-deps --no-build-isolation "sam2==1.1.0"
 fi
+# Headless Chromium for the UI test (tests/server/test_ui_browser.py): Debian's package, only in
+# CI (CI=true, as CI runners set it for .ci/run) or when asked (PERCEPTIO_INSTALL_BROWSER=1), and only as root
+# with apt-get; a developer machine is never touched otherwise (the test then skips, outside CI).
+if [ "${CI:-}" = "true" ] || [ "${PERCEPTIO_INSTALL_BROWSER:-}" = "1" ]; then
+  if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then
+    :
+  elif [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core >/dev/null
+  else
+    echo "perceptio: chromium is missing and cannot be installed here (needs root and apt-get);" \
+         "install it, or set PERCEPTIO_CHROMIUM to a Chromium/Chrome binary" >&2
+  fi
+fi
 "$PY" - <<'PY'
 import importlib, sys
 for m in ("torch", "transformers", "peft", "accelerate", "prefect", "webdataset", "pyarrow",
