@@ -3,8 +3,10 @@ it produced: summary, manifests, artifacts, cache behaviour, resume after a kill
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -113,35 +115,43 @@ def test_only_needs_its_upstream_in_the_store(tmp_path, capsys):
 KILL_SCRIPT = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
-import perceptio_core.depth_maps as dm
 import tasks.depth as td
-real = dm.write_chunk
+real = td.write_chunk
 def write_then_die(*a, **k):
     real(*a, **k)
     if a[1] == 0:  # the first chunk is durable: die like a killed job
         os.kill(os.getpid(), signal.SIGKILL)
 td.write_chunk = write_then_die
 from flows.cli import main
-sys.exit(main(["run", "--config", "smoke", "--workdir", {wd!r}]))
+sys.exit(main(["run", "--config", "smoke", "--workdir", {wd!r}, "--only", "teacher_depth"]))
 """
 
 
 @pytest.mark.slow
 def test_teacher_killed_half_way_resumes_without_recomputing(first_run, tmp_path):
     wd0, summary0 = first_run
-    wd = tmp_path / "killed"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    p = subprocess.run(
-        [sys.executable, "-c", KILL_SCRIPT.format(root=str(ROOT), wd=str(wd))],
-        env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
     key = summary0["stages"]["teacher_depth"]["key"]
+    # a workdir whose store has the upstream artifacts but not teacher_depth's
+    wd = tmp_path / "killed"
+    shutil.copytree(wd0 / "store", wd / "store", ignore=shutil.ignore_patterns("teacher_depth"))
+    shutil.copytree(wd0 / "worlds", wd / "worlds")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with open(tmp_path / "killed.log", "w") as log:
+        p = subprocess.Popen(
+            [sys.executable, "-c", KILL_SCRIPT.format(root=str(ROOT), wd=str(wd))],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        try:
+            rc = p.wait(timeout=600)
+        finally:  # the killed run's helpers (Prefect's temporary server) go with it
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+    assert rc == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-3000:]
     store = ArtifactStore(wd / "store")
     assert not store.has("teacher_depth", key)  # nothing trusted was published
     staged = sorted(x.name for x in (wd / "store" / "teacher_depth" / f".staging-{key}").iterdir())
     assert staged == ["maps-000000.json", "maps-000000.npy"]
-    summary = _run(wd)
+    summary = _run(wd, "--only", "teacher_depth")
     td = summary["stages"]["teacher_depth"]
     assert td["status"] == "computed" and td["key"] == key
     assert td["metrics"]["resumed_chunks"] == 1
