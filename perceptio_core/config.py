@@ -96,11 +96,23 @@ class TeacherFitConfig:
     fusion_hidden_size: int = 32
     steps: int = 400
     batch_size: int = 16
-    lr: float = 3e-4
+    lr: float = 1e-3
     weight_decay: float = 0.05
     grad_weight: float = 0.5  # weight of the multi-scale gradient-matching term (MiDaS)
     holdout_fraction: float = 0.1  # images kept out of the fit, only evaluated (reported metrics)
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_hidden_layers < 4:
+            raise ConfigError(f"teacher.fit.num_hidden_layers must be >= 4 (the DPT neck reads 4), "
+                              f"got {self.num_hidden_layers}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(f"teacher.fit.hidden_size ({self.hidden_size}) must be a multiple of "
+                              f"num_attention_heads ({self.num_attention_heads})")
+        if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ConfigError("teacher.fit.steps and batch_size must be >= 1 and lr > 0")
+        if not 0.0 <= self.holdout_fraction < 1.0:
+            raise ConfigError(f"teacher.fit.holdout_fraction must be in [0, 1), got {self.holdout_fraction}")
 
 
 @dataclass
@@ -117,6 +129,15 @@ class TeacherConfig:
     precision: str = "auto"  # "auto" (bf16 on cuda, fp32 on cpu), "fp32", "bf16", "fp16"
     fit: TeacherFitConfig = field(default_factory=TeacherFitConfig)
 
+    def __post_init__(self) -> None:
+        if self.input_size <= 0 or self.input_size % self.fit.patch_size:
+            raise ConfigError(f"teacher.input_size ({self.input_size}) must be a positive multiple of "
+                              f"the patch size ({self.fit.patch_size})")
+        if self.map_size < 1 or self.batch_size < 1 or self.num_workers < 0 or self.chunk_size < 1:
+            raise ConfigError("teacher.map_size, batch_size and chunk_size must be >= 1, num_workers >= 0")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ConfigError(f"teacher.precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+
 
 @dataclass
 class VQVAEConfig:
@@ -126,22 +147,31 @@ class VQVAEConfig:
     code_dim: int = 128
     grid: int = 10  # latent grid side: grid * grid = N tokens per map
     input_size: int = 80  # maps are resized to input_size; input_size / grid = downsampling factor
-    hidden: int = 64
-    steps: int = 1500
+    hidden: int = 64  # channels at the latent grid (halved per resolution doubling, 16 at least)
+    steps: int = 400
     batch_size: int = 32
     lr: float = 1e-3
     ema_decay: float = 0.99
-    commitment: float = 0.25
-    dead_code_threshold: float = 1e-3  # EMA cluster size below which a code is restarted
+    commitment: float = 0.25  # weight of the commitment term (the codebook itself moves by EMA)
+    # a code whose EMA count of assigned vectors per batch falls below this is restarted at a random
+    # encoder output of the batch (per batch: batch_size * grid^2 vectors over codebook_size codes)
+    dead_code_threshold: float = 1.0
     holdout_fraction: float = 0.1
     seed: int = 0
     downsample: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
-        if self.grid <= 0 or self.input_size % self.grid:
+        if self.grid <= 0 or self.input_size % self.grid or self.input_size // self.grid < 2:
             raise ConfigError(
-                f"vqvae.input_size ({self.input_size}) must be a multiple of vqvae.grid ({self.grid})"
+                f"vqvae.input_size ({self.input_size}) must be a multiple of vqvae.grid ({self.grid}), "
+                "at least twice it"
             )
+        if self.codebook_size < 2 or self.code_dim < 1 or self.hidden < 1:
+            raise ConfigError("vqvae.codebook_size must be >= 2, code_dim and hidden >= 1")
+        if not 0.0 < self.ema_decay < 1.0:
+            raise ConfigError(f"vqvae.ema_decay must be in (0, 1), got {self.ema_decay}")
+        if not 0.0 <= self.holdout_fraction < 1.0:
+            raise ConfigError(f"vqvae.holdout_fraction must be in [0, 1), got {self.holdout_fraction}")
         self.downsample = self.input_size // self.grid
 
     @property
