@@ -20,7 +20,7 @@ from prefect.states import State
 
 from perceptio_core.config import ConfigError, PerceptioConfig, dump_config, load_config
 from storage.atomic import write_json, write_text
-from tasks.runner import ArtifactRef, PipelineError, RunContext, compute_keys
+from tasks.runner import ArtifactRef, PipelineError, RunContext, compute_keys, flatten
 from tasks.stage_task import StageResult, stage_task
 from tasks.stages import BY_NAME, STAGES, downstream_of, upstream_of
 
@@ -115,7 +115,7 @@ class Plan:
         flat = {
             f"{stage}.{k}": v
             for stage, rec in self.records.items()
-            for k, v in _flatten(rec["metrics"]).items()
+            for k, v in flatten(rec["metrics"]).items()
         }
         return {
             "run_id": self.run.run_id,
@@ -142,17 +142,6 @@ def _unwrap(x: ArtifactRef | StageResult | State) -> ArtifactRef:
     if not isinstance(x, ArtifactRef):
         raise TypeError(f"expected an ArtifactRef, got {type(x).__name__}")
     return x
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        kk = f"{prefix}.{k}" if prefix else str(k)
-        if isinstance(v, dict):
-            out.update(_flatten(v, kk))
-        else:
-            out[kk] = v
-    return out
 
 
 def start_run(
@@ -205,7 +194,7 @@ def summary_table(summary: dict[str, Any]) -> str:
     for name, rec in summary["stages"].items():
         metrics = ", ".join(
             f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-            for k, v in list(_flatten(rec["metrics"]).items())[:6]
+            for k, v in list(flatten(rec["metrics"]).items())[:6]
         )
         lines.append(
             f"{name:<16}{rec['status']:<10}{rec['key']:<22}{rec['wall_s']:>8.1f}  "

@@ -51,6 +51,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from perceptio_core.atomic_io import fsync_dir, hidden_tmp, sha256_file, write_bytes_atomic
 from perceptio_core.records import QuarantineEntry
 from perceptio_core.sample import Sample, from_wds, to_wds
 
@@ -94,41 +95,6 @@ class ShardInfo:
 # ------------------------------------------------------------------------------------------
 # small file helpers
 # ------------------------------------------------------------------------------------------
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _tmp_name(final: Path) -> Path:
-    return final.with_name(f".{final.name}.tmp")
-
-
-def _atomic_write_bytes(final: Path, data: bytes) -> None:
-    tmp = _tmp_name(final)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-    _fsync_dir(final.parent)
-
-
-def _sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 class _HashingFile(io.RawIOBase):
@@ -277,7 +243,7 @@ class ShardWriter:
             return None
         if idx.get("version") != INDEX_VERSION or tar_path.stat().st_size != info.n_bytes:
             return None
-        if verify and _sha256_file(tar_path) != info.sha256:
+        if verify and sha256_file(tar_path) != info.sha256:
             return None
         return info
 
@@ -332,7 +298,7 @@ class ShardWriter:
     def _open_shard(self) -> None:
         index = len(self.shards)
         final = self.out_dir / shard_name(self.prefix, index)
-        self._file = open(_tmp_name(final), "wb")
+        self._file = open(hidden_tmp(final), "wb")
         self._hfile = _HashingFile(self._file)
         self._tar = tarfile.open(fileobj=self._hfile, mode="w", format=TAR_FORMAT)  # type: ignore[call-overload]
         self._rows = []
@@ -345,8 +311,8 @@ class ShardWriter:
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
-        os.replace(_tmp_name(final), final)
-        _fsync_dir(self.out_dir)
+        os.replace(hidden_tmp(final), final)
+        fsync_dir(self.out_dir)
         info = ShardInfo(index, final.name, len(self._rows), self._hfile.tell(), self._hfile.sha256)
         idx = {
             "version": INDEX_VERSION,
@@ -357,7 +323,7 @@ class ShardWriter:
             "fields": _ROW_FIELDS,
             "rows": self._rows,
         }
-        _atomic_write_bytes(
+        write_bytes_atomic(
             self.out_dir / index_name(self.prefix, index),
             json.dumps(idx, separators=(",", ":")).encode("utf-8"),
         )
@@ -433,7 +399,7 @@ def write_manifest(
     Memory: one shard's rows at a time."""
     out_dir = Path(out_dir)
     final = Path(path) if path is not None else out_dir / "manifest.parquet"
-    tmp = _tmp_name(final)
+    tmp = hidden_tmp(final)
     with pq.ParquetWriter(tmp, MANIFEST_SCHEMA) as writer:
         for s in shards:
             idx = json.loads((out_dir / index_name(prefix, s.index)).read_text())
@@ -448,7 +414,7 @@ def write_manifest(
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     return final
 
 
@@ -462,7 +428,7 @@ class QuarantineLog:
     def __init__(self, path: str | os.PathLike[str], batch_rows: int = 4096) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = _tmp_name(self.path)
+        self._tmp = hidden_tmp(self.path)
         self._writer = pq.ParquetWriter(self._tmp, QUARANTINE_SCHEMA)
         self._buf: list[tuple[str, str, str]] = []
         self._batch = batch_rows
@@ -495,7 +461,7 @@ class QuarantineLog:
         with open(self._tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(self._tmp, self.path)
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
         return self.path
 
     def abandon(self) -> None:

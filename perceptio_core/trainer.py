@@ -66,6 +66,7 @@ import torch
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset
 
+from perceptio_core.atomic_io import fsync_dir, fsync_tree, write_json_atomic
 from perceptio_core.config import TrainLoopConfig, canonical_json, to_dict
 from perceptio_core.schedule import build_scheduler, warmup_steps
 from perceptio_core.wds_loader import EpochSampler
@@ -199,37 +200,6 @@ def plot_history(rows: Sequence[dict[str, Any]], terms: Sequence[str], out_dir: 
         os.replace(tmp, p)
         paths.append(p)
     return paths
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_tree(path: Path) -> None:
-    for p in path.rglob("*"):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-    _fsync_dir(path)
 
 
 def latest_checkpoint(out_dir: str | os.PathLike[str]) -> Path | None:
@@ -613,11 +583,11 @@ class Trainer:
                 "time": time.time(),
             }  # fmt: skip
             (tmp / META).write_text(json.dumps(meta, indent=1, sort_keys=True))
-            _fsync_tree(tmp)
+            fsync_tree(tmp)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            _fsync_dir(root)
+            fsync_dir(root)
             self._prune(root)
         acc.wait_for_everyone()
         return final
@@ -669,14 +639,14 @@ class Trainer:
                 "fingerprint": self.fingerprint(),
             }
             (tmp / META).write_text(json.dumps(meta, indent=1, sort_keys=True))
-            _fsync_tree(tmp)
+            fsync_tree(tmp)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            _fsync_dir(self.out_dir)
+            fsync_dir(self.out_dir)
             rows = read_history(self.out_dir / HISTORY)
             plot_history(rows, self.terms, self.out_dir / "plots")
-            _write_json_atomic(self.out_dir / METRICS, metrics)
+            write_json_atomic(self.out_dir / METRICS, metrics, indent=1, sort_keys=True)
         acc.wait_for_everyone()
         return final
 

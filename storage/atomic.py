@@ -13,25 +13,13 @@ import uuid
 from pathlib import Path
 from typing import IO, Any, Iterator
 
+from perceptio_core.atomic_io import fsync_dir
+
 TMP_MARK = ".tmp-"
 
 
 def _tmp_name(path: Path) -> Path:
     return path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename inside ``path`` durable (no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(str(path), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 @contextlib.contextmanager

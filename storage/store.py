@@ -31,6 +31,7 @@ from typing import Any, Iterator
 
 import fsspec
 
+from perceptio_core.atomic_io import sha256_file
 from storage.atomic import atomic_open, clean_temp, fsync_dir, is_temp, write_json
 
 MANIFEST = "manifest.json"
@@ -39,14 +40,6 @@ MANIFEST_VERSION = 1
 
 class StoreError(RuntimeError):
     """The store holds no such artifact, or an artifact fails its integrity check."""
-
-
-def sha256_file(path: str | os.PathLike, bufsize: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(bufsize):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass

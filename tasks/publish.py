@@ -10,7 +10,7 @@ from typing import Any
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from storage import ArtifactStore, Manifest
-from tasks.runner import ArtifactRef
+from tasks.runner import ArtifactRef, flatten
 
 MAX_INLINE_PNG = 600_000  # bytes; larger pictures are linked, not inlined
 
@@ -18,17 +18,6 @@ MAX_INLINE_PNG = 600_000  # bytes; larger pictures are linked, not inlined
 def artifact_key(stage: str) -> str:
     """Prefect artifact keys allow lowercase letters, digits and dashes."""
     return "perceptio-" + stage.replace("_", "-").lower()
-
-
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        kk = f"{prefix}.{k}" if prefix else str(k)
-        if isinstance(v, dict):
-            out.update(_flat(v, kk))
-        else:
-            out[kk] = v
-    return out
 
 
 def _ui_link(ui_url: str | None, path: str, label: str) -> str:
@@ -85,7 +74,7 @@ def lineage_rows(
             {"field": f"upstream {up_stage} produced by",
              "value": _run_link(store, up_stage, up_key, ui_url, flow_run_id)},
         ]
-    for k, v in _flat(manifest.metrics).items():
+    for k, v in flatten(manifest.metrics).items():
         rows.append({"field": f"metric {k}", "value": f"{v:.4g}" if isinstance(v, float) else str(v)})
     q = manifest.quarantine or {}
     if q.get("count"):

@@ -154,6 +154,18 @@ def compute_keys(
     return keys
 
 
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (metric names as summary.json reports them)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        kk = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict):
+            out.update(flatten(v, kk))
+        else:
+            out[kk] = v
+    return out
+
+
 def _quarantine_summary(entries: list[QuarantineEntry]) -> dict[str, Any]:
     reasons = Counter(e.reason.split(":")[0] for e in entries)
     return {
