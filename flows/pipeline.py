@@ -182,7 +182,8 @@ def perceptio_pipeline(
     tokens = plan.step("tokenize_depth", depth, codebook)
     samples = plan.step("curate", world, depth, tokens)
     base = plan.step("base", world)
-    model = plan.step("finetune", base, samples, depth, codebook)
+    segmenter = plan.step("fit_sam2", world)
+    model = plan.step("finetune", base, segmenter, samples, depth, codebook)
     plan.step("evaluate", world, depth, model, base)
     return plan.finish()
 

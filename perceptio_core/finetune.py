@@ -18,6 +18,7 @@ Entry points: :func:`train` (the Prefect task, in-process) and ``perceptio_core.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from pathlib import Path
@@ -74,6 +75,16 @@ def _dir_digest(path: str | os.PathLike[str] | None, names: tuple[str, ...]) -> 
     return h.hexdigest()[:16]
 
 
+def _file_digest(path: str | None) -> str | None:
+    if path is None:
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
 def _maps_digest(folder: str | os.PathLike[str] | None) -> str | None:
     """Identity of a teacher-map folder: names and sizes of its chunk files."""
     if folder is None:
@@ -95,6 +106,10 @@ class FinetuneTask(TrainTask):
         depth_tokenizer: the frozen depth tokenizer, or the ``train_vqvae`` artifact directory
             (``DepthTokenizer.from_pretrained``).
         depth_maps_dir: the ``teacher_depth`` artifact folder (teacher maps for L_rec), or None.
+        sam2_checkpoint: a SAM2 checkpoint in Meta's format to start from in place of
+            ``cfg.model.sam2_checkpoint`` (the ``fit_sam2`` artifact's ``model/sam2.pt``). It is loaded
+            exactly as a released one, and its frozen parts are stored in the saved model
+            (``sam2_frozen.safetensors``), so the model does not depend on the file afterwards.
     """
 
     name = "finetune"
@@ -107,8 +122,10 @@ class FinetuneTask(TrainTask):
         base_dir: str | os.PathLike[str] | None = None,
         depth_tokenizer: nn.Module | str | os.PathLike[str],
         depth_maps_dir: str | os.PathLike[str] | None = None,
+        sam2_checkpoint: str | os.PathLike[str] | None = None,
     ) -> None:
         self.cfg = cfg
+        self.sam2_checkpoint = str(sam2_checkpoint) if sam2_checkpoint is not None else None
         self.data_dir = Path(data_dir)
         self.base_dir = Path(base_dir) if base_dir is not None else None
         self.depth_tokenizer = depth_tokenizer
@@ -128,6 +145,8 @@ class FinetuneTask(TrainTask):
         from perceptio_core.perceptio_model import PerceptioModel
 
         mc = self.cfg.model
+        if self.sam2_checkpoint is not None:
+            mc = dataclasses.replace(mc, sam2_checkpoint=self.sam2_checkpoint)
         tokenizer = base_model = None
         if self.base_dir is not None:
             tokenizer = load_tokenizer(mc.tokenizer or self.base_dir)
@@ -138,6 +157,8 @@ class FinetuneTask(TrainTask):
             mc, self.cfg.loss, self._load_depth_tokenizer(), tokenizer=tokenizer, base_model=base_model,
             seed=self.cfg.finetune.seed,
         )  # fmt: skip
+        if self.sam2_checkpoint is not None:  # embedded, not referenced (see the class docstring)
+            model.model_cfg = dataclasses.replace(model.model_cfg, sam2_checkpoint=None)
         self._collate = model.collator()
         return model
 
@@ -175,6 +196,7 @@ class FinetuneTask(TrainTask):
             "base": _dir_digest(self.base_dir, ("config.json", "tokenizer.json")),
             "depth_tokenizer": type(dt).__name__ if isinstance(dt, nn.Module) else _dir_digest(dt, ("config.json",)),
             "depth_maps": _maps_digest(self.depth_maps_dir),
+            "sam2": _file_digest(self.sam2_checkpoint),
         }
 
 
@@ -186,6 +208,7 @@ def train(
     base_dir: str | os.PathLike[str] | None = None,
     depth_tokenizer: nn.Module | str | os.PathLike[str],
     depth_maps_dir: str | os.PathLike[str] | None = None,
+    sam2_checkpoint: str | os.PathLike[str] | None = None,
     resume: bool = True,
     progress: ProgressFn | None = None,
     parents: dict[str, str] | None = None,
@@ -202,7 +225,8 @@ def train(
     marker, token, count, rec; throughput, data-wait share, peak memory).
     """
     task = FinetuneTask(
-        cfg, data_dir, base_dir=base_dir, depth_tokenizer=depth_tokenizer, depth_maps_dir=depth_maps_dir
+        cfg, data_dir, base_dir=base_dir, depth_tokenizer=depth_tokenizer, depth_maps_dir=depth_maps_dir,
+        sam2_checkpoint=sam2_checkpoint,
     )
     return run_training(
         task, cfg.finetune, out_dir, device=cfg.run.device, resume=resume, progress=progress,

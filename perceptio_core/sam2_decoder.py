@@ -122,7 +122,7 @@ SAM2_CONFIGS: dict[str, dict[str, Any]] = {
         },
         [1152, 576, 288, 144],
     ),
-    # The offline default and the tests: same wiring, 64 px input, 32-d prompts, 5 blocks.
+    # The tests and the smoke profile: same wiring, 64 px input, 32-d prompts, 5 blocks.
     "tiny-test": {
         "image_size": 64,
         "backbone_stride": 16,
@@ -149,6 +149,45 @@ SAM2_CONFIGS: dict[str, dict[str, Any]] = {
             "iou_head_depth": 3,
             "iou_head_hidden_dim": 32,
             "use_high_res_features": True,
+            "iou_prediction_use_sigmoid": True,
+            "pred_obj_scores": True,
+            "pred_obj_scores_mlp": True,
+            "use_multimask_token_for_obj_ptr": True,
+        },
+    },
+    # The offline default profile: 128 px input (32 x 32 low-resolution masks), 64-d prompts,
+    # 7 Hiera blocks, no high-resolution features; pre-trained by the fit_sam2 stage
+    # (perceptio_core.sam2_fit).
+    "tiny-128": {
+        "image_size": 128,
+        "backbone_stride": 16,
+        "scalp": 1,
+        "mask_in_chans": 16,
+        "trunk": {
+            "embed_dim": 16,
+            "num_heads": 1,
+            "stages": [1, 2, 3, 1],
+            "global_att_blocks": [4, 5],  # stage 3 (8 x 8 tokens); q-pool blocks 1, 3, 6 windowed
+            "window_pos_embed_bkg_spatial_size": [8, 8],
+            "window_spec": [8, 4, 8, 4],
+        },
+        "neck": {
+            "d_model": 64,
+            "backbone_channel_list": [128, 64, 32, 16],
+            "fpn_top_down_levels": [2, 3],
+            "fpn_interp_model": "nearest",
+        },
+        "decoder": {
+            "transformer_depth": 2,
+            "transformer_mlp_dim": 128,
+            "transformer_heads": 4,
+            "iou_head_depth": 3,
+            "iou_head_hidden_dim": 64,
+            # off: with the stride-4/8 features added in the upscaling path, a small SAM2 trained
+            # from scratch settles on "every object" masks and never learns to follow its prompt
+            # (measured: identical masks for every point or box on an image after 1500 steps);
+            # without them prompt-following emerges after ~1200 steps (fit_sam2)
+            "use_high_res_features": False,
             "iou_prediction_use_sigmoid": True,
             "pred_obj_scores": True,
             "pred_obj_scores_mlp": True,

@@ -41,6 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--base", default=None, help="finetune: base model dir (save_pretrained InternVL + tokenizer)")
     p.add_argument("--vqvae", default=None, help="finetune: the train_vqvae artifact dir (depth tokenizer)")
     p.add_argument("--depth-maps", default=None, help="finetune: the teacher_depth artifact dir (for L_rec)")
+    p.add_argument("--sam2", default=None,
+                   help="finetune: a SAM2 checkpoint in Meta's format to start from and embed "
+                        "(the fit_sam2 artifact's model/sam2.pt); a released one: --set model.sam2_checkpoint=...")
     p.add_argument("--tokenizer-texts", default=None, help="base: JSON list of extra texts for the tokenizer")
     p.add_argument("--no-resume", action="store_true", help="ignore (and delete) existing checkpoints")
     p.add_argument("--dump-grads", default=None, help="write the first step's synchronised gradients here")
@@ -82,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("--stage finetune needs --vqvae (the depth tokenizer directory)")
         metrics = train(
             cfg, args.data, args.out, base_dir=args.base, depth_tokenizer=args.vqvae,
-            depth_maps_dir=args.depth_maps, resume=not args.no_resume, grad_dump_dir=args.dump_grads,
+            depth_maps_dir=args.depth_maps, sam2_checkpoint=args.sam2, resume=not args.no_resume, grad_dump_dir=args.dump_grads,
         )  # fmt: skip
     from accelerate import PartialState
 

@@ -14,6 +14,7 @@ from perceptio_core.infer import load_model
 from perceptio_core.internvl import load_internvl, load_tokenizer
 from perceptio_core.prompts import TEMPLATES
 from perceptio_core.records import Sources
+from perceptio_core.sam2_fit import CHECKPOINT, fit_sam2
 from tasks.depth import load_sources
 from tasks.progress import Progress
 from tasks.runner import StageContext, StageOutput, StageSpec
@@ -81,18 +82,42 @@ def base(ctx: StageContext) -> StageOutput:
     return StageOutput(metrics=metrics, figures=figures)
 
 
+# ---- fit_sam2 -----------------------------------------------------------------------------------
+
+
+def sam2(ctx: StageContext) -> StageOutput:
+    sources = load_sources(ctx)
+    out = _scratch(ctx)
+    prog = Progress("fit SAM2", ctx.log)
+    metrics = fit_sam2(sources, ctx.cfg, out, resume=True, progress=prog,
+                       parents={n: r.key for n, r in ctx.upstream.items()})  # fmt: skip
+    prog.close()
+    figures = _publish_training(ctx, out)
+    ctx.log.info(
+        "fit_sam2: point-prompt mIoU on held-out images %.3f (untrained %.3f, training images %.3f)",
+        metrics["holdout_point_miou"], metrics["init_point_miou"], metrics["train_point_miou"],
+    )
+    return StageOutput(metrics=metrics, figures=figures)
+
+
+def _sam2_enabled(cfg: PerceptioConfig) -> bool:
+    return not cfg.model.sam2_checkpoint
+
+
 # ---- finetune -----------------------------------------------------------------------------------
 
 
 def finetune(ctx: StageContext) -> StageOutput:
     out = _scratch(ctx)
     base_dir = ctx.upstream_dir("base") / "model" if "base" in ctx.upstream else None
+    sam2_ckpt = ctx.upstream_dir("fit_sam2") / "model" / CHECKPOINT if "fit_sam2" in ctx.upstream else None
     prog = Progress("finetune", ctx.log)
     metrics = finetune_train(
         ctx.cfg, ctx.upstream_dir("curate"), out,
         base_dir=base_dir,
         depth_tokenizer=ctx.upstream_dir("train_vqvae"),
         depth_maps_dir=ctx.upstream_dir("teacher_depth"),
+        sam2_checkpoint=sam2_ckpt,
         resume=True, progress=prog,
         parents={n: r.key for n, r in ctx.upstream.items()},
     )
@@ -152,9 +177,20 @@ BASE = StageSpec(
     description="the tiny InternVL base fitted on the world's captions and VQA (offline default)",
     enabled=_base_enabled,
 )
+FIT_SAM2 = StageSpec(
+    name="fit_sam2",
+    upstream=("sources",),
+    sections=("model.sam2_variant", "sam2_fit"),
+    code=("tasks.model", "tasks.depth", "perceptio_core.sam2_fit", "perceptio_core.sam2_decoder",
+          "perceptio_core.losses", "perceptio_core.trainer", "perceptio_core.schedule", "perceptio_core.masks",
+          "perceptio_core.refer"),
+    body=sam2,
+    description="a small SAM2 pre-trained for promptable segmentation on the world's masks (offline default)",
+    enabled=_sam2_enabled,
+)
 FINETUNE = StageSpec(
     name="finetune",
-    upstream=("base", "curate", "teacher_depth", "train_vqvae"),
+    upstream=("base", "fit_sam2", "curate", "teacher_depth", "train_vqvae"),
     sections=("model", "loss", "finetune"),
     code=_MODEL_CODE + ("perceptio_core.finetune",),
     body=finetune,

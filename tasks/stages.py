@@ -13,6 +13,7 @@ STAGES: list[StageSpec] = [
     depth.TOKENIZE_DEPTH,
     curate.SPEC,
     model.BASE,
+    model.FIT_SAM2,
     model.FINETUNE,
     model.EVALUATE,
 ]

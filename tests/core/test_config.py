@@ -19,6 +19,17 @@ def test_every_profile_loads_and_matches_the_code():
         assert C.to_dict(cfg) == C.to_dict(again)
 
 
+@pytest.mark.parametrize("profile", ["paper-8b", "paper-4b"])
+def test_paper_profiles_carry_the_spec_values(profile):
+    """SPEC §3/§4 values that the tiny profile departs from must not leak into the paper profiles."""
+    cfg = load_config(profile)
+    assert (cfg.loss.bce, cfg.loss.dice) == (1.0, 0.25)
+    assert cfg.model.lora_rank == 256 and cfg.model.freeze_sam2_image_encoder
+    assert cfg.model.sam2_checkpoint and cfg.model.base  # released weights: no fit stages
+    assert (cfg.finetune.warmup_frac, cfg.finetune.max_grad_norm) == (0.05, 1.0)
+    assert (cfg.vqvae.grid, cfg.vqvae.code_dim) == (10, 128)
+
+
 def test_override_sets_typed_values():
     cfg = load_config("tiny", ["vqvae.steps=7", "vqvae.lr=0.5", "data.root=/x", "run.seed=3"])
     assert cfg.vqvae.steps == 7 and cfg.vqvae.lr == 0.5 and cfg.data.root == "/x" and cfg.run.seed == 3

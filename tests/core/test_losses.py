@@ -262,8 +262,10 @@ def test_mask_dice_hand_computed():
 def test_total_loss_weights():
     terms = {k: torch.tensor(v) for k, v in dict(llm=1.0, seg_bce=2.0, seg_dice=4.0, marker=3.0,
                                                   token=5.0, count=7.0, rec=11.0).items()}
-    cfg = LossConfig()  # every paper weight 1.0, BCE 1.0, Dice 0.25
+    cfg = LossConfig(dice=0.25)  # SPEC §3 (the paper profiles): every weight 1.0, BCE 1.0, Dice 0.25
     assert total_loss(terms, cfg).item() == pytest.approx(1 + (2 + 1) + (3 + 5 + 7) + 11)
+    cfg = LossConfig()  # the tiny profile: Dice 1.0
+    assert total_loss(terms, cfg).item() == pytest.approx(1 + (2 + 4) + (3 + 5 + 7) + 11)
     cfg = LossConfig(w_seg=2.0, bce=1.0, dice=0.5, w_dtok=0.5, w_marker=2.0, w_token=1.0, w_count=0.0, w_rec=3.0)
     expected = 1 + 2 * (2 + 0.5 * 4) + 0.5 * (2 * 3 + 5 + 0) + 3 * 11
     assert total_loss(terms, cfg).item() == pytest.approx(expected)

@@ -319,3 +319,34 @@ def test_finetune_resumes_exactly_with_workers_and_saves_the_model(tmp_path, tin
     assert (tmp_path / "full" / "model" / "adapter" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "full" / "model" / "meta.json").is_file()
     assert (tmp_path / "full" / "plots" / "loss_seg_dice.png").is_file()
+
+
+def test_finetune_starts_from_a_fitted_sam2_and_embeds_it_in_the_saved_model(tmp_path, tiny_base):
+    """The fit_sam2 artifact (Meta's layout) is loaded as a released checkpoint would be; the saved
+    model carries its frozen parts, so it loads without the file."""
+    from safetensors.torch import load_file
+
+    from perceptio_core.finetune import FinetuneTask
+    from perceptio_core.perceptio_model import PerceptioModel
+    from perceptio_core.sam2_decoder import build_sam2
+    from perceptio_core.sam2_fit import save_sam2_checkpoint
+
+    from perceptio_helpers import StandInDepthTokenizer
+
+    fitted = build_sam2("tiny-test", seed=7, freeze_image_encoder=False)
+    ckpt = save_sam2_checkpoint(fitted, tmp_path / "sam2", "tiny-test")
+    cfg = load_config("tiny", ["run.device=cpu", "model.sam2_variant=tiny-test", "model.lora_rank=4"])
+    task = FinetuneTask(cfg, _shards(tmp_path / "shards"), base_dir=tiny_base,
+                        depth_tokenizer=StandInDepthTokenizer(), sam2_checkpoint=ckpt)  # fmt: skip
+    model = task.build_model()
+    enc = "image_encoder.trunk.patch_embed.proj.weight"
+    assert torch.equal(model.sam2.state_dict()[enc], fitted.state_dict()[enc])
+    assert cfg.model.sam2_checkpoint is None  # the user's config is not changed
+    model.save_pretrained(tmp_path / "model")
+    saved = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert saved["model"]["sam2_checkpoint"] is None and "sam2_frozen.safetensors" in saved["files"]
+    assert torch.equal(load_file(str(tmp_path / "model" / "sam2_frozen.safetensors"))[enc], fitted.state_dict()[enc])
+    assert task.fingerprint()["sam2"] is not None  # a resumed run must start from the same SAM2
+    ckpt.unlink()  # the saved model no longer needs the file
+    again = PerceptioModel.from_pretrained(tmp_path / "model", depth_tokenizer=StandInDepthTokenizer())
+    assert torch.equal(again.sam2.state_dict()[enc], fitted.state_dict()[enc])

@@ -21,7 +21,7 @@ from storage import ArtifactStore
 
 ROOT = Path(__file__).resolve().parents[2]
 STAGES = ["sources", "fit_teacher", "teacher_depth", "train_vqvae", "tokenize_depth", "curate",
-          "base", "finetune", "evaluate"]
+          "base", "fit_sam2", "finetune", "evaluate"]
 
 
 def _run(workdir: Path, *extra: str) -> dict:
