@@ -3,9 +3,12 @@ perception decoding, and the decoding of the mask and the depth map from what wa
 
 Constrained perception decoding (:class:`PerceptionConstraint`, on by default): once ``<d_start>``
 has been emitted (or forced through ``response_prefix``) and until ``<d_end>``, the next token is
-restricted to the K code ids for exactly N steps, then ``<d_end>`` is forced. Outside a block
-nothing is restricted. It is a ``transformers.LogitsProcessor`` as well, so it plugs into
-``model.generate`` unchanged.
+restricted to the K code ids for exactly N steps, then ``<d_end>`` is forced. Outside a block the
+code ids and ``<d_end>`` are never allowed (they mean nothing there: a model whose block "should"
+have been longer would otherwise go on emitting codes after the forced ``<d_end>`` and lose the start
+of its answer, as the tiny default model did on HardBLINK); ``forbid_stray=False`` restricts inside
+blocks only, as SPEC §1 states the minimum. It is a ``transformers.LogitsProcessor`` as well, so it
+plugs into ``model.generate`` unchanged.
 
 After decoding, the perception block is parsed by :func:`perceptio_core.perception_format.parse_generation`
 (the parser the evaluators use): ``depth_indices`` is set only for a well-formed block (exactly N
@@ -34,18 +37,22 @@ from perceptio_core.sam2_decoder import sam2_pixel_values
 
 
 class PerceptionConstraint(LogitsProcessor):
-    """Force well-formed depth blocks: after ``<d_start>``, only codes for N steps, then ``<d_end>``.
+    """Force well-formed depth blocks: after ``<d_start>``, only codes for N steps, then ``<d_end>``;
+    outside a block (``forbid_stray``), no codes and no ``<d_end>``.
 
     ``__call__(input_ids [B, L], scores [B, V]) -> scores [B, V]``: rows inside an open block get
-    -inf everywhere but the allowed ids. ``input_ids`` should hold the response so far (prompt
-    tokens may be included: a block is open when the last ``<d_start>`` has no ``<d_end>`` after it).
-    A block that already holds N or more tokens (possible only through a forced prefix) is closed.
+    -inf everywhere but the allowed ids; other rows get -inf on the code ids and ``<d_end>``.
+    ``input_ids`` should hold the response so far (prompt tokens may be included: a block is open
+    when the last ``<d_start>`` has no ``<d_end>`` after it). A block that already holds N or more
+    tokens (possible only through a forced prefix) is closed.
     """
 
-    def __init__(self, token_ids: PerceptionTokenIds, num_tokens: int) -> None:
+    def __init__(self, token_ids: PerceptionTokenIds, num_tokens: int, forbid_stray: bool = True) -> None:
         self.token_ids = token_ids
         self.num_tokens = int(num_tokens)
+        self.forbid_stray = bool(forbid_stray)
         self._codes = torch.tensor(token_ids.codes, dtype=torch.long)
+        self._stray = torch.tensor([*token_ids.codes, token_ids.d_end], dtype=torch.long)
 
     def open_count(self, ids: Sequence[int]) -> int | None:
         """Tokens emitted since the last ``<d_start>`` of ``ids`` if that block is still open,
@@ -63,10 +70,13 @@ class PerceptionConstraint(LogitsProcessor):
         out = scores
         for row in range(scores.shape[0]):
             n = self.open_count(input_ids[row].tolist())
-            if n is None:
+            if n is None and not self.forbid_stray:
                 continue
             if out is scores:
                 out = scores.clone()
+            if n is None:
+                out[row, self._stray.to(scores.device)] = float("-inf")
+                continue
             keep = self._codes.to(scores.device) if n < self.num_tokens else torch.tensor(
                 [self.token_ids.d_end], device=scores.device
             )

@@ -34,7 +34,7 @@ TID = PerceptionTokenIds(seg=10, d_start=11, d_end=12, codes=(13, 14, 15))
 
 
 def test_constraint_restricts_inside_a_block_only():
-    c = PerceptionConstraint(TID, num_tokens=2)
+    c = PerceptionConstraint(TID, num_tokens=2, forbid_stray=False)
     scores = torch.zeros(4, 20)
     ids = torch.tensor(
         [
@@ -50,6 +50,17 @@ def test_constraint_restricts_inside_a_block_only():
     assert torch.isfinite(out[2]).nonzero().squeeze(1).tolist() == [12]
     assert torch.equal(scores, torch.zeros(4, 20))  # input not modified
     assert c.open_count([11]) == 0 and c.open_count([11, 13, 12]) is None and c.open_count([]) is None
+
+
+def test_constraint_forbids_codes_and_d_end_outside_a_block_by_default():
+    c = PerceptionConstraint(TID, num_tokens=2)
+    ids = torch.tensor([[1, 2, 3, 4], [10, 11, 13, 14], [11, 13, 14, 12]])  # none, full block, closed
+    out = c(ids, torch.zeros(3, 20))
+    stray = [12, 13, 14, 15]
+    for row in (0, 2):  # before and after a block: everything but the codes and <d_end>
+        assert sorted(set(range(20)) - set(torch.isfinite(out[row]).nonzero().squeeze(1).tolist())) == stray
+        assert torch.isfinite(out[row, [10, 11]]).all()  # [SEG] and <d_start> stay allowed
+    assert torch.isfinite(out[1]).nonzero().squeeze(1).tolist() == [12]  # inside: <d_end> forced
 
 
 @pytest.mark.parametrize("prefix", ["<d_start>", "[SEG]<d_start>"])
