@@ -94,7 +94,7 @@ def test_second_run_is_all_cached_then_vqvae_change_reruns_only_downstream(first
     status = {s: r["status"] for s, r in changed["stages"].items()}
     assert status == {"sources": "cached", "fit_teacher": "cached", "teacher_depth": "cached",
                       "train_vqvae": "computed", "tokenize_depth": "computed", "curate": "computed",
-                      "base": "cached", "finetune": "computed", "evaluate": "computed"}
+                      "base": "cached", "fit_sam2": "cached", "finetune": "computed", "evaluate": "computed"}
     capsys.readouterr()
     assert cli_main(["stages", "--config", "smoke", "--workdir", str(wd), "--set", "vqvae.steps=42"]) == 0
     out = capsys.readouterr().out
@@ -189,8 +189,11 @@ def test_finetune_and_evaluate_outputs(first_run):
     store = ArtifactStore(wd / "store")
     ft = store.manifest("finetune", summary["stages"]["finetune"]["key"])
     assert "model/adapter/adapter_config.json" in ft.files and "model/heads.safetensors" in ft.files
-    assert set(ft.inputs) == {"base", "curate", "teacher_depth", "train_vqvae"}
+    assert set(ft.inputs) == {"base", "fit_sam2", "curate", "teacher_depth", "train_vqvae"}
+    fs = store.manifest("fit_sam2", summary["stages"]["fit_sam2"]["key"])
+    assert "model/sam2.pt" in fs.files and set(fs.inputs) == {"sources"}
     m = summary["metrics"]
+    assert 0.0 <= m["fit_sam2.holdout_point_miou"] <= 1.0 and m["fit_sam2.train_examples"] > 0
     for term in ["llm", "seg_bce", "seg_dice", "marker", "token", "count", "rec"]:
         assert np.isfinite(m[f"finetune.{term}_first"]) and np.isfinite(m[f"finetune.{term}_last"])
     for name in ["evaluate.refcoco.val.ciou", "evaluate.refcoco.val.giou", "evaluate.hardblink.mean.accuracy",
