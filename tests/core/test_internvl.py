@@ -148,8 +148,8 @@ def test_lora_targets_only_the_language_model():
         "base_model.model.lm_head.token_adapter.trainable_tokens_delta.default",
         "base_model.model.model.language_model.embed_tokens.token_adapter.trainable_tokens_delta.default",
     ]
-    # 7 target modules x 2 layers x (A, B)
-    assert len(lora) == 7 * 2 * 2
+    # 7 target modules x text layers x (A, B)
+    assert len(lora) == 7 * TinyVLMConfig().text_layers * 2
 
 
 def test_only_the_new_rows_train():
