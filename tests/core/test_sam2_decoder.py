@@ -142,12 +142,14 @@ def test_sam2_state_from_meta_keeps_only_our_parts():
 
 def test_released_configs_are_consistent():
     for name, cfg in SAM2_CONFIGS.items():
-        if name == "tiny-test":
-            continue
         e = cfg["trunk"]["embed_dim"]
         assert cfg["neck"]["backbone_channel_list"] == [8 * e, 4 * e, 2 * e, e], name
+        if not name.startswith("sam2.1_"):  # the small offline variants
+            continue
         assert cfg["image_size"] == 1024 and cfg["neck"]["d_model"] == 256
         assert cfg["decoder"]["use_high_res_features"]
+    assert set(SAM2_CONFIGS) == {"sam2.1_hiera_tiny", "sam2.1_hiera_small", "sam2.1_hiera_base_plus",
+                                 "sam2.1_hiera_large", "tiny-test", "tiny-128"}
     with pytest.raises(KeyError, match="known"):
         sam2_config("sam2.1_hiera_huge")
 
@@ -169,3 +171,11 @@ def test_sam2_pixel_values():
     assert np.allclose(px[:, 5, 7].numpy(), expected, atol=1e-5)
     with pytest.raises(ValueError, match="expects 64x64"):
         build_sam2("tiny-test").encode_image(torch.zeros(1, 3, 32, 32))
+
+
+def test_offline_default_variant_shapes():
+    m = build_sam2("tiny-128", seed=0)
+    assert m.image_size == 128 and m.embed_dim == 64 and not m.uses_high_res
+    out = m(torch.zeros(2, 3, 128, 128), torch.zeros(2, 1, 64), output_size=(96, 128))
+    assert out.shape == (2, 1, 96, 128)
+    assert m.decode_masks(m.encode_image(torch.zeros(1, 3, 128, 128)), torch.zeros(1, 1, 64)).shape == (1, 1, 32, 32)
