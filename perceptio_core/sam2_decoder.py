@@ -348,12 +348,21 @@ class SAM2Segmenter(nn.Module):
         dense = self.sam_prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(
             b, -1, self.embedding_size, self.embedding_size
         )
+        return self.run_mask_decoder(features, sparse, dense)[0]  # [B, 1, 4h, 4w]
+
+    def run_mask_decoder(
+        self, features: SAM2Features, sparse: torch.Tensor, dense: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mask decoder, single-mask output, on encoded images and prompt embeddings (sparse
+        [B, n, C], dense [B, C, h, w]) as SAM2Base feeds it: one image per prompt set, the
+        high-resolution levels through ``conv_s0`` / ``conv_s1``. Returns low-resolution mask logits
+        [B, 1, 4h, 4w] and the IoU prediction [B, 1]."""
         high_res = None
         if self.uses_high_res:
             dec = self.sam_mask_decoder
             high_res = [dec.conv_s0(features.high_res[0]), dec.conv_s1(features.high_res[1])]
-        masks, _iou, _tokens, _obj = self.sam_mask_decoder(
-            image_embeddings=image_embed,
+        masks, iou, _tokens, _obj = self.sam_mask_decoder(
+            image_embeddings=features.image_embed,
             image_pe=self.sam_prompt_encoder.get_dense_pe(),
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
@@ -361,7 +370,7 @@ class SAM2Segmenter(nn.Module):
             repeat_image=False,
             high_res_features=high_res,
         )
-        return masks  # [B, 1, 4h, 4w]
+        return masks, iou
 
     def forward(
         self,

@@ -186,20 +186,7 @@ def prompt_masks(
         coords = torch.cat([corners, coords], dim=1)
         lab = torch.cat([corner_labels, lab], dim=1)
     sparse, dense = sam2.sam_prompt_encoder(points=(coords, lab), boxes=None, masks=None)
-    dec = sam2.sam_mask_decoder
-    high_res = None
-    if sam2.uses_high_res:
-        high_res = [dec.conv_s0(features.high_res[0]), dec.conv_s1(features.high_res[1])]
-    masks, iou, _tokens, _obj = dec(
-        image_embeddings=features.image_embed,
-        image_pe=sam2.sam_prompt_encoder.get_dense_pe(),
-        sparse_prompt_embeddings=sparse,
-        dense_prompt_embeddings=dense,
-        multimask_output=False,
-        repeat_image=False,
-        high_res_features=high_res,
-    )
-    return masks, iou
+    return sam2.run_mask_decoder(features, sparse, dense)
 
 
 def mask_iou(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -265,10 +252,6 @@ class _FitModule(nn.Module):
     def __init__(self, sam2: SAM2Segmenter) -> None:
         super().__init__()
         self.sam2 = sam2
-
-    def train(self, mode: bool = True) -> _FitModule:
-        nn.Module.train(self, mode)  # nothing stays in eval mode: every part learns
-        return self
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         low, iou_pred = prompt_masks(self.sam2, batch["pixel_values"], batch["points"], batch["labels"],
