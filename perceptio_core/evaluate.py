@@ -168,11 +168,11 @@ class TextOnlyLM:
 
     def lm_forward(self, input_ids: Any, attention_mask: Any = None, pixel_values: Any = None,
                    past_key_values: Any = None, use_cache: bool = False, logits_from: int | None = -1) -> Any:
-        out = self.vlm.model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
-                             past_key_values=past_key_values, use_cache=use_cache)  # fmt: skip
-        hidden = out.last_hidden_state  # [B, T, d]
-        logits = self.vlm.lm_head(hidden[:, logits_from:]) if logits_from is not None else None
-        return SimpleNamespace(hidden=hidden, logits=logits, past_key_values=out.past_key_values if use_cache else None)
+        from perceptio_core.internvl import lm_pass
+
+        hidden, logits, cache = lm_pass(self.vlm, input_ids, attention_mask, pixel_values, past_key_values,
+                                        use_cache, logits_from)  # fmt: skip
+        return SimpleNamespace(hidden=hidden, logits=logits, past_key_values=cache)
 
 
 def base_predictor(base_model: Any, tokenizer: Any, *, max_new_tokens: int = 160, num_beams: int = 1) -> Predict:

@@ -248,6 +248,44 @@ def load_internvl(name_or_path: str | Path, dtype: str = "float32") -> InternVLF
     return InternVLForConditionalGeneration.from_pretrained(str(name_or_path), dtype=DTYPES[dtype])
 
 
+def _cache_kwarg() -> str:
+    """The name InternVLModel.forward takes the KV cache under: ``cache`` in recent transformers 5
+    releases (``past_key_values`` is deprecated there and warns on every call), before that
+    ``past_key_values``."""
+    import inspect
+
+    from transformers import InternVLModel
+
+    return "cache" if "cache" in inspect.signature(InternVLModel.forward).parameters else "past_key_values"
+
+
+_CACHE_KW: str | None = None
+
+
+def lm_pass(
+    vlm: InternVLForConditionalGeneration,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    pixel_values: torch.Tensor | None = None,
+    cache: object = None,
+    use_cache: bool = False,
+    logits_from: int | None = -1,
+) -> tuple[torch.Tensor, torch.Tensor | None, object]:
+    """One pass of an InternVL (``vlm.model`` + ``vlm.lm_head``; a PEFT-wrapped one's inner model
+    works alike) over ``input_ids`` [B, T] with an optional KV cache. ``pixel_values`` fill the
+    ``<IMG_CONTEXT>`` places (prefill only). The LM head runs on ``hidden[:, logits_from:]`` (-1:
+    the last position; None: no logits). Returns ``(hidden [B, T, d], logits, cache or None)``."""
+    global _CACHE_KW
+    if _CACHE_KW is None:
+        _CACHE_KW = _cache_kwarg()
+    out = vlm.model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                    use_cache=use_cache, **{_CACHE_KW: cache})  # fmt: skip
+    hidden = out.last_hidden_state
+    logits = vlm.lm_head(hidden[:, logits_from:]) if logits_from is not None else None
+    new_cache = getattr(out, _CACHE_KW, None) if use_cache else None
+    return hidden, logits, new_cache
+
+
 def image_seq_length(model_config: InternVLConfig) -> int:
     """Image tokens per tile: ``(image_size / patch_size)^2 * downsample_ratio^2``."""
     vc = model_config.vision_config

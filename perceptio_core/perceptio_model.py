@@ -58,6 +58,7 @@ from perceptio_core.internvl import (
     build_tiny_internvl,
     image_seq_length,
     init_new_token_rows,
+    lm_pass,
     load_internvl,
     load_tokenizer,
     new_token_rows,
@@ -297,17 +298,9 @@ class PerceptioModel(nn.Module):
         decoding with a cache). ``logits_from``: the LM head runs on ``hidden[:, logits_from:]``
         (-1: the last position; None: no logits).
         """
-        base = self.base_model
-        out = base.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            pixel_values=pixel_values,
-            past_key_values=past_key_values,
-            use_cache=use_cache,
-        )
-        hidden = out.last_hidden_state  # [B, T, d]
-        logits = base.lm_head(hidden[:, logits_from:]) if logits_from is not None else None
-        return LMOutput(hidden=hidden, logits=logits, past_key_values=out.past_key_values if use_cache else None)
+        hidden, logits, cache = lm_pass(self.base_model, input_ids, attention_mask, pixel_values,
+                                        past_key_values, use_cache, logits_from)  # fmt: skip
+        return LMOutput(hidden=hidden, logits=logits, past_key_values=cache)
 
     # ---------------------------------------------------------------- heads
 
