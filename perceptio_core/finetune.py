@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from perceptio_core.atomic_io import sha256_file
 from perceptio_core.batching import TrainExample, example_from_sample
 from perceptio_core.config import PerceptioConfig, to_dict
 from perceptio_core.sample import Sample
@@ -72,16 +73,6 @@ def _dir_digest(path: str | os.PathLike[str] | None, names: tuple[str, ...]) -> 
         if p.is_file():
             h.update(n.encode())
             h.update(p.read_bytes())
-    return h.hexdigest()[:16]
-
-
-def _file_digest(path: str | None) -> str | None:
-    if path is None:
-        return None
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
     return h.hexdigest()[:16]
 
 
@@ -196,7 +187,7 @@ class FinetuneTask(TrainTask):
             "base": _dir_digest(self.base_dir, ("config.json", "tokenizer.json")),
             "depth_tokenizer": type(dt).__name__ if isinstance(dt, nn.Module) else _dir_digest(dt, ("config.json",)),
             "depth_maps": _maps_digest(self.depth_maps_dir),
-            "sam2": _file_digest(self.sam2_checkpoint),
+            "sam2": sha256_file(self.sam2_checkpoint)[:16] if self.sam2_checkpoint else None,
         }
 
 

@@ -28,6 +28,7 @@ the released models). We feed one tile per image (no dynamic tiling), resized sq
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -248,6 +249,7 @@ def load_internvl(name_or_path: str | Path, dtype: str = "float32") -> InternVLF
     return InternVLForConditionalGeneration.from_pretrained(str(name_or_path), dtype=DTYPES[dtype])
 
 
+@functools.cache
 def _cache_kwarg() -> str:
     """The name InternVLModel.forward takes the KV cache under: ``cache`` in recent transformers 5
     releases (``past_key_values`` is deprecated there and warns on every call), before that
@@ -257,9 +259,6 @@ def _cache_kwarg() -> str:
     from transformers import InternVLModel
 
     return "cache" if "cache" in inspect.signature(InternVLModel.forward).parameters else "past_key_values"
-
-
-_CACHE_KW: str | None = None
 
 
 def lm_pass(
@@ -275,14 +274,12 @@ def lm_pass(
     works alike) over ``input_ids`` [B, T] with an optional KV cache. ``pixel_values`` fill the
     ``<IMG_CONTEXT>`` places (prefill only). The LM head runs on ``hidden[:, logits_from:]`` (-1:
     the last position; None: no logits). Returns ``(hidden [B, T, d], logits, cache or None)``."""
-    global _CACHE_KW
-    if _CACHE_KW is None:
-        _CACHE_KW = _cache_kwarg()
+    kw = _cache_kwarg()
     out = vlm.model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
-                    use_cache=use_cache, **{_CACHE_KW: cache})  # fmt: skip
+                    use_cache=use_cache, **{kw: cache})  # fmt: skip
     hidden = out.last_hidden_state
     logits = vlm.lm_head(hidden[:, logits_from:]) if logits_from is not None else None
-    new_cache = getattr(out, _CACHE_KW, None) if use_cache else None
+    new_cache = getattr(out, kw, None) if use_cache else None
     return hidden, logits, new_cache
 
 

@@ -37,12 +37,12 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from perceptio_core.config import PerceptioConfig, to_dict
-from perceptio_core.image_io import load_image
+from perceptio_core.image_io import holdout_by_digest, load_image
 from perceptio_core.losses import mask_bce_loss, mask_dice_loss
 from perceptio_core.masks import resize_nearest
 from perceptio_core.records import RefRecord, Sources
 from perceptio_core.refer import ann_to_mask
-from perceptio_core.sam2_decoder import SAM2Segmenter, build_sam2, sam2_pixel_values, upsample_logits
+from perceptio_core.sam2_decoder import SAM2Segmenter, build_sam2, sam2_config, sam2_pixel_values, upsample_logits
 from perceptio_core.trainer import ProgressFn, TrainTask, run_training
 
 CHECKPOINT = "sam2.pt"  # Meta's layout: {"model": state_dict}
@@ -61,11 +61,6 @@ class MaskExample:
 
     def mask(self) -> np.ndarray:
         return ann_to_mask(self.segmentation, self.height, self.width)
-
-
-def _holdout(digest: str, fraction: float) -> bool:
-    """A stable, seedless split by image digest (as the teacher fit's)."""
-    return int(digest[:8], 16) / 0xFFFFFFFF < fraction
 
 
 def mask_examples(sources: Sources) -> list[MaskExample]:
@@ -87,8 +82,8 @@ def mask_examples(sources: Sources) -> list[MaskExample]:
 
 def split_examples(examples: Sequence[MaskExample], fraction: float) -> tuple[list[MaskExample], list[MaskExample]]:
     """``(train, holdout)`` by image digest."""
-    train = [e for e in examples if not _holdout(e.image_digest, fraction)]
-    hold = [e for e in examples if _holdout(e.image_digest, fraction)]
+    train = [e for e in examples if not holdout_by_digest(e.image_digest, fraction)]
+    hold = [e for e in examples if holdout_by_digest(e.image_digest, fraction)]
     return train, hold
 
 
@@ -219,16 +214,14 @@ class Sam2FitTask(TrainTask):
         if dec.pred_obj_scores:
             for p in dec.pred_obj_score_head.parameters():
                 p.requires_grad_(False)
-        # the prompt encoder's mask-input path and "not a point" embedding are unused here
-        for p in model.sam_prompt_encoder.mask_downscaling.parameters():
+        for p in model.sam_prompt_encoder.mask_downscaling.parameters():  # no mask prompts here
             p.requires_grad_(False)
-        model.sam_prompt_encoder.train()
         self.image_size = model.image_size
         return _FitModule(model)
 
     def build_dataset(self) -> Dataset:
         c = self.cfg.sam2_fit
-        size = self.image_size or build_sam2(self.cfg.model.sam2_variant, None, seed=0).image_size
+        size = self.image_size or int(sam2_config(self.cfg.model.sam2_variant)["image_size"])
         return MaskDataset(self.examples, size, c.max_points, c.box_prob, c.seed)
 
     def build_collate(self) -> Any:

@@ -14,6 +14,7 @@ from perceptio_core.depth_maps import DepthMaps, chunk_plan, done_chunks, write_
 from perceptio_core.depth_metrics import teacher_vs_true_metrics
 from perceptio_core.depth_teacher import fit_teacher, load_teacher, predict_depth
 from perceptio_core.depth_tokens import DepthTokenizer
+from perceptio_core.image_io import holdout_by_digest
 from perceptio_core.records import ImageRecord, QuarantineEntry, Sources
 from perceptio_core.vqvae import train_vqvae
 from perceptio_core import viz
@@ -34,11 +35,6 @@ def _teacher_dir(ctx: StageContext) -> str:
     if ctx.cfg.teacher.checkpoint:
         return ctx.cfg.teacher.checkpoint
     return str(ctx.upstream_dir("fit_teacher"))
-
-
-def _holdout(digest: str, fraction: float) -> bool:
-    """A stable, seedless split by image digest."""
-    return int(digest[:8], 16) / 0xFFFFFFFF < fraction
 
 
 # ---- fit_teacher --------------------------------------------------------------------------------
@@ -166,8 +162,8 @@ def vqvae(ctx: StageContext) -> StageOutput:
     cfg = ctx.cfg.vqvae
     maps = DepthMaps(ctx.upstream_dir("teacher_depth"))
     digests = sorted(maps.digests)
-    hold = [d for d in digests if _holdout(d, cfg.holdout_fraction)]
-    train = [d for d in digests if not _holdout(d, cfg.holdout_fraction)]
+    hold = [d for d in digests if holdout_by_digest(d, cfg.holdout_fraction)]
+    train = [d for d in digests if not holdout_by_digest(d, cfg.holdout_fraction)]
     if not train or not hold:
         raise RuntimeError(f"train_vqvae: {len(train)} training and {len(hold)} held-out maps; need both")
     pos = {d: i for i, d in enumerate(maps.digests)}
