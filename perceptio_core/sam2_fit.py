@@ -94,7 +94,8 @@ def sample_prompts(
     drawn inside the mask, and with probability ``box_prob`` its bounding box.
 
     Returns ``(points [max_points, 2] (x, y), labels [max_points], box [4] or None)``; unused point
-    slots have label -1 (SAM's "not a point", ignored by the prompt encoder)."""
+    slots have label -1 (SAM's "not a point": they get its not-a-point embedding, as SAM2 pads a
+    batch of prompts of different lengths)."""
     ys, xs = np.nonzero(mask)
     points = np.zeros((max_points, 2), np.float32)
     labels = np.full((max_points,), -1, np.int64)

@@ -158,3 +158,11 @@ def test_fit_sam2_without_training_masks_names_the_way_out(tmp_path):
     cfg = load_config("smoke", ["run.device=cpu"])
     with pytest.raises(RuntimeError, match="model.sam2_checkpoint"):
         fit_sam2(Sources(root="/nowhere"), cfg, tmp_path)
+
+
+@pytest.mark.parametrize("override", ["sam2_fit.box_prob=1.5", "sam2_fit.max_points=0", "sam2_fit.holdout_fraction=1.0"])
+def test_bad_fit_settings_are_named(override):
+    from perceptio_core.config import ConfigError
+
+    with pytest.raises(ConfigError, match="sam2_fit"):
+        load_config("tiny", [override])
