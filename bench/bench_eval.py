@@ -15,7 +15,7 @@ Prints a summary and writes ``bench/results/eval.json``:
   world (real readers) with the real tiny model (``model_samples_per_s``) and with an instant fake
   predictor (``overhead_samples_per_s``: ground-truth decoding, metrics, parsing, depth metrics).
 
-The model is the tiny random one of the tests (tiny InternVL 2 layers / dim 64, tiny SAM2) with a
+The model is the tiny random one of the tests (the default ``TinyVLMConfig``, tiny-128 SAM2) with a
 stand-in depth tokenizer of the real block size (N = 100 codes, K = 128), so the block costs what
 it costs at N = 100. Usage: ``python bench/bench_eval.py [--reps 3] [--max-new-tokens 120] [--device cpu]``.
 """

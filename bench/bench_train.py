@@ -13,8 +13,9 @@ Prints a summary and writes ``bench/results/train.json`` (``--out`` to change):
 
 Shapes (``--shape``):
 
-- ``tiny`` (default; CPU-friendly): the tiny InternVL of the default profile (2 layers, dim 64,
-  64 px tiles), the tiny SAM2, LoRA rank ``model.lora_rank``.
+- ``tiny`` (default; CPU-friendly): the tiny InternVL of the default profile (``TinyVLMConfig``:
+  text 4 layers x 128, vision 2 x 64, 64 px tiles), its SAM2 (``tiny-128``), LoRA rank
+  ``model.lora_rank``.
 - ``internvl2.5-1b``: an InternVL2.5-1B-shaped model with random weights (InternViT-300M: 24 layers,
   dim 1024, 448 px, patch 14; Qwen2.5-0.5B: 24 layers, dim 896, 14 heads / 2 KV heads, MLP 4864,
   vocabulary 151674; 256 image tokens), bf16 base, LoRA rank 256 (paper profile), SAM2.1
