@@ -300,6 +300,39 @@ def point_miou(sam2: SAM2Segmenter, examples: Sequence[MaskExample], batch_size:
     return float(torch.cat(ious).mean()) if ious else float("nan")
 
 
+FIGURE = "figures/prompted_masks.png"
+
+
+@torch.no_grad()
+def prompted_masks_figure(sam2: SAM2Segmenter, examples: Sequence[MaskExample], out: str | os.PathLike[str],
+                          rows: int = 4) -> Path:  # fmt: skip
+    """A PNG grid, one row per example: the image at SAM2's input size with the centre-point prompt
+    (red), the true mask, the mask SAM2 predicts from that point (green overlays)."""
+    from perceptio_core.infer import mask_overlay
+    from perceptio_core.viz import depth_grid
+
+    sam2.eval()
+    s = sam2.image_size
+    cells = []
+    for e in examples[:rows]:
+        m = resize_nearest(e.mask().astype(np.uint8), s, s).astype(bool)
+        if not m.any():
+            continue
+        img = load_image(e.image_path)
+        rgb = np.asarray(img.convert("RGB").resize((s, s), Image.Resampling.BILINEAR))
+        x, y = centre_point(m)
+        low, _ = prompt_masks(sam2, sam2_pixel_values(img, s)[None], torch.tensor([[[x, y]]]),
+                              torch.ones(1, 1, dtype=torch.long))  # fmt: skip
+        pred = (upsample_logits(low, (s, s))[0, 0] > 0).numpy()
+        marked = rgb.copy()
+        marked[max(0, int(y) - 2) : int(y) + 3, max(0, int(x) - 2) : int(x) + 3] = (230, 30, 30)
+        cells.append([marked, mask_overlay(rgb, m), mask_overlay(rgb, pred)])
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    depth_grid(cells, ["image + point prompt", "true mask", "SAM2 mask"], path)
+    return path
+
+
 def fit_sam2(
     sources: Sources,
     cfg: PerceptioConfig,
@@ -311,7 +344,8 @@ def fit_sam2(
 ) -> dict[str, float]:
     """Train the SAM2 of ``cfg.model.sam2_variant`` on the world's object masks (module docstring)
     with ``cfg.sam2_fit``. ``out_dir`` is a durable scratch directory; the result is
-    ``<out_dir>/model/sam2.pt``. Returns the loop's metrics plus ``holdout_point_miou`` /
+    ``<out_dir>/model/sam2.pt``, a picture of held-out prompted masks ``<out_dir>/figures/
+    prompted_masks.png``. Returns the loop's metrics plus ``holdout_point_miou`` /
     ``train_point_miou`` (the fitted model) and ``init_point_miou`` (the same SAM2 untrained), and
     the example counts."""
     c = cfg.sam2_fit
@@ -337,12 +371,15 @@ def fit_sam2(
         holdout_examples=float(len(hold)),
     )
     (Path(out_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    if held or score:
+        prompted_masks_figure(fitted, held or score, Path(out_dir) / FIGURE)
     return metrics
 
 
 __all__ = [
     "CHECKPOINT",
     "MaskDataset",
+    "FIGURE",
     "MaskExample",
     "Sam2FitTask",
     "collate_masks",
@@ -351,6 +388,7 @@ __all__ = [
     "mask_iou",
     "point_miou",
     "prompt_masks",
+    "prompted_masks_figure",
     "sample_prompts",
     "save_sam2_checkpoint",
     "split_examples",

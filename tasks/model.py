@@ -15,6 +15,7 @@ from perceptio_core.internvl import load_internvl, load_tokenizer
 from perceptio_core.prompts import TEMPLATES
 from perceptio_core.records import Sources
 from perceptio_core.sam2_fit import CHECKPOINT, fit_sam2
+from perceptio_core.sam2_fit import FIGURE as SAM2_FIGURE
 from tasks.depth import load_sources
 from tasks.progress import Progress
 from tasks.runner import StageContext, StageOutput, StageSpec
@@ -93,6 +94,9 @@ def sam2(ctx: StageContext) -> StageOutput:
                        parents={n: r.key for n, r in ctx.upstream.items()})  # fmt: skip
     prog.close()
     figures = _publish_training(ctx, out)
+    if (out / SAM2_FIGURE).is_file():
+        ctx.writer.add_file(out / SAM2_FIGURE, SAM2_FIGURE)
+        figures["held-out images: point prompt, true mask, SAM2 mask"] = SAM2_FIGURE
     ctx.log.info(
         "fit_sam2: point-prompt mIoU on held-out images %.3f (untrained %.3f, training images %.3f)",
         metrics["holdout_point_miou"], metrics["init_point_miou"], metrics["train_point_miou"],

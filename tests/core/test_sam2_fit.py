@@ -150,6 +150,10 @@ def test_fit_sam2_on_a_tiny_world_writes_a_loadable_checkpoint_and_scores_it(tin
     # the image encoder trained too (it is frozen only later, in fine-tuning)
     enc = "image_encoder.trunk.patch_embed.proj.weight"
     assert not torch.equal(fitted.state_dict()[enc], untrained.state_dict()[enc])
+    from PIL import Image
+
+    with Image.open(tmp_path / "fit" / "figures" / "prompted_masks.png") as fig:
+        assert fig.width > 200 and fig.height > 100
     again = fit_sam2(sources, cfg, tmp_path / "fit", resume=True)  # resumes at the end: same weights
     assert again["holdout_point_miou"] == pytest.approx(m["holdout_point_miou"])
 
