@@ -22,6 +22,7 @@ resume, loss curves.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from collections.abc import Sequence
@@ -36,10 +37,12 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import Dataset
 
+from perceptio_core.atomic_io import write_bytes_atomic, write_json_atomic
 from perceptio_core.config import PerceptioConfig, to_dict
 from perceptio_core.image_io import holdout_by_digest, load_image
 from perceptio_core.losses import mask_bce_loss, mask_dice_loss
 from perceptio_core.masks import resize_nearest
+from perceptio_core.metrics import mask_iou
 from perceptio_core.records import RefRecord, Sources
 from perceptio_core.refer import ann_to_mask
 from perceptio_core.sam2_decoder import SAM2Segmenter, build_sam2, sam2_config, sam2_pixel_values, upsample_logits
@@ -61,6 +64,11 @@ class MaskExample:
 
     def mask(self) -> np.ndarray:
         return ann_to_mask(self.segmentation, self.height, self.width)
+
+    def mask_at(self, size: int) -> np.ndarray:
+        """The mask resized (nearest) to SAM2's square input, bool [size, size]; may be empty for an
+        object thinner than a resized pixel."""
+        return resize_nearest(self.mask().astype(np.uint8), size, size).astype(bool)
 
 
 def mask_examples(sources: Sources) -> list[MaskExample]:
@@ -139,7 +147,7 @@ class MaskDataset(Dataset):
         e = self.examples[int(i)]
         s = self.image_size
         image: Image.Image = load_image(e.image_path)
-        mask = resize_nearest(e.mask().astype(np.uint8), s, s).astype(bool)
+        mask = e.mask_at(s)
         if not mask.any():  # an object too thin to survive the resize: its own centre pixel
             full = e.mask()
             x, y = centre_point(full)
@@ -185,9 +193,10 @@ def prompt_masks(
     return sam2.run_mask_decoder(features, sparse, dense)
 
 
-def mask_iou(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def batch_mask_iou(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per-row IoU [B] of ``logits > 0`` [B, H, W] against a 0/1 ``target`` [B, H, W] (1 when both
-    are empty)."""
+    are empty), on the tensors' device: the IoU head's training target. Row for row it equals
+    :func:`perceptio_core.metrics.mask_iou`, which scores the fitted model."""
     pred = logits > 0
     gt = target > 0.5
     inter = (pred & gt).flatten(1).sum(1).float()
@@ -254,7 +263,7 @@ class _FitModule(nn.Module):
         logits = upsample_logits(low, tuple(gt.shape[-2:]))[:, 0]
         bce = mask_bce_loss(logits, gt)
         dice = mask_dice_loss(logits, gt)
-        iou = F.mse_loss(iou_pred[:, 0].float(), mask_iou(logits.detach(), gt))
+        iou = F.mse_loss(iou_pred[:, 0].float(), batch_mask_iou(logits.detach(), gt))
         return {"loss": bce + dice + iou, "mask_bce": bce, "mask_dice": dice, "iou_mse": iou}
 
 
@@ -264,10 +273,10 @@ def save_sam2_checkpoint(sam2: SAM2Segmenter, out_dir: str | os.PathLike[str], v
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in sam2.state_dict().items()}
-    tmp = out / f".{CHECKPOINT}.tmp"
-    torch.save({"model": state}, tmp)
-    os.replace(tmp, out / CHECKPOINT)
-    (out / "config.json").write_text(json.dumps({"variant": variant, "config": sam2.config}, indent=2) + "\n")
+    buf = io.BytesIO()
+    torch.save({"model": state}, buf)
+    write_bytes_atomic(out / CHECKPOINT, buf.getvalue())
+    write_json_atomic(out / "config.json", {"variant": variant, "config": sam2.config}, indent=2)
     return out / CHECKPOINT
 
 
@@ -284,20 +293,20 @@ def point_miou(sam2: SAM2Segmenter, examples: Sequence[MaskExample], batch_size:
         chunk = examples[start : start + batch_size]
         px, gts, pts = [], [], []
         for e in chunk:
-            m = resize_nearest(e.mask().astype(np.uint8), s, s).astype(bool)
+            m = e.mask_at(s)
             if not m.any():
                 continue
             px.append(sam2_pixel_values(load_image(e.image_path), s))
-            gts.append(torch.from_numpy(m.astype(np.float32)))
+            gts.append(m)
             pts.append(centre_point(m))
         if not px:
             continue
         points = torch.tensor(pts, dtype=torch.float32)[:, None, :]
         labels = torch.ones(len(pts), 1, dtype=torch.long)
         low, _ = prompt_masks(sam2, torch.stack(px), points, labels)
-        gt = torch.stack(gts)
-        ious.append(mask_iou(upsample_logits(low, (s, s))[:, 0], gt))
-    return float(torch.cat(ious).mean()) if ious else float("nan")
+        pred = (upsample_logits(low, (s, s))[:, 0] > 0).numpy()
+        ious += [mask_iou(p, g) for p, g in zip(pred, gts)]
+    return float(np.mean(ious)) if ious else float("nan")
 
 
 FIGURE = "figures/prompted_masks.png"
@@ -315,7 +324,7 @@ def prompted_masks_figure(sam2: SAM2Segmenter, examples: Sequence[MaskExample], 
     s = sam2.image_size
     cells = []
     for e in examples[:rows]:
-        m = resize_nearest(e.mask().astype(np.uint8), s, s).astype(bool)
+        m = e.mask_at(s)
         if not m.any():
             continue
         img = load_image(e.image_path)
@@ -370,7 +379,7 @@ def fit_sam2(
         train_examples=float(len(train)),
         holdout_examples=float(len(hold)),
     )
-    (Path(out_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    write_json_atomic(Path(out_dir) / "metrics.json", metrics, indent=1, sort_keys=True)  # as the loop
     if held or score:
         prompted_masks_figure(fitted, held or score, Path(out_dir) / FIGURE)
     return metrics
@@ -378,14 +387,14 @@ def fit_sam2(
 
 __all__ = [
     "CHECKPOINT",
-    "MaskDataset",
     "FIGURE",
+    "MaskDataset",
     "MaskExample",
     "Sam2FitTask",
+    "batch_mask_iou",
     "collate_masks",
     "fit_sam2",
     "mask_examples",
-    "mask_iou",
     "point_miou",
     "prompt_masks",
     "prompted_masks_figure",

@@ -14,7 +14,7 @@ from perceptio_core.sam2_fit import (
     centre_point,
     fit_sam2,
     mask_examples,
-    mask_iou,
+    batch_mask_iou,
     prompt_masks,
     sample_prompts,
     save_sam2_checkpoint,
@@ -92,9 +92,13 @@ def test_mask_iou_by_hand():
     gt[0, :2, :2] = 1  # 4 px
     logits = torch.full((2, 4, 4), -1.0)
     logits[0, :2, :3] = 1.0  # 6 px, 4 of them right: IoU 4 / 6
-    iou = mask_iou(logits, gt)
+    iou = batch_mask_iou(logits, gt)
     assert iou[0].item() == pytest.approx(4 / 6)
     assert iou[1].item() == 1.0  # both empty
+    from perceptio_core.metrics import mask_iou  # the evaluation's IoU: the same, row for row
+
+    for row in range(2):
+        assert iou[row].item() == pytest.approx(mask_iou((logits[row] > 0).numpy(), gt[row].numpy()))
 
 
 def test_prompts_steer_the_mask_and_boxes_enter_as_corner_points():
