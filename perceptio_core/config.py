@@ -370,7 +370,8 @@ class Sam2FitConfig(TrainLoopConfig):
     object masks, standing in for Meta's released checkpoint. Unused when ``model.sam2_checkpoint``
     names one."""
 
-    steps: int = 2500  # prompt-following emerges after ~1200 steps (point mIoU 0.03 -> 0.40)
+    steps: int = 2500  # phase 1 (high-res features off): prompt-following emerges after ~1200 steps
+    refine_steps: int = 1000  # phase 2 (high-res features on, from phase 1); 0: phase 1 only
     batch_size: int = 8
     lr: float = 2e-3  # 5e-3 diverges to empty masks
     weight_decay: float = 0.01
@@ -380,6 +381,8 @@ class Sam2FitConfig(TrainLoopConfig):
     eval_examples: int = 200  # examples scored for the point-prompt mIoU (train and holdout)
 
     def __post_init__(self) -> None:
+        if self.refine_steps < 0:
+            raise ConfigError("sam2_fit: refine_steps >= 0")
         if self.max_points < 1 or not 0.0 <= self.box_prob <= 1.0 or not 0.0 <= self.holdout_fraction < 1.0:
             raise ConfigError("sam2_fit: max_points >= 1, box_prob in [0, 1], holdout_fraction in [0, 1)")
 

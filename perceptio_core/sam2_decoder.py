@@ -156,7 +156,7 @@ SAM2_CONFIGS: dict[str, dict[str, Any]] = {
         },
     },
     # The offline default profile: 128 px input (32 x 32 low-resolution masks), 64-d prompts,
-    # 7 Hiera blocks, no high-resolution features; pre-trained by the fit_sam2 stage
+    # 7 Hiera blocks; pre-trained by the fit_sam2 stage
     # (perceptio_core.sam2_fit).
     "tiny-128": {
         "image_size": 128,
@@ -183,11 +183,10 @@ SAM2_CONFIGS: dict[str, dict[str, Any]] = {
             "transformer_heads": 4,
             "iou_head_depth": 3,
             "iou_head_hidden_dim": 64,
-            # off: with the stride-4/8 features added in the upscaling path, a small SAM2 trained
-            # from scratch settles on "every object" masks and never learns to follow its prompt
-            # (measured: identical masks for every point or box on an image after 1500 steps);
-            # without them prompt-following emerges after ~1200 steps (fit_sam2)
-            "use_high_res_features": False,
+            # as the released SAM2: the stride-4/8 features feed the upscaling path. Trained from
+            # scratch with them, a small SAM2 ignores its prompts; fit_sam2 first trains with them
+            # off (zero projections), then on (perceptio_core.sam2_fit)
+            "use_high_res_features": True,
             "iou_prediction_use_sigmoid": True,
             "pred_obj_scores": True,
             "pred_obj_scores_mlp": True,

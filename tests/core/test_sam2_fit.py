@@ -11,6 +11,8 @@ from perceptio_core.records import ImageRecord, RefRecord, Sources
 from perceptio_core.sam2_decoder import build_sam2, load_sam2_checkpoint
 from perceptio_core.sam2_fit import (
     CHECKPOINT,
+    PROMPT_PHASE_DIR,
+    Sam2FitTask,
     centre_point,
     fit_sam2,
     mask_examples,
@@ -138,13 +140,20 @@ def test_checkpoint_is_metas_layout_and_loads_through_the_release_loader(tmp_pat
 def test_fit_sam2_on_a_tiny_world_writes_a_loadable_checkpoint_and_scores_it(tiny_world, tmp_path):
     from perceptio_core.sources import read_sources
 
-    cfg = load_config("smoke", ["run.device=cpu", "sam2_fit.steps=4", "sam2_fit.eval_examples=4",
-                                "sam2_fit.holdout_fraction=0.3"])  # fmt: skip
+    cfg = load_config("smoke", ["run.device=cpu", "sam2_fit.steps=4", "sam2_fit.refine_steps=3",
+                                "sam2_fit.eval_examples=4", "sam2_fit.holdout_fraction=0.3"])  # fmt: skip
     sources = read_sources(tiny_world, cfg.data, cache_dir=tmp_path / "cache")
     m = fit_sam2(sources, cfg, tmp_path / "fit", resume=True)
-    assert m["steps"] == 4 and m["train_examples"] > 0 and m["holdout_examples"] > 0
-    for k in ("holdout_point_miou", "train_point_miou", "init_point_miou"):
+    # two phases (tiny-test reads high-resolution features): 4 prompt steps, then 3 refine steps
+    assert m["prompt_phase_steps"] == 4 and m["steps"] == 3
+    assert m["train_examples"] > 0 and m["holdout_examples"] > 0
+    for k in ("holdout_point_miou", "train_point_miou", "init_point_miou", "prompt_phase_holdout_point_miou"):
         assert 0.0 <= m[k] <= 1.0
+    first = torch.load(str(tmp_path / "fit" / PROMPT_PHASE_DIR / "model" / CHECKPOINT), weights_only=True)["model"]
+    final = torch.load(str(tmp_path / "fit" / "model" / CHECKPOINT), weights_only=True)["model"]
+    for conv in ("conv_s0", "conv_s1"):  # zero (unread) in the first phase, trained in the second
+        assert not first[f"sam_mask_decoder.{conv}.weight"].any()
+        assert final[f"sam_mask_decoder.{conv}.weight"].abs().sum() > 0
     for t in ("mask_bce", "mask_dice", "iou_mse"):
         assert np.isfinite(m[f"{t}_first"]) and np.isfinite(m[f"{t}_last"])
     fitted = build_sam2("tiny-test", tmp_path / "fit" / "model" / CHECKPOINT)
@@ -162,13 +171,50 @@ def test_fit_sam2_on_a_tiny_world_writes_a_loadable_checkpoint_and_scores_it(tin
     assert again["holdout_point_miou"] == pytest.approx(m["holdout_point_miou"])
 
 
+def test_prompt_phase_switches_the_high_res_path_off_without_changing_what_the_variant_predicts():
+    cfg = load_config("smoke", ["run.device=cpu"])
+    fit = Sam2FitTask([], cfg, "prompt").build_model()
+    dec = fit.sam2.sam_mask_decoder
+    assert not fit.sam2.uses_high_res
+    for conv in (dec.conv_s0, dec.conv_s1):
+        assert not conv.weight.any() and not conv.bias.any() and not conv.weight.requires_grad
+    assert dec.mask_tokens.weight.requires_grad and fit.sam2.image_encoder.trunk.patch_embed.proj.weight.requires_grad
+    # the same weights read as the variant (high-res path on, zero projections): the same masks
+    as_variant = build_sam2("tiny-test", seed=None, freeze_image_encoder=False)
+    as_variant.load_state_dict(fit.sam2.state_dict())
+    assert as_variant.uses_high_res
+    x = torch.randn(2, 3, 64, 64)
+    pts, labels = torch.tensor([[[5.0, 9.0]], [[40.0, 30.0]]]), torch.ones(2, 1, dtype=torch.long)
+    fit.eval(), as_variant.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(prompt_masks(fit.sam2, x, pts, labels)[0], prompt_masks(as_variant, x, pts, labels)[0],
+                                   rtol=0, atol=1e-5)  # fmt: skip
+    with pytest.raises(ValueError, match="refine"):
+        Sam2FitTask([], cfg, "refine")  # the refine phase starts from the first phase's checkpoint
+    refine = Sam2FitTask([], cfg, "refine", init="x.pt")
+    assert refine.fingerprint()["phase"] == "refine" != Sam2FitTask([], cfg).fingerprint()["phase"]
+
+
+def test_one_phase_when_refine_steps_is_zero(tiny_world, tmp_path):
+    from perceptio_core.sources import read_sources
+
+    cfg = load_config("smoke", ["run.device=cpu", "sam2_fit.steps=2", "sam2_fit.refine_steps=0",
+                                "sam2_fit.eval_examples=2", "sam2_fit.holdout_fraction=0.3"])  # fmt: skip
+    sources = read_sources(tiny_world, cfg.data, cache_dir=tmp_path / "cache")
+    m = fit_sam2(sources, cfg, tmp_path / "fit", resume=True)
+    assert m["steps"] == 2 and "prompt_phase_steps" not in m
+    assert not (tmp_path / "fit" / PROMPT_PHASE_DIR).exists()
+    final = torch.load(str(tmp_path / "fit" / "model" / CHECKPOINT), weights_only=True)["model"]
+    assert not final["sam_mask_decoder.conv_s0.weight"].any()  # never read, never trained
+
+
 def test_fit_sam2_without_training_masks_names_the_way_out(tmp_path):
     cfg = load_config("smoke", ["run.device=cpu"])
     with pytest.raises(RuntimeError, match="model.sam2_checkpoint"):
         fit_sam2(Sources(root="/nowhere"), cfg, tmp_path)
 
 
-@pytest.mark.parametrize("override", ["sam2_fit.box_prob=1.5", "sam2_fit.max_points=0", "sam2_fit.holdout_fraction=1.0"])
+@pytest.mark.parametrize("override", ["sam2_fit.refine_steps=-1", "sam2_fit.box_prob=1.5", "sam2_fit.max_points=0", "sam2_fit.holdout_fraction=1.0"])
 def test_bad_fit_settings_are_named(override):
     from perceptio_core.config import ConfigError
 
