@@ -8,8 +8,13 @@ loads it through :func:`perceptio_core.internvl.load_internvl` / ``load_tokenize
 would load a released InternVL2.5 "-hf" directory.
 
 Examples are ``(image path, prompt, answer)`` triples given by the caller:
-captions (COCO captions JSON: prompt "Describe the image briefly.", answer the caption) and VQA
-(prompt = question + lettered options, answer = the letter). Prompts are encoded exactly as
+captions (COCO captions JSON: prompt "Describe the image briefly.", answer the caption), VQA
+(prompt = question + lettered options, answer = the letter) and, with ``base.grounding``, region
+descriptions (:func:`grounding_examples`: "Describe <expression> in one sentence." -> "A small red
+ball on the left side of the image."), as InternVL2.5 is pre-trained on grounding data. Without
+them the stand-in base never learns which object an expression names: its vision tower (frozen in
+fine-tuning, SPEC §4) sees captions only, and the fine-tuned model's [SEG] masks cover several
+objects. Prompts are encoded exactly as
 fine-tuning and generation encode them (:func:`perceptio_core.batching.encode_prompt`).
 """
 
@@ -37,10 +42,43 @@ from perceptio_core.internvl import (
     train_tokenizer,
     vision_image_size,
 )
+from perceptio_core.describe import describe_object, position_phrase
 from perceptio_core.losses import IGNORE, llm_loss, shift_for_next_token
+from perceptio_core.masks import mask_centroid
+from perceptio_core.records import Sources
+from perceptio_core.refer import MaskError, ann_to_mask
 from perceptio_core.trainer import ProgressFn, TrainTask, run_training
 
 TOKENIZER_DIR = "tokenizer"
+GROUNDING_PROMPT = "Describe {expr} in one sentence."
+
+
+def grounding_examples(sources: Sources) -> list[tuple[str, str, str]]:
+    """``(image path, prompt, answer)`` per distinct (object, expression) of the REFER trees'
+    TRAIN splits, on images no dataset evaluates on (an image in any val/test split is left out
+    whole): prompt :data:`GROUNDING_PROMPT`, answer the object's one-sentence description
+    (category, attributes, position by thirds; no distance: the base has no teacher), the same
+    sentence fine-tuning answers with. Objects whose mask cannot be decoded or is empty are
+    skipped (curation reports them). Sorted by (image, annotation, sentence)."""
+    eval_images = {r.image_id for r in sources.refs if r.split != "train"}
+    seen: dict[tuple[int, int, str], tuple[str, str, str]] = {}
+    for r in sources.refs:
+        img = sources.coco_images.get(r.image_id)
+        if r.split != "train" or r.image_id in eval_images or r.iscrowd or img is None:
+            continue
+        expr = " ".join(r.sentence.strip().rstrip(".!?;,").split())
+        key = (r.image_id, r.ann_id, expr.lower())
+        if not expr or key in seen:
+            continue
+        try:
+            centre = mask_centroid(ann_to_mask(r.segmentation, img.height, img.width).astype(bool))
+        except MaskError:
+            continue
+        if centre is None:
+            continue
+        answer = describe_object(r.category, r.attributes, position_phrase(*centre, img.width, img.height), None)
+        seen[key] = (img.path, GROUNDING_PROMPT.format(expr=expr), answer)
+    return [seen[k] for k in sorted(seen)]
 
 
 def normalize_examples(examples: Iterable[Sequence[Any]]) -> list[tuple[str, str, str]]:
@@ -215,4 +253,13 @@ def fit_base(
     )  # fmt: skip
 
 
-__all__ = ["BaseFitTask", "ExampleDataset", "LMCollator", "fit_base", "lm_loss", "normalize_examples"]
+__all__ = [
+    "GROUNDING_PROMPT",
+    "BaseFitTask",
+    "ExampleDataset",
+    "LMCollator",
+    "fit_base",
+    "grounding_examples",
+    "lm_loss",
+    "normalize_examples",
+]
