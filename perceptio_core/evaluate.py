@@ -71,7 +71,7 @@ from perceptio_core.depth_metrics import MAP_EPS, map_metrics, pair_order_accura
 from perceptio_core.image_io import ImageError, file_digest, load_image
 from perceptio_core.metrics import IoUAccumulator, resize_mask
 from perceptio_core.perception_format import ParseStatus, parse_generation
-from perceptio_core.prompts import render_prompt
+from perceptio_core.prompts import format_mc_prompt, render_prompt
 from perceptio_core.records import HardBlinkRecord, ImageRecord, RefRecord, Sources, VqaRecord
 from perceptio_core.refer import ann_to_mask
 
@@ -104,22 +104,6 @@ def hardblink_prompt(question: str) -> str:
     """The HardBLINK prompt: the canonical ``depth_cot`` training template around the record's
     question (the depth chain-of-thought samples are trained the same way)."""
     return render_prompt("depth_cot", variant=0, question=question.strip())
-
-
-def format_mc_prompt(question: str, options: Mapping[str, str], hint: str = "") -> str:
-    """A multiple-choice prompt, MMBench-style as LLaVA evaluates it: the hint (when there is one)
-    on the line before the question, then one ``"A. text"`` line per option in letter order (as
-    :func:`perceptio_core.vqa.options_text`), then the ``vqa_mc`` template's instruction.
-
-    ``format_mc_prompt("What is it?", {"A": "cat", "B": "dog"})`` ->
-    ``"What is it?\\nA. cat\\nB. dog\\nAnswer with the option's letter from the given choices directly."``
-    Training prompts for VQA (base fit, fine-tuning) must be built with this same function.
-    """
-    q = question.strip()
-    if hint and hint.strip():
-        q = f"{hint.strip()}\n{q}"
-    opts = "\n".join(f"{k}. {str(v).strip()}" for k, v in sorted(options.items()))
-    return render_prompt("vqa_mc", variant=0, question=q, options=opts)
 
 
 def vqa_prompt(record: VqaRecord) -> str:

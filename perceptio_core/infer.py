@@ -33,6 +33,7 @@ from PIL import Image
 
 from perceptio_core.image_io import load_image
 from perceptio_core.prompts import render_prompt
+from perceptio_core.viz import mask_overlay
 
 MODEL_FORMAT = "perceptio-model"
 
@@ -107,15 +108,6 @@ def colorize_depth(depth_map: np.ndarray, size: tuple[int, int] | None = None, c
     norm = np.where(finite, np.clip(norm, 0.0, 1.0), 0.0)
     rgba = colormaps[cmap](norm)  # [H, W, 4] float
     return (rgba[..., :3] * 255).round().astype(np.uint8)
-
-
-def mask_overlay(image: np.ndarray, mask: np.ndarray, color: tuple[int, int, int] = (40, 220, 60),
-                 alpha: float = 0.5) -> np.ndarray:
-    """[H, W, 3] uint8 image with ``mask`` [H, W] blended in ``color``."""
-    out = image.astype(np.float32).copy()
-    m = np.asarray(mask, dtype=bool)
-    out[m] = (1 - alpha) * out[m] + alpha * np.asarray(color, dtype=np.float32)
-    return out.round().astype(np.uint8)
 
 
 def infer(

@@ -11,6 +11,7 @@ Fields per task: ``refer_seg`` {expr}, ``semantic_seg`` {category}, ``depth_cot`
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 
 # SPEC §6: the HardBLINK question, verbatim.
 HARDBLINK_QUESTION = (
@@ -76,3 +77,19 @@ def render_prompt(task: str, key: str | None = None, variant: int | None = None,
         variant = template_index(task, key) if key is not None else 0
     template = TEMPLATES[task][variant % len(TEMPLATES[task])]
     return template.format(**fields).strip()
+
+
+def format_mc_prompt(question: str, options: Mapping[str, str], hint: str = "") -> str:
+    """A multiple-choice prompt, MMBench-style as LLaVA evaluates it: the hint (when there is one)
+    on the line before the question, then one ``"A. text"`` line per option in letter order (as
+    :func:`perceptio_core.vqa.options_text`), then the ``vqa_mc`` template's instruction.
+
+    ``format_mc_prompt("What is it?", {"A": "cat", "B": "dog"})`` ->
+    ``"What is it?\\nA. cat\\nB. dog\\nAnswer with the option's letter from the given choices directly."``
+    Training prompts for VQA (base fit, fine-tuning) must be built with this same function.
+    """
+    q = question.strip()
+    if hint and hint.strip():
+        q = f"{hint.strip()}\n{q}"
+    opts = "\n".join(f"{k}. {str(v).strip()}" for k, v in sorted(options.items()))
+    return render_prompt("vqa_mc", variant=0, question=q, options=opts)

@@ -352,8 +352,7 @@ def prompted_masks_figure(sam2: SAM2Segmenter, examples: Sequence[MaskExample], 
                           rows: int = 4) -> Path:  # fmt: skip
     """A PNG grid, one row per example: the image at SAM2's input size with the centre-point prompt
     (red), the true mask, the mask SAM2 predicts from that point (green overlays)."""
-    from perceptio_core.infer import mask_overlay
-    from perceptio_core.viz import depth_grid
+    from perceptio_core.viz import depth_grid, mask_overlay
 
     sam2.eval()
     s = sam2.image_size

@@ -187,3 +187,12 @@ def loss_curves(
         axes[1].legend(fontsize=7)
     fig.tight_layout()
     _save(fig, out, dpi)
+
+
+def mask_overlay(image: np.ndarray, mask: np.ndarray, color: tuple[int, int, int] = (40, 220, 60),
+                 alpha: float = 0.5) -> np.ndarray:
+    """[H, W, 3] uint8 image with ``mask`` [H, W] blended in ``color``."""
+    out = image.astype(np.float32).copy()
+    m = np.asarray(mask, dtype=bool)
+    out[m] = (1 - alpha) * out[m] + alpha * np.asarray(color, dtype=np.float32)
+    return out.round().astype(np.uint8)

@@ -9,7 +9,7 @@ from perceptio_core.curate import curate as curate_samples
 from perceptio_core.records import QuarantineEntry
 from perceptio_core.depth_maps import DepthMaps
 from perceptio_core.shards import verify_read_back
-from tasks.depth import load_sources, read_tokens
+from tasks.common import load_sources, read_tokens
 from tasks.runner import StageContext, StageOutput, StageSpec
 
 
@@ -52,9 +52,6 @@ SPEC = StageSpec(
     name="curate",
     upstream=("sources", "teacher_depth", "tokenize_depth"),
     sections=("curate", "data.llava_json", "data.glamm_json"),
-    code=("tasks.curate", "perceptio_core.curate", "perceptio_core.sample", "perceptio_core.shards",
-          "perceptio_core.perception_format", "perceptio_core.prompts", "perceptio_core.describe",
-          "perceptio_core.filters", "perceptio_core.masks", "perceptio_core.render"),
     body=curate,
     description="joint perception samples (RefCOCO/+/g, ADE20k, depth CoT) as WebDataset shards",
 )

@@ -10,6 +10,8 @@ folder survives a kill, so a long stage resumes from the files it already finish
 
 from __future__ import annotations
 
+import ast
+
 import logging
 import os
 import platform
@@ -101,6 +103,53 @@ class StageContext:
         return self.store.manifest(ref.stage, ref.key)
 
 
+# Project modules left out of every stage's code version: the config schema (a stage is keyed on the
+# values of the config sections it reads, so an edit to another stage's settings does not re-run
+# it), the progress reporting (how a stage logs, not what it computes) and the package inits (lazy
+# re-exports only).
+UNVERSIONED = frozenset({"perceptio_core", "perceptio_core.config", "tasks", "tasks.progress"})
+PROJECT_PACKAGES = ("perceptio_core", "tasks")
+
+
+def _module_file(module: str) -> Path | None:
+    """The source file of a project module (``pkg/mod.py`` or ``pkg/mod/__init__.py``), or None."""
+    base = REPO_ROOT / module.replace(".", "/")
+    for p in (base.with_suffix(".py"), base / "__init__.py"):
+        if p.is_file():
+            return p
+    return None
+
+
+def _direct_project_imports(module: str) -> set[str]:
+    """Project modules named by ``module``'s import statements (``from pkg import mod`` counts as
+    ``pkg.mod`` when that is a module)."""
+    path = _module_file(module)
+    if path is None:
+        return set()
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        else:
+            continue
+        out |= {n for n in names if n.split(".")[0] in PROJECT_PACKAGES and _module_file(n) is not None}
+    return out
+
+
+def project_imports_closure(roots: list[str]) -> set[str]:
+    """``roots`` and every project module they import, transitively."""
+    seen: set[str] = set()
+    todo = list(roots)
+    while todo:
+        mod = todo.pop()
+        if mod not in seen:
+            seen.add(mod)
+            todo.extend(_direct_project_imports(mod) - seen)
+    return seen
+
+
 @dataclass(frozen=True)
 class StageSpec:
     """A stage: its name, inputs, the config and code that make its key, and its body."""
@@ -108,7 +157,6 @@ class StageSpec:
     name: str
     upstream: tuple[str, ...]
     sections: tuple[str, ...]  # dotted config sections the stage reads ("teacher", "vqvae", ...)
-    code: tuple[str, ...]  # modules whose source makes the code version ("perceptio_core.vqvae")
     body: Callable[[StageContext], StageOutput]
     description: str = ""
     # extra key material computed from the config (e.g. a digest of the input data's files)
@@ -118,18 +166,25 @@ class StageSpec:
     # whether the stage is part of the DAG under this config (e.g. fit_teacher only without a
     # released teacher checkpoint); a disabled stage is no one's upstream
     enabled: Callable[[PerceptioConfig], bool] | None = None
+    # modules the body's imports do not reach but whose source should version the stage too
+    code: tuple[str, ...] = ()
 
     def is_enabled(self, cfg: PerceptioConfig) -> bool:
         return self.enabled is None or self.enabled(cfg)
 
+    def code_modules(self) -> list[str]:
+        """The modules whose source makes the stage's code version: the body's module and every
+        project module (``perceptio_core.*``, ``tasks.*``) it imports, directly or not (read from
+        the source, imports inside functions included), plus ``code`` and ``tasks.runner``; less
+        :data:`UNVERSIONED` (the config's values are keyed through ``sections`` instead)."""
+        for mod in self.code:
+            if _module_file(mod) is None:
+                raise FileNotFoundError(f"stage {self.name}: code module {mod} not found under {REPO_ROOT}")
+        found = project_imports_closure([self.body.__module__, *self.code])
+        return sorted((found - UNVERSIONED) | {"tasks.runner"})
+
     def code_files(self) -> list[Path]:
-        files = []
-        for mod in self.code + ("tasks.runner",):
-            p = REPO_ROOT / (mod.replace(".", "/") + ".py")
-            if not p.exists():
-                raise FileNotFoundError(f"stage {self.name}: code module {mod} not found at {p}")
-            files.append(p)
-        return files
+        return [p for m in self.code_modules() if (p := _module_file(m)) is not None]
 
     def config_view(self, cfg: PerceptioConfig) -> dict[str, Any]:
         return {s: to_dict(cfg.section(s)) for s in self.sections}

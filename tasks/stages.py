@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-from tasks import curate, depth, model, sources
+from tasks import base, codebook, curate, evaluate, finetune, sam2, sources, teacher
 from tasks.runner import StageSpec
 
 STAGES: list[StageSpec] = [
     sources.SPEC,
-    depth.FIT_TEACHER,
-    depth.TEACHER_DEPTH,
-    depth.TRAIN_VQVAE,
-    depth.TOKENIZE_DEPTH,
+    teacher.FIT_TEACHER,
+    teacher.TEACHER_DEPTH,
+    codebook.TRAIN_VQVAE,
+    codebook.TOKENIZE_DEPTH,
     curate.SPEC,
-    model.BASE,
-    model.FIT_SAM2,
-    model.FINETUNE,
-    model.EVALUATE,
+    base.BASE,
+    sam2.FIT_SAM2,
+    finetune.FINETUNE,
+    evaluate.EVALUATE,
 ]
 BY_NAME: dict[str, StageSpec] = {s.name: s for s in STAGES}
 

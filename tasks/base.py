@@ -1,0 +1,68 @@
+"""Stage ``base`` (offline default): the tiny InternVL fitted on the world's captions, VQA and
+region descriptions, standing in for InternVL2.5."""
+
+from __future__ import annotations
+
+from perceptio_core.base_fit import fit_base, grounding_examples
+from perceptio_core.config import PerceptioConfig
+from perceptio_core.prompts import TEMPLATES, format_mc_prompt
+from perceptio_core.records import Sources
+from tasks.common import load_sources, publish_training, scratch_dir
+from tasks.progress import Progress
+from tasks.runner import StageContext, StageOutput, StageSpec
+
+CAPTION_PROMPT = "Describe the image briefly."
+
+
+def base_examples(sources: Sources, grounding: bool = True) -> tuple[list[tuple[str, str, str]], list[str]]:
+    """(image, prompt, answer) triples of the base fit: the world's captions, its TRAIN-split
+    multiple-choice VQA (evaluation splits are never trained on) and, with ``grounding``, the
+    descriptions of the training-split referred objects (:func:`grounding_examples`); plus the
+    texts the tokenizer is trained on (every prompt template and referring expression, so
+    fine-tuning text is covered)."""
+    examples = []
+    for image_id, caption in sources.captions:
+        img = sources.coco_images.get(image_id)
+        if img is not None:
+            examples.append((img.path, CAPTION_PROMPT, caption))
+    for q in sources.vqa:
+        if q.split == "train":
+            examples.append((q.image_path, format_mc_prompt(q.question, q.options, q.hint), q.answer))
+    if grounding:
+        examples += grounding_examples(sources)
+    texts = [t for ts in TEMPLATES.values() for t in ts]
+    texts += sorted({r.sentence for r in sources.refs})
+    texts += sorted({h.question for h in sources.hardblink})
+    texts += sorted(sources.ade_classes.values()) if sources.ade_classes else []
+    return examples, texts
+
+
+def base(ctx: StageContext) -> StageOutput:
+    sources = load_sources(ctx)
+    examples, texts = base_examples(sources, ctx.cfg.base.grounding)
+    if not examples:
+        raise RuntimeError("base: the sources have no captions or train-split VQA to fit a base on")
+    out = scratch_dir(ctx)
+    prog = Progress("fit base", ctx.log)
+    metrics = fit_base(
+        examples, ctx.cfg, out, resume=True, progress=prog, tokenizer_texts=texts,
+        parents={n: r.key for n, r in ctx.upstream.items()},
+    )
+    prog.close()
+    figures = publish_training(ctx, out)
+    metrics = {**metrics, "examples": len(examples)}
+    return StageOutput(metrics=metrics, figures=figures)
+
+
+def _base_enabled(cfg: PerceptioConfig) -> bool:
+    return not cfg.model.base
+
+
+BASE = StageSpec(
+    name="base",
+    upstream=("sources",),
+    sections=("model.tiny", "base"),
+    body=base,
+    description="the tiny InternVL base fitted on the world's captions, VQA and region descriptions (offline default)",
+    enabled=_base_enabled,
+)

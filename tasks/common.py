@@ -1,0 +1,48 @@
+"""Helpers the stage bodies share: reading upstream artifacts, a training stage's scratch folder
+and publishing what a training run wrote. Every stage whose body imports this module has it in its
+code version (:meth:`tasks.runner.StageSpec.code_files`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from perceptio_core.records import Sources
+from tasks.runner import StageContext
+
+
+def load_sources(ctx: StageContext) -> Sources:
+    """The ``sources`` artifact of ``ctx``'s upstream."""
+    with open(ctx.upstream_dir("sources") / "sources.json") as f:
+        return Sources.from_json(f.read())
+
+
+def read_tokens(folder: str | Path) -> dict[str, np.ndarray]:
+    """The tokenize_depth artifact as {image digest: [N] int array}."""
+    folder = Path(folder)
+    digests = json.loads((folder / "digests.json").read_text())
+    tokens = np.load(folder / "tokens.npy")
+    return dict(zip(digests, tokens))
+
+
+def scratch_dir(ctx: StageContext) -> Path:
+    """A durable local folder for a training stage's checkpoints: a rerun resumes from it."""
+    p = ctx.run.workdir / "cache" / f"{ctx.spec.name}-{ctx.key}"
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def publish_training(ctx: StageContext, out: Path) -> dict[str, str]:
+    """Copy a training run's final model, history and loss curves into the artifact."""
+    ctx.writer.add_tree(out / "model", "model")
+    for name in ("history.jsonl", "metrics.json"):
+        if (out / name).exists():
+            ctx.writer.add_file(out / name, name)
+    figures = {}
+    if (out / "plots").is_dir():
+        for p in sorted((out / "plots").glob("*.png")):
+            ctx.writer.add_file(p, f"plots/{p.name}")
+            figures[f"loss curve: {p.stem.removeprefix('loss_')}"] = f"plots/{p.name}"
+    return figures

@@ -1,0 +1,52 @@
+"""Stage ``evaluate`` (SPEC §6): the benchmarks, the base comparison and the report."""
+
+from __future__ import annotations
+
+import shutil
+
+from perceptio_core.depth_maps import DepthMaps
+from perceptio_core.evaluate import make_predictors, run_evaluation, write_report
+from perceptio_core.infer import load_model
+from perceptio_core.internvl import load_internvl, load_tokenizer
+from tasks.common import load_sources
+from tasks.progress import Progress
+from tasks.runner import StageContext, StageOutput, StageSpec
+
+
+def evaluate(ctx: StageContext) -> StageOutput:
+    cfg = ctx.cfg
+    sources = load_sources(ctx)
+    device = cfg.run.device if cfg.run.device != "auto" else "cpu"
+    model = load_model(ctx.upstream_dir("finetune") / "model", device=device)
+    base_model = base_tok = None
+    if cfg.evaluate.compare_base:
+        base_dir = ctx.upstream_dir("base") / "model" if "base" in ctx.upstream else cfg.model.base
+        base_model = load_internvl(str(base_dir))
+        base_tok = load_tokenizer(str(base_dir) if cfg.model.tokenizer is None else cfg.model.tokenizer)
+    preds = make_predictors(model, cfg.evaluate, base_model=base_model, base_tokenizer=base_tok)
+    prog = Progress("evaluate", ctx.log)
+    ev = run_evaluation(
+        sources=sources, cfg=cfg.evaluate, **preds,
+        teacher_maps=DepthMaps(ctx.upstream_dir("teacher_depth")),
+        num_tokens=model.num_depth_tokens, codebook_size=model.codebook_size, progress=prog,
+    )
+    prog.close()
+    report_dir = ctx.run.workdir / "cache" / f"evaluate-{ctx.key}"
+    shutil.rmtree(report_dir, ignore_errors=True)
+    write_report(ev, report_dir)
+    ctx.writer.add_tree(report_dir, "report")
+    ctx.writer.write_json("metrics.json", ev.metrics)
+    figures = {
+        f"sample: {p.stem}": f"report/{p.relative_to(report_dir).as_posix()}"
+        for p in sorted(report_dir.rglob("*.png"))[:8]
+    }
+    return StageOutput(metrics=dict(ev.metrics), figures=figures)
+
+
+EVALUATE = StageSpec(
+    name="evaluate",
+    upstream=("sources", "teacher_depth", "finetune", "base"),
+    sections=("evaluate",),
+    body=evaluate,
+    description="RefCOCO/+/g cIoU & gIoU, HardBLINK 3/4/5, MC VQA, perception-block and depth quality",
+)

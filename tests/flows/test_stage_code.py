@@ -1,0 +1,36 @@
+"""What versions a stage's code: its body's module and every project module it reaches by import."""
+
+from __future__ import annotations
+
+from tasks.runner import UNVERSIONED, project_imports_closure
+from tasks.stages import BY_NAME, STAGES
+
+
+def test_every_stage_is_versioned_by_its_own_module_and_what_it_imports():
+    for spec in STAGES:
+        mods = set(spec.code_modules())
+        assert spec.body.__module__ in mods and "tasks.runner" in mods, spec.name
+        assert not mods & UNVERSIONED, spec.name
+        assert all(p.is_file() for p in spec.code_files())
+    # reached only through perceptio_core.base_fit: an edit to the descriptions re-runs the base fit
+    assert {"perceptio_core.base_fit", "perceptio_core.describe", "perceptio_core.refer"} <= set(BY_NAME["base"].code_modules())
+    # imported inside a function (the figure helper): still part of fit_sam2's version
+    assert "perceptio_core.viz" in BY_NAME["fit_sam2"].code_modules()
+
+
+def test_a_stage_is_not_versioned_by_another_stages_body():
+    bodies = {s.body.__module__ for s in STAGES}
+    for spec in STAGES:
+        assert set(spec.code_modules()) & bodies == {spec.body.__module__} | (
+            {"tasks.runner"} & bodies), spec.name  # fmt: skip
+    # editing the base fit or generation leaves the SAM2 fit cached
+    sam2 = set(BY_NAME["fit_sam2"].code_modules())
+    assert not sam2 & {"perceptio_core.base_fit", "perceptio_core.generation", "perceptio_core.evaluate"}
+    teacher = set(BY_NAME["fit_teacher"].code_modules())
+    assert not teacher & {"perceptio_core.vqvae", "tasks.codebook"}
+
+
+def test_closure_follows_imports_transitively():
+    found = project_imports_closure(["tasks.curate"])
+    assert {"tasks.common", "perceptio_core.curate", "perceptio_core.shards", "perceptio_core.records"} <= found
+    assert not any(m.startswith(("storage", "torch", "numpy")) for m in found)
