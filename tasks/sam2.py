@@ -23,8 +23,10 @@ def sam2(ctx: StageContext) -> StageOutput:
         ctx.writer.add_file(out / SAM2_FIGURE, SAM2_FIGURE)
         figures["held-out images: point prompt, true mask, SAM2 mask"] = SAM2_FIGURE
     ctx.log.info(
-        "fit_sam2: point-prompt mIoU on held-out images %.3f (untrained %.3f, training images %.3f)",
+        "fit_sam2: point-prompt mIoU on held-out images %.3f (untrained %.3f, training images %.3f%s)",
         metrics["holdout_point_miou"], metrics["init_point_miou"], metrics["train_point_miou"],
+        f"; held-out after the prompt phase {metrics['prompt_phase_holdout_point_miou']:.3f}"
+        if "prompt_phase_holdout_point_miou" in metrics else "",
     )
     return StageOutput(metrics=metrics, figures=figures)
 
