@@ -175,7 +175,9 @@ def test_sam2_pixel_values():
 
 def test_offline_default_variant_shapes():
     m = build_sam2("tiny-128", seed=0)
-    assert m.image_size == 128 and m.embed_dim == 64 and not m.uses_high_res
+    assert m.image_size == 128 and m.embed_dim == 64 and m.uses_high_res  # as the released SAM2
+    feats = m.encode_image(torch.zeros(1, 3, 128, 128))
+    assert [tuple(h.shape[-2:]) for h in feats.high_res] == [(32, 32), (16, 16)]  # strides 4 and 8
     out = m(torch.zeros(2, 3, 128, 128), torch.zeros(2, 1, 64), output_size=(96, 128))
     assert out.shape == (2, 1, 96, 128)
     assert m.decode_masks(m.encode_image(torch.zeros(1, 3, 128, 128)), torch.zeros(1, 1, 64)).shape == (1, 1, 32, 32)
