@@ -45,6 +45,7 @@ from perceptio_core.internvl import (
 from perceptio_core.describe import describe_object, position_phrase
 from perceptio_core.losses import IGNORE, llm_loss, shift_for_next_token
 from perceptio_core.masks import mask_centroid
+from perceptio_core.prompts import clean_expression
 from perceptio_core.records import Sources
 from perceptio_core.refer import MaskError, ann_to_mask
 from perceptio_core.trainer import ProgressFn, TrainTask, run_training
@@ -60,20 +61,23 @@ def grounding_examples(sources: Sources) -> list[tuple[str, str, str]]:
     (category, attributes, position by thirds; no distance: the base has no teacher), the same
     sentence fine-tuning answers with. Objects whose mask cannot be decoded or is empty are
     skipped (curation reports them). Sorted by (image, annotation, sentence)."""
-    eval_images = {r.image_id for r in sources.refs if r.split != "train"}
+    eval_images = sources.eval_image_ids()
+    centres: dict[int, tuple[float, float] | None] = {}  # ann_id -> mask centroid (one decode per object)
     seen: dict[tuple[int, int, str], tuple[str, str, str]] = {}
     for r in sources.refs:
         img = sources.coco_images.get(r.image_id)
         if r.split != "train" or r.image_id in eval_images or r.iscrowd or img is None:
             continue
-        expr = " ".join(r.sentence.strip().rstrip(".!?;,").split())
+        expr = clean_expression(r.sentence)
         key = (r.image_id, r.ann_id, expr.lower())
         if not expr or key in seen:
             continue
-        try:
-            centre = mask_centroid(ann_to_mask(r.segmentation, img.height, img.width).astype(bool))
-        except MaskError:
-            continue
+        if r.ann_id not in centres:
+            try:
+                centres[r.ann_id] = mask_centroid(ann_to_mask(r.segmentation, img.height, img.width).astype(bool))
+            except MaskError:
+                centres[r.ann_id] = None
+        centre = centres[r.ann_id]
         if centre is None:
             continue
         answer = describe_object(r.category, r.attributes, position_phrase(*centre, img.width, img.height), None)

@@ -76,7 +76,7 @@ from perceptio_core.filters import (
 )
 from perceptio_core.masks import decode_mask, encode_mask, mask_centroid, to_compressed, union_rles
 from perceptio_core.perception_format import format_target
-from perceptio_core.prompts import HARDBLINK_QUESTION, render_prompt
+from perceptio_core.prompts import HARDBLINK_QUESTION, clean_expression, render_prompt
 from perceptio_core.refer import MaskError, ann_to_mask
 from perceptio_core.records import (
     REASON_MALFORMED,
@@ -86,6 +86,7 @@ from perceptio_core.records import (
     QuarantineEntry,
     RefRecord,
     Sources,
+    normalise_split,
 )
 from perceptio_core.render import MarkerStyle, draw_markers
 from perceptio_core.sample import Sample, make_key, sha256_bytes
@@ -101,13 +102,7 @@ REASON_NO_CONVERSATION = "no human/gpt turn"
 REASON_NO_GROUNDINGS = "no groundings"
 REASON_BAD_RECORD = REASON_MALFORMED
 
-SPLIT_NAMES = {"training": "train", "validation": "val"}
 LETTERS = "ABCDEFGH"
-
-
-def normalise_split(split: str) -> str:
-    """Dataset split names to ours: ADE20k's "training"/"validation" -> "train"/"val"."""
-    return SPLIT_NAMES.get(split, split)
 
 
 @dataclass
@@ -199,10 +194,6 @@ def _image_size(data: bytes) -> tuple[int, int]:
         return im.size  # (w, h)
 
 
-def _clean_expr(sentence: str) -> str:
-    return " ".join(sentence.strip().rstrip(".!?;,").split())
-
-
 # ------------------------------------------------------------------------------------------
 # 1. RefCOCO / RefCOCO+ / RefCOCOg
 # ------------------------------------------------------------------------------------------
@@ -289,7 +280,7 @@ def _ref_samples(
             key = make_key(r.dataset, r.split_by, split, f"r{r.ref_id}", f"s{r.sent_id}")
             sample = Sample(
                 key=key, source=r.dataset, split=split, task="refer_seg", image_digest=digest,
-                image=data, prompt=render_prompt("refer_seg", key, expr=_clean_expr(r.sentence)),
+                image=data, prompt=render_prompt("refer_seg", key, expr=clean_expression(r.sentence)),
                 target=format_target(True, tokens, answer), answer=answer, mask_rle=rle,
                 depth_tokens=tokens, upstream=dict(upstream),
                 meta={
@@ -610,11 +601,6 @@ def _glamm_samples(
 # ------------------------------------------------------------------------------------------
 
 
-def eval_image_ids(sources: Sources) -> set[int]:
-    """COCO image ids used by any refer split other than train (val, testA, testB, test)."""
-    return {r.image_id for r in sources.refs if normalise_split(r.split) != "train"}
-
-
 def iter_samples(
     sources: Sources,
     depth_tokens: Mapping[str, np.ndarray],
@@ -638,7 +624,7 @@ def iter_samples(
     glamm_json: optional instruction / grounded-conversation JSON files.
     """
     tasks = set(cfg.tasks)
-    eval_images = eval_image_ids(sources)
+    eval_images = sources.eval_image_ids()
     if "refer_seg" in tasks and sources.refs:
         yield from _ref_samples(sources, depth_tokens, teacher_maps, cfg, upstream, stats, eval_images)
     if "semantic_seg" in tasks and sources.ade:

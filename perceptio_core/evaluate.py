@@ -71,7 +71,7 @@ from perceptio_core.depth_metrics import MAP_EPS, map_metrics, pair_order_accura
 from perceptio_core.image_io import ImageError, file_digest, load_image
 from perceptio_core.metrics import IoUAccumulator, resize_mask
 from perceptio_core.perception_format import ParseStatus, parse_generation
-from perceptio_core.prompts import format_mc_prompt, render_prompt
+from perceptio_core.prompts import clean_expression, format_mc_prompt, render_prompt
 from perceptio_core.records import HardBlinkRecord, ImageRecord, RefRecord, Sources, VqaRecord
 from perceptio_core.refer import ann_to_mask
 
@@ -87,12 +87,6 @@ FLAT_MAP_VALUE = 0.5  # the map a generation without a well-formed block is scor
 # --------------------------------------------------------------------------------------------
 # Prompts (the training templates)
 # --------------------------------------------------------------------------------------------
-
-
-def clean_expression(sentence: str) -> str:
-    """A referring expression as curation puts it in the prompt (trailing punctuation dropped,
-    whitespace collapsed; the same as ``curate._clean_expr``)."""
-    return " ".join(sentence.strip().rstrip(".!?;,").split())
 
 
 def refer_prompt(sentence: str) -> str:

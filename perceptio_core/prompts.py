@@ -59,6 +59,12 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
 }
 
 
+def clean_expression(sentence: str) -> str:
+    """A referring expression as prompts carry it: trailing punctuation dropped, whitespace
+    collapsed (curation, evaluation and the base fit's region descriptions alike)."""
+    return " ".join(sentence.strip().rstrip(".!?;,").split())
+
+
 def template_index(task: str, key: str) -> int:
     """Which of ``TEMPLATES[task]`` the sample ``key`` uses (stable across runs and machines)."""
     n = len(TEMPLATES[task])

@@ -136,6 +136,14 @@ class VqaRecord:
     split: str = "test"
 
 
+SPLIT_NAMES = {"training": "train", "validation": "val"}
+
+
+def normalise_split(split: str) -> str:
+    """Dataset split names to ours: ADE20k's "training"/"validation" -> "train"/"val"."""
+    return SPLIT_NAMES.get(split, split)
+
+
 @dataclass
 class Sources:
     """Everything the ``sources`` stage resolved: records per dataset plus the quarantine.
@@ -153,6 +161,11 @@ class Sources:
     captions: list[tuple[int, str]] = field(default_factory=list)  # (image_id, caption)
     quarantine: list[QuarantineEntry] = field(default_factory=list)
     ade_classes: dict[int, str] = field(default_factory=dict)
+
+    def eval_image_ids(self) -> set[int]:
+        """COCO image ids used by any refer split other than train (val, testA, testB, test): what
+        no training step may see."""
+        return {r.image_id for r in self.refs if normalise_split(r.split) != "train"}
 
     def counts(self) -> dict[str, int]:
         by_dataset: dict[str, int] = {}

@@ -90,7 +90,7 @@ class MaskExample:
 def mask_examples(sources: Sources) -> list[MaskExample]:
     """One example per annotated object of the REFER trees, on training images only: an image any
     dataset uses in a non-train split is left out whole. Sorted by (image, annotation)."""
-    eval_images = {r.image_id for r in sources.refs if r.split != "train"}
+    eval_images = sources.eval_image_ids()
     seen: dict[tuple[int, int], RefRecord] = {}
     for r in sources.refs:
         if r.image_id in eval_images or r.iscrowd or r.image_id not in sources.coco_images:

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from perceptio_core.config import DataConfig, EvaluateConfig
-from perceptio_core.curate import _clean_expr
+from perceptio_core.curate import clean_expression as curate_clean_expression  # what curation uses
 from perceptio_core.evaluate import (
     DepthQuality,
     block_status,
@@ -139,7 +139,8 @@ def fake_base(image, prompt):
 
 def test_prompts_match_training_templates():
     expr = " the big  cube. "
-    assert refer_prompt(expr) == render_prompt("refer_seg", variant=0, expr=_clean_expr(expr))
+    assert refer_prompt(expr) == render_prompt("refer_seg", variant=0, expr=curate_clean_expression(expr))
+    assert curate_clean_expression(expr) == "the big cube"
     assert hardblink_prompt(HARDBLINK_QUESTION) == render_prompt("depth_cot", variant=0,
                                                                  question=HARDBLINK_QUESTION)
     p = format_mc_prompt("What is it?", {"B": "dog", "A": "cat"}, hint="A pet.")
