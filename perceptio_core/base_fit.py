@@ -155,6 +155,49 @@ def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return llm_loss(logits, targets)
 
 
+@torch.no_grad()
+def image_reliance(
+    model: nn.Module, tokenizer: Any, examples: Sequence[tuple[str, str, str]], max_examples: int = 64,
+    batch_size: int = 16,
+) -> dict[str, float]:
+    """How much a fitted base reads its image: the answer NLL per token of ``examples`` (``(image
+    path, prompt, answer)``, at most ``max_examples`` spread evenly) with their own images
+    (``image_loss``) and with each example given the next example's image (``shuffled_image_loss``);
+    ``image_gain`` is the difference. A base that answers from the text alone has a gain near 0,
+    whatever its loss: its vision tower is then no use to fine-tuning. Pass examples whose answer
+    depends on the image (captions), of distinct images."""
+    import torch.nn.functional as F
+
+    items = list(examples)
+    if len(items) < 2:
+        raise ValueError("image_reliance needs at least 2 examples of distinct images")
+    if len(items) > max_examples:
+        items = [items[i * len(items) // max_examples] for i in range(max_examples)]
+    cfg = model.config
+    collate = LMCollator(tokenizer, vision_image_size(cfg), image_seq_length(cfg), 1 << 30)
+    batch = collate([(Path(path).read_bytes(), prompt, answer) for path, prompt, answer in items])
+    shuffled = batch["pixel_values"].roll(1, dims=0)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    totals = {"image_loss": 0.0, "shuffled_image_loss": 0.0}
+    count = 0
+    for lo in range(0, len(items), batch_size):
+        part = {k: v[lo : lo + batch_size].to(device) for k, v in batch.items()}
+        n = int((part["labels"][:, 1:] != IGNORE).sum())
+        count += n
+        for name, pixels in (("image_loss", part["pixel_values"]), ("shuffled_image_loss", shuffled[lo : lo + batch_size])):
+            out = model(input_ids=part["input_ids"], attention_mask=part["attention_mask"],
+                        pixel_values=pixels.to(device, part["pixel_values"].dtype))  # fmt: skip
+            logits, targets = shift_for_next_token(out.logits, part["labels"])
+            totals[name] += float(F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                                  ignore_index=IGNORE, reduction="sum"))  # fmt: skip
+    model.train(was_training)
+    result = {k: v / max(count, 1) for k, v in totals.items()}
+    result["image_gain"] = result["shuffled_image_loss"] - result["image_loss"]
+    return result
+
+
 class BaseFitTask(TrainTask):
     """The ``base`` stage as a :class:`TrainTask`: tokenizer trained once (process 0) into
     ``<out>/tokenizer`` and reused on resume, tiny InternVL from ``cfg.model.tiny``, all trainable."""
@@ -264,6 +307,7 @@ __all__ = [
     "LMCollator",
     "fit_base",
     "grounding_examples",
+    "image_reliance",
     "lm_loss",
     "normalize_examples",
 ]

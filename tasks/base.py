@@ -3,7 +3,9 @@ region descriptions, standing in for InternVL2.5."""
 
 from __future__ import annotations
 
-from perceptio_core.base_fit import fit_base, grounding_examples
+from pathlib import Path
+
+from perceptio_core.base_fit import fit_base, grounding_examples, image_reliance
 from perceptio_core.config import PerceptioConfig
 from perceptio_core.prompts import TEMPLATES, format_mc_prompt
 from perceptio_core.records import Sources
@@ -37,6 +39,17 @@ def base_examples(sources: Sources, grounding: bool = True) -> tuple[list[tuple[
     return examples, texts
 
 
+def base_image_reliance(model_dir: Path, examples: list[tuple[str, str, str]]) -> dict[str, float]:
+    """:func:`~perceptio_core.base_fit.image_reliance` of the fitted base on its captions (one per
+    image): does it read the image at all?"""
+    from perceptio_core.internvl import load_internvl, load_tokenizer
+
+    captions = list({path: (path, p, a) for path, p, a in examples if p == CAPTION_PROMPT}.values())
+    if len(captions) < 2:
+        return {}
+    return image_reliance(load_internvl(model_dir), load_tokenizer(model_dir), captions)
+
+
 def base(ctx: StageContext) -> StageOutput:
     sources = load_sources(ctx)
     examples, texts = base_examples(sources, ctx.cfg.base.grounding)
@@ -50,7 +63,12 @@ def base(ctx: StageContext) -> StageOutput:
     )
     prog.close()
     figures = publish_training(ctx, out)
-    metrics = {**metrics, "examples": len(examples)}
+    metrics = {**metrics, "examples": len(examples), **base_image_reliance(out / "model", examples)}
+    if "image_gain" in metrics:
+        ctx.log.info(
+            "base: caption loss %.3f with the true images, %.3f with shuffled ones (image gain %.3f)",
+            metrics["image_loss"], metrics["shuffled_image_loss"], metrics["image_gain"],
+        )  # fmt: skip
     return StageOutput(metrics=metrics, figures=figures)
 
 

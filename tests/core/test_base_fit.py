@@ -1,9 +1,14 @@
-"""The base fit's grounding examples: which referred objects, and the sentence each one gets."""
+"""The base fit's grounding examples (which referred objects, and the sentence each one gets) and
+its image-reliance check."""
 
 from __future__ import annotations
 
+import math
+
 from perceptio_core.base_fit import GROUNDING_PROMPT, grounding_examples
 from perceptio_core.records import ImageRecord, RefRecord, Sources
+
+from perceptio_helpers import one_torch_thread  # noqa: F401
 
 
 def _ref(image_id: int, ann_id: int, split: str, sentence: str, x0: float, *, dataset: str = "refcoco",
@@ -33,3 +38,37 @@ def test_grounding_examples_describe_training_objects_by_position():
         ("/w/1.jpg", GROUNDING_PROMPT.format(expr="right ball"), "A small red ball on the right side of the image."),
     ]  # fmt: skip
     assert ex[0][1] == "Describe the ball on the left in one sentence."
+
+
+def _png(path, colour) -> str:
+    from PIL import Image
+
+    Image.new("RGB", (32, 24), colour).save(path)
+    return str(path)
+
+
+def test_image_reliance_is_zero_when_every_example_has_the_same_image(tmp_path):
+    import torch
+
+    from perceptio_core.base_fit import LMCollator, image_reliance, lm_loss
+    from perceptio_core.config import TinyVLMConfig
+    from perceptio_core.internvl import build_tiny_internvl, image_seq_length, vision_image_size
+    from perceptio_helpers import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    model = build_tiny_internvl(TinyVLMConfig(), tok, seed=0)
+    same = _png(tmp_path / "a.png", (200, 30, 30))
+    ex = [(same, "Describe the image briefly.", t) for t in ("a red ball", "two blue cubes", "a green cone")]
+    r = image_reliance(model, tok, ex, batch_size=2)  # two batches: the mean is per token over both
+    assert r["image_gain"] == 0.0 and r["image_loss"] == r["shuffled_image_loss"]
+    collate = LMCollator(tok, vision_image_size(model.config), image_seq_length(model.config), 1 << 30)
+    with torch.no_grad():
+        whole = float(lm_loss(model.eval(), collate([(open(same, "rb").read(), p, a) for _, p, a in ex])))
+    assert abs(r["image_loss"] - whole) < 1e-5  # one batch's token mean = the per-token mean of two
+
+    other = [(_png(tmp_path / f"{i}.png", c), p, a) for i, (c, (_, p, a)) in
+             enumerate(zip([(200, 30, 30), (20, 20, 220), (30, 200, 30)], ex))]  # fmt: skip
+    r2 = image_reliance(model, tok, other)
+    assert math.isfinite(r2["image_loss"]) and math.isfinite(r2["shuffled_image_loss"])
+    assert r2["image_gain"] != 0.0  # each answer now sees another image: the loss moves
+    assert abs(r2["image_gain"] - (r2["shuffled_image_loss"] - r2["image_loss"])) < 1e-12
