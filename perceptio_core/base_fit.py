@@ -186,7 +186,8 @@ def image_reliance(
         part = {k: v[lo : lo + batch_size].to(device) for k, v in batch.items()}
         n = int((part["labels"][:, 1:] != IGNORE).sum())
         count += n
-        for name, pixels in (("image_loss", part["pixel_values"]), ("shuffled_image_loss", shuffled[lo : lo + batch_size])):
+        views = (("image_loss", part["pixel_values"]), ("shuffled_image_loss", shuffled[lo : lo + batch_size]))
+        for name, pixels in views:
             out = model(input_ids=part["input_ids"], attention_mask=part["attention_mask"],
                         pixel_values=pixels.to(device, part["pixel_values"].dtype))  # fmt: skip
             logits, targets = shift_for_next_token(out.logits, part["labels"])
