@@ -57,7 +57,8 @@ class DataConfig:
     hardblink: str = "HardBLINK"  # relative to root; "" to skip
     vqa_tsv: str = "vqa/mmbench_world.tsv"  # relative to root (or absolute); "" to skip
     captions: str = "annotations/captions_train2014.json"  # relative to root; "" to skip
-    llava_json: str | None = None  # optional LLaVA-1.5 instruction JSON (SPEC §5)
+    llava_json: str | None = "llava/llava_world.json"  # LLaVA-1.5 instruction JSON (SPEC §5; relative
+    # to root or absolute; the world's: its train VQA as conversations); null: none
     glamm_json: str | None = None  # optional GLaMM grounded-conversation JSON (SPEC §5)
 
 
@@ -68,7 +69,7 @@ class SynthConfig:
     images: int = 240  # COCO-style images carrying the RefCOCO/+/g trees
     ade_images: int = 120
     hardblink_per_count: int = 24  # HardBLINK-style questions for each of 3, 4, 5 points
-    vqa_questions: int = 120
+    vqa_questions: int = 240  # half train (also the LLaVA-format instruction file), half dev
     width: int = 128
     height: int = 96
     seed: int = 0
@@ -402,7 +403,7 @@ class EvaluateConfig:
     refer_splits: list[str] = field(default_factory=lambda: ["val", "testA", "testB", "test"])  # those present
     refer_limit: int = 25  # expressions per dataset and split (10 left RefCOCO val cIoU +-0.1 run to run)
     hardblink_limit: int = 0  # questions per point count, 0: all (the public set: 124; the world: 24)
-    vqa_limit: int = 30  # questions per split (train splits are never evaluated)
+    vqa_limit: int = 60  # questions per split (train splits are never evaluated)
     unconstrained_limit: int = 12  # refer + HardBLINK prompts decoded again without the constraint
     constrained: bool = True  # constrained perception decoding (SPEC §1) for the main run
     max_new_tokens: int = 160  # N + 3 + the answer

@@ -20,8 +20,10 @@ quarantined with a reason and the rest goes on; what is missing at the dataset l
 a named folder, a refs pickle, an annotation file) raises
 :class:`~perceptio_core.records.DatasetNotFoundError` naming the path.
 
-The optional LLaVA-1.5 / GLaMM conversation sources of SPEC §5 are not read here: naming one raises
-:class:`SourceError` rather than silently training without it.
+The optional LLaVA-1.5 / GLaMM conversation sources of SPEC §5 (``data.llava_json``,
+``data.glamm_json``) are not read here but by curation (:mod:`perceptio_core.curate`); here they are
+resolved (:func:`data_path`), checked to exist (a missing one raises naming the path) and their JSON
+is part of the fingerprint, so editing one re-curates.
 
 :func:`data_fingerprint` is the cheap content digest used in cache keys: the sha256 of
 (the resolved root path, the data config, the full sha256 of every annotation / pickle / JSON / TSV
@@ -74,11 +76,14 @@ class SourcePaths:
     hardblink: Path | None = None
     vqa_tsv: Path | None = None
     depth: Path | None = None
+    llava_json: Path | None = None
+    glamm_json: Path | None = None
 
 
-def _under(root: Path, rel: str) -> Path:
+def data_path(root: str | os.PathLike[str], rel: str) -> Path:
+    """A ``data.*`` path: absolute as given, else under the data ``root``."""
     p = Path(rel).expanduser()
-    return p if p.is_absolute() else root / p
+    return p if p.is_absolute() else Path(root) / p
 
 
 def _need(path: Path, what: str, is_dir: bool) -> Path:
@@ -96,10 +101,6 @@ def resolve_paths(root: str | os.PathLike[str], data_cfg: DataConfig) -> SourceP
     if not r.is_dir():
         raise DatasetNotFoundError(f"data root not found: {r}")
     r = r.resolve()
-    for key in ("llava_json", "glamm_json"):
-        if getattr(data_cfg, key):
-            raise SourceError(f"data.{key} is set ({getattr(data_cfg, key)}), but read_sources does "
-                              "not read LLaVA/GLaMM conversation data; unset it")
     refer: dict[str, tuple[Path, str]] = {}
     for ds in data_cfg.refer_datasets:
         split_by = data_cfg.refer_split_by.get(ds) or REFER_SPLIT_BY.get(ds)
@@ -109,7 +110,7 @@ def resolve_paths(root: str | os.PathLike[str], data_cfg: DataConfig) -> SourceP
         _need(d / "instances.json", f"REFER instances file ({ds})", False)
         _need(refs_path(d, split_by), f"REFER refs pickle ({ds}, split_by={split_by})", False)
         refer[ds] = (d, split_by)
-    coco = _under(r, data_cfg.coco_images)
+    coco = data_path(r, data_cfg.coco_images)
     if refer or data_cfg.captions:
         _need(coco, "COCO image folder (data.coco_images)", True)
     depth = r / DEPTH_DIR
@@ -117,15 +118,19 @@ def resolve_paths(root: str | os.PathLike[str], data_cfg: DataConfig) -> SourceP
         root=r,
         coco_images=coco,
         refer=refer,
-        captions=_need(_under(r, data_cfg.captions), "COCO captions file (data.captions)", False)
+        captions=_need(data_path(r, data_cfg.captions), "COCO captions file (data.captions)", False)
         if data_cfg.captions else None,
-        ade20k=_need(_under(r, data_cfg.ade20k), "ADE20k folder (data.ade20k)", True)
+        ade20k=_need(data_path(r, data_cfg.ade20k), "ADE20k folder (data.ade20k)", True)
         if data_cfg.ade20k else None,
-        hardblink=_need(_under(r, data_cfg.hardblink), "HardBLINK folder (data.hardblink)", True)
+        hardblink=_need(data_path(r, data_cfg.hardblink), "HardBLINK folder (data.hardblink)", True)
         if data_cfg.hardblink else None,
-        vqa_tsv=_need(_under(r, data_cfg.vqa_tsv), "MMBench TSV (data.vqa_tsv)", False)
+        vqa_tsv=_need(data_path(r, data_cfg.vqa_tsv), "MMBench TSV (data.vqa_tsv)", False)
         if data_cfg.vqa_tsv else None,
         depth=depth if depth.is_dir() else None,
+        llava_json=_need(data_path(r, data_cfg.llava_json), "LLaVA instruction JSON (data.llava_json)", False)
+        if data_cfg.llava_json else None,
+        glamm_json=_need(data_path(r, data_cfg.glamm_json), "GLaMM conversation JSON (data.glamm_json)", False)
+        if data_cfg.glamm_json else None,
     )
 
 
@@ -310,4 +315,7 @@ def data_fingerprint(root: str | os.PathLike[str], data_cfg: DataConfig) -> str:
         _hash_file(h, paths.vqa_tsv, paths.root)
     if paths.depth is not None:
         _hash_listing(h, paths.depth, paths.root)
+    for conv in (paths.llava_json, paths.glamm_json):  # their images are named in the JSON
+        if conv is not None:
+            _hash_file(h, conv, paths.root)
     return h.hexdigest()

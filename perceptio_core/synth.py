@@ -33,6 +33,10 @@ SPEC §5 and §6, so the real loaders run on it unchanged:
   covers another point's circle. Images are PNG so the 1-pixel markers stay crisp.
 - MMBench-format multiple-choice VQA (``vqa/mmbench_world.tsv``, base64 JPEG inline) on separate
   scenes, split by scene into "train" (even scenes) and "dev" (odd scenes).
+- The "train" questions again as LLaVA-1.5 instruction data (``llava/llava_world.json``, images in
+  ``llava/images/``): ``{"id", "image", "conversations": [{"from": "human", "value": "<image>\n" +
+  the MMBench prompt}, {"from": "gpt", "value": the letter}]}``, the multiple-choice form LLaVA-1.5's
+  mix uses (its A-OKVQA part). Dev questions are never in it.
 - COCO captions (``annotations/captions_train2014.json``), one or two per COCO image.
 - True depth of every COCO, ADE20k and HardBLINK image: ``depth/<image file stem>.npy``, float32
   metres, [H, W].
@@ -62,6 +66,7 @@ import numpy as np
 from PIL import Image
 
 from .config import SynthConfig
+from .prompts import format_mc_prompt
 from .refer import decode_rle
 from .render import (
     GROUND_COLOURS,
@@ -85,7 +90,7 @@ from .render import (
     render,
 )
 
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"  # 2: llava/llava_world.json
 WORLD_FILE = "WORLD.json"
 JPEG_QUALITY = 90
 
@@ -809,8 +814,11 @@ def _vqa_questions(ents: list[_Entity], width: int, rng: np.random.Generator) ->
 
 
 def _vqa_part(root: Path, cfg: SynthConfig, bar: Any) -> dict[str, int]:
-    """MMBench-format TSV of multiple-choice questions on scenes of their own."""
+    """MMBench-format TSV of multiple-choice questions on scenes of their own, and its train
+    questions as LLaVA-1.5 instruction conversations."""
     rows: list[list[Any]] = []
+    llava: list[dict[str, Any]] = []
+    llava_images: dict[str, bytes] = {}
     scene_i = 0
     while len(rows) < cfg.vqa_questions:
         rng = np.random.default_rng([cfg.seed, _K_VQA, scene_i])
@@ -823,14 +831,22 @@ def _vqa_part(root: Path, cfg: SynthConfig, bar: Any) -> dict[str, int]:
         if clear:
             qs = _vqa_questions(ents, cfg.width, rng)
             pick = rng.choice(len(qs), min(2, len(qs)), replace=False) if qs else []
-            b64 = base64.b64encode(_jpeg_bytes(r.image)).decode("ascii")
+            jpeg = _jpeg_bytes(r.image)
+            b64 = base64.b64encode(jpeg).decode("ascii")
+            split = "train" if scene_i % 2 == 0 else "dev"
             for j in sorted(int(p) for p in pick):
                 if len(rows) >= cfg.vqa_questions:
                     break
                 q = qs[j]
                 opts = q["options"] + [""] * (4 - len(q["options"]))
+                if split == "train":
+                    name = f"images/vqa_scene_{scene_i:06d}.jpg"
+                    llava_images[name] = jpeg
+                    prompt = format_mc_prompt(q["question"], dict(zip("ABCD", q["options"])))
+                    llava.append({"id": f"world-vqa-{len(rows)}", "image": name, "conversations": [
+                        {"from": "human", "value": f"<image>\n{prompt}"}, {"from": "gpt", "value": q["answer"]}]})
                 rows.append([len(rows), q["question"], "", *opts, q["answer"], q["category"], b64,
-                             "perceptio_world", q["l2"], "", "train" if scene_i % 2 == 0 else "dev"])
+                             "perceptio_world", q["l2"], "", split])
             bar.update(1)
         scene_i += 1
         if scene_i > 20 * max(cfg.vqa_questions, 1) + 100:
@@ -842,7 +858,12 @@ def _vqa_part(root: Path, cfg: SynthConfig, bar: Any) -> dict[str, int]:
         wr.writerow(["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "image",
                      "source", "l2-category", "comment", "split"])
         wr.writerows(rows)
-    return {"vqa": len(rows), "vqa_scenes": scene_i}
+    llava_dir = root / "llava"
+    (llava_dir / "images").mkdir(parents=True, exist_ok=True)
+    for name, data in llava_images.items():
+        (llava_dir / name).write_bytes(data)
+    (llava_dir / "llava_world.json").write_text(json.dumps(llava, indent=1))
+    return {"vqa": len(rows), "vqa_scenes": scene_i, "llava": len(llava)}
 
 
 # --------------------------------------------------------------------------------------------

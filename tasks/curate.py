@@ -9,8 +9,15 @@ from perceptio_core.curate import curate as curate_samples
 from perceptio_core.records import QuarantineEntry
 from perceptio_core.depth_maps import DepthMaps
 from perceptio_core.shards import verify_read_back
+from perceptio_core.sources import data_path
 from tasks.common import load_sources, read_tokens
 from tasks.runner import StageContext, StageOutput, StageSpec
+
+
+def _conversations(root: str, rel: str | None) -> str | None:
+    """A LLaVA / GLaMM JSON named in ``data`` (relative to the data root, as the sources stage
+    resolved and checked it)."""
+    return str(data_path(root, rel)) if rel else None
 
 
 def curate(ctx: StageContext) -> StageOutput:
@@ -22,7 +29,8 @@ def curate(ctx: StageContext) -> StageOutput:
     res = curate_samples(
         sources, tokens, maps, ctx.cfg.curate, upstream, out,
         ade_class_names=sources.ade_classes or None,
-        llava_json=ctx.cfg.data.llava_json, glamm_json=ctx.cfg.data.glamm_json,
+        llava_json=_conversations(sources.root, ctx.cfg.data.llava_json),
+        glamm_json=_conversations(sources.root, ctx.cfg.data.glamm_json),
     )
     # the quality check before publishing: the shards read back, sample for sample, as the manifest
     n = verify_read_back(out)

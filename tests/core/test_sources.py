@@ -16,9 +16,9 @@ from perceptio_core.config import DataConfig
 from perceptio_core.image_io import file_digest
 from perceptio_core.records import DatasetNotFoundError, ImageRecord, Sources
 from perceptio_core.render import mask_to_compressed_rle, mask_to_uncompressed_rle
-from perceptio_core.sources import SourceError, data_fingerprint, read_sources
+from perceptio_core.sources import data_fingerprint, data_path, read_sources, resolve_paths
 
-ONLY_REFCOCO = dict(refer_datasets=["refcoco"], ade20k="", hardblink="", vqa_tsv="", captions="")
+ONLY_REFCOCO = dict(refer_datasets=["refcoco"], ade20k="", hardblink="", vqa_tsv="", captions="", llava_json=None)
 
 
 def _jpeg(path: Path, seed: int, size=(40, 30)) -> None:
@@ -121,9 +121,21 @@ def test_dataset_level_problems_raise_naming_the_path(tmp_path, broken_tree):
         read_sources(broken_tree, DataConfig(**ONLY_REFCOCO))
     with pytest.raises(DatasetNotFoundError, match="refcoco\\+"):
         read_sources(broken_tree, DataConfig(**{**ONLY_REFCOCO, "refer_datasets": ["refcoco+"]}))
-    with pytest.raises(SourceError, match="llava_json"):
-        read_sources(broken_tree, DataConfig(**{**ONLY_REFCOCO, "refer_datasets": [],
-                                                "llava_json": "llava.json"}))
+    with pytest.raises(DatasetNotFoundError, match=r"data\.llava_json.*" + str(broken_tree / "llava.json")):
+        read_sources(broken_tree, DataConfig(**{**ONLY_REFCOCO, "refer_datasets": [], "llava_json": "llava.json"}))
+    with pytest.raises(DatasetNotFoundError, match=r"data\.glamm_json.*/nowhere/gcg\.json"):
+        read_sources(broken_tree, DataConfig(**{**ONLY_REFCOCO, "refer_datasets": [], "glamm_json": "/nowhere/gcg.json"}))
+
+
+def test_conversation_jsons_are_resolved_under_the_root_and_fingerprinted(broken_tree):
+    cfg = DataConfig(**{**ONLY_REFCOCO, "refer_datasets": [], "llava_json": "llava/mix.json"})
+    (broken_tree / "llava").mkdir()
+    (broken_tree / "llava" / "mix.json").write_text("[]")
+    assert resolve_paths(broken_tree, cfg).llava_json == (broken_tree / "llava" / "mix.json").resolve()
+    before = data_fingerprint(broken_tree, cfg)
+    (broken_tree / "llava" / "mix.json").write_text('[{"id": 1}]')  # curation would read other samples
+    assert data_fingerprint(broken_tree, cfg) != before
+    assert data_path(broken_tree, "/abs/x.json") == Path("/abs/x.json")
 
 
 def test_world_sources_round_trip(tiny_world, tmp_path):

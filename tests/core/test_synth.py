@@ -302,6 +302,23 @@ def test_mmbench_tsv_parses(tiny_world):
     assert {r["split"] for r in rows} == {"train", "dev"}
 
 
+def test_llava_json_holds_the_train_questions_as_evaluation_prompts(tiny_world):
+    from perceptio_core.prompts import format_mc_prompt
+
+    csv.field_size_limit(sys.maxsize)
+    with open(tiny_world / "vqa" / "mmbench_world.tsv", newline="") as f:
+        train = [r for r in csv.DictReader(f, delimiter="\t") if r["split"] == "train"]
+    entries = json.loads((tiny_world / "llava" / "llava_world.json").read_text())
+    assert len(entries) == len(train) > 0  # every train question, no dev question
+    for e, row in zip(entries, train):
+        options = {k: row[k] for k in "ABCD" if row[k]}
+        human, gpt = e["conversations"]
+        assert human == {"from": "human", "value": "<image>\n" + format_mc_prompt(row["question"], options)}
+        assert gpt == {"from": "gpt", "value": row["answer"]}
+        image = (tiny_world / "llava" / e["image"]).read_bytes()
+        assert image == base64.b64decode(row["image"])  # the very JPEG the TSV carries
+
+
 def test_captions_and_ade_layout(tiny_world):
     caps = json.loads((tiny_world / "annotations" / "captions_train2014.json").read_text())
     per_image: dict[int, int] = {}
