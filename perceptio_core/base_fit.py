@@ -166,8 +166,6 @@ def image_reliance(
     ``image_gain`` is the difference. A base that answers from the text alone has a gain near 0,
     whatever its loss: its vision tower is then no use to fine-tuning. Pass examples whose answer
     depends on the image (captions), of distinct images."""
-    import torch.nn.functional as F
-
     items = list(examples)
     if len(items) < 2:
         raise ValueError("image_reliance needs at least 2 examples of distinct images")
@@ -187,12 +185,8 @@ def image_reliance(
         n = int((part["labels"][:, 1:] != IGNORE).sum())
         count += n
         views = (("image_loss", part["pixel_values"]), ("shuffled_image_loss", shuffled[lo : lo + batch_size]))
-        for name, pixels in views:
-            out = model(input_ids=part["input_ids"], attention_mask=part["attention_mask"],
-                        pixel_values=pixels.to(device, part["pixel_values"].dtype))  # fmt: skip
-            logits, targets = shift_for_next_token(out.logits, part["labels"])
-            totals[name] += float(F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                                  ignore_index=IGNORE, reduction="sum"))  # fmt: skip
+        for name, pixels in views:  # lm_loss is this part's token mean: weight it by its tokens
+            totals[name] += float(lm_loss(model, {**part, "pixel_values": pixels.to(device)})) * n
     model.train(was_training)
     result = {k: v / max(count, 1) for k, v in totals.items()}
     result["image_gain"] = result["shuffled_image_loss"] - result["image_loss"]
