@@ -37,12 +37,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch import nn  # noqa: E402
 
 from perceptio_core.config import DataConfig  # noqa: E402
-from perceptio_core.metrics import intersection_union  # noqa: E402
+from perceptio_core.losses import mask_bce_loss, mask_dice_loss  # noqa: E402
+from perceptio_core.metrics import IoUAccumulator, resize_mask  # noqa: E402
 from perceptio_core.records import normalise_split  # noqa: E402
 from perceptio_core.refer import ann_to_mask  # noqa: E402
 from perceptio_core.sam2_decoder import SAM2Features, build_sam2, sam2_pixel_values, upsample_logits  # noqa: E402
@@ -120,12 +120,14 @@ def main() -> None:
     sam2 = build_sam2(variant, checkpoint=ckpt).eval()
     size = sam2.image_size
 
-    features: dict[int, SAM2Features] = {}
-    pixels: dict[int, torch.Tensor] = {}
+    # every image encoded once (the encoder is frozen); a batch selects its rows
+    image_ids = sorted({r.image_id for r in train + test})
+    row = {image_id: i for i, image_id in enumerate(image_ids)}
+    pixels = torch.stack([sam2_pixel_values(Image.open(sources.coco_images[i].path), size) for i in image_ids])
     with torch.no_grad():
-        for image_id in sorted({r.image_id for r in train + test}):
-            pixels[image_id] = sam2_pixel_values(Image.open(sources.coco_images[image_id].path), size)[None]
-            features[image_id] = sam2.encode_image(pixels[image_id])
+        encoded = [sam2.encode_image(pixels[i : i + 1]) for i in range(len(image_ids))]
+    features = SAM2Features(torch.cat([f.image_embed for f in encoded]),
+                            tuple(torch.cat(levels) for levels in zip(*(f.high_res for f in encoded))))  # fmt: skip
     masks: dict[int, np.ndarray] = {}
 
     def mask_of(r) -> np.ndarray:
@@ -134,24 +136,18 @@ def main() -> None:
             masks[r.ann_id] = ann_to_mask(r.segmentation, img.height, img.width).astype(bool)
         return masks[r.ann_id]
 
-    def batch_features(image_ids: list[int]) -> SAM2Features:
-        fs = [features[i] for i in image_ids]
-        return SAM2Features(image_embed=torch.cat([f.image_embed for f in fs]),
-                            high_res=tuple(torch.cat([f.high_res[k] for f in fs]) for k in range(len(fs[0].high_res))))  # fmt: skip
+    def rows(batch) -> torch.Tensor:
+        return torch.tensor([row[r.image_id] for r in batch])
 
     def score(logits_of) -> dict[str, float]:
-        inter = union = 0
-        ious = []
+        acc = IoUAccumulator()
         with torch.no_grad():
             for k in range(0, len(test), 32):
                 batch = test[k : k + 32]
                 for r, lg in zip(batch, logits_of(batch)):
                     img = sources.coco_images[r.image_id]
-                    pred = upsample_logits(lg[None], (img.height, img.width))[0, 0].numpy() > 0
-                    i, u = intersection_union(pred, mask_of(r))
-                    inter, union = inter + i, union + u
-                    ious.append(i / u if u else 1.0)
-        return {"ciou": inter / max(union, 1), "giou": float(np.mean(ious)), "n": len(test)}
+                    acc.add(upsample_logits(lg[None], (img.height, img.width))[0, 0].numpy() > 0, mask_of(r))
+        return acc.result()
 
     def scaled(r, xy: np.ndarray) -> np.ndarray:
         img = sources.coco_images[r.image_id]
@@ -160,16 +156,14 @@ def main() -> None:
     def point_logits(batch) -> torch.Tensor:
         pts = torch.tensor(np.stack([scaled(r, np.array(centre_point(mask_of(r)))) for r in batch]),
                            dtype=torch.float32)[:, None]  # fmt: skip
-        px = torch.cat([pixels[r.image_id] for r in batch])
-        return prompt_masks(sam2, px, pts, torch.ones(len(batch), 1, dtype=torch.long))[0]
+        return prompt_masks(sam2, pixels[rows(batch)], pts, torch.ones(len(batch), 1, dtype=torch.long))[0]
 
     def box_logits(batch) -> torch.Tensor:
         boxes = torch.tensor(np.stack([np.concatenate([scaled(r, np.array(r.bbox[:2])),
                                                        scaled(r, np.array(r.bbox[:2]) + np.array(r.bbox[2:]))])
                                        for r in batch]), dtype=torch.float32)  # fmt: skip
-        px = torch.cat([pixels[r.image_id] for r in batch])
         none = torch.zeros(len(batch), 1, 2)
-        return prompt_masks(sam2, px, none, -torch.ones(len(batch), 1, dtype=torch.long), boxes,
+        return prompt_masks(sam2, pixels[rows(batch)], none, -torch.ones(len(batch), 1, dtype=torch.long), boxes,
                             torch.ones(len(batch), dtype=torch.bool))[0]  # fmt: skip
 
     results: dict[str, dict[str, float]] = {}
@@ -192,14 +186,10 @@ def main() -> None:
     t0 = time.perf_counter()
     for step in range(args.steps):
         batch = [train[k] for k in rng.integers(len(train), size=args.batch_size)]
-        logits = sam2.decode_masks(batch_features([r.image_id for r in batch]), text([r.sentence for r in batch]))
+        logits = sam2.decode_masks(features.select(rows(batch)), text([r.sentence for r in batch]))[:, 0]
         side = logits.shape[-1]
-        gt = torch.stack([torch.from_numpy(np.asarray(Image.fromarray(mask_of(r).astype(np.uint8) * 255)
-                                                      .resize((side, side), Image.NEAREST)) > 127) for r in batch])
-        gt = gt[:, None].float()
-        prob = logits.sigmoid()
-        dice = 1 - (2 * (prob * gt).sum((1, 2, 3)) + 1) / (prob.sum((1, 2, 3)) + gt.sum((1, 2, 3)) + 1)
-        loss = F.binary_cross_entropy_with_logits(logits, gt) + dice.mean()
+        gt = torch.from_numpy(np.stack([resize_mask(mask_of(r), (side, side)) for r in batch]))
+        loss = mask_bce_loss(logits, gt) + mask_dice_loss(logits, gt)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -208,8 +198,7 @@ def main() -> None:
             print(f"  text ceiling: step {step + 1}/{args.steps} loss {np.mean(losses[-250:]):.3f}", flush=True)
     sam2.eval()
     text.eval()
-    results["text"] = {**score(lambda b: sam2.decode_masks(batch_features([r.image_id for r in b]),
-                                                           text([r.sentence for r in b]))),
+    results["text"] = {**score(lambda b: sam2.decode_masks(features.select(rows(b)), text([r.sentence for r in b]))),
                        "train_expressions": len(train), "steps": args.steps,
                        "loss_first": float(np.mean(losses[:100])), "loss_last": float(np.mean(losses[-100:])),
                        "train_seconds": time.perf_counter() - t0}  # fmt: skip
