@@ -2,15 +2,15 @@
 
 Prints a summary and writes ``bench/results/curate.json``:
 
-- ``write``: MB/s of :class:`perceptio_core.shards.ShardWriter` (deterministic headers, sha256,
+- ``write``: MB/s of :class:`perceptio_core.curation.shards.ShardWriter` (deterministic headers, sha256,
   fsync + atomic rename per shard, per-shard index) writing N samples, against ``tarfile`` writing
   the very same members into one plain tar (no hashing, no fsync); ``ratio`` = ours / plain.
 - ``memory``: peak RSS (``ru_maxrss``) of a fresh subprocess that streams N, then 4N samples through
-  :func:`perceptio_core.shards.write_shards` (shards + manifest); bounded memory means the 4N/N
+  :func:`perceptio_core.curation.shards.write_shards` (shards + manifest); bounded memory means the 4N/N
   ratio stays near 1.
-- ``read``: samples/s of :func:`perceptio_core.shards.read_shards` (webdataset, json decoded) and
+- ``read``: samples/s of :func:`perceptio_core.curation.shards.read_shards` (webdataset, json decoded) and
   with the image decoded to an RGB array (PIL).
-- ``curate_world``: samples/s of :func:`perceptio_core.curate.iter_samples` on a small synthetic
+- ``curate_world``: samples/s of :func:`perceptio_core.curation.curate.iter_samples` on a small synthetic
   world (real readers, fake depth tokens): the cost of building samples (mask decoding, RLE, PNG
   re-encoding of the drawn depth chain-of-thought images).
 
@@ -38,10 +38,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from perceptio_core.masks import encode_mask  # noqa: E402
-from perceptio_core.perception_format import format_target  # noqa: E402
-from perceptio_core.sample import Sample, make_key, sha256_bytes  # noqa: E402
-from perceptio_core.shards import (  # noqa: E402
+from perceptio_core.data.masks import encode_mask  # noqa: E402
+from perceptio_core.format.target import format_target  # noqa: E402
+from perceptio_core.curation.sample import Sample, make_key, sha256_bytes  # noqa: E402
+from perceptio_core.curation.shards import (  # noqa: E402
     TAR_FORMAT,
     ShardWriter,
     _members,
@@ -129,7 +129,7 @@ _RSS_CHILD = """
 import resource, sys, time
 sys.path.insert(0, {root!r})
 from bench.bench_curate import image_pool, make_stream
-from perceptio_core.shards import write_shards
+from perceptio_core.curation.shards import write_shards
 pool = image_pool({pool}, {size})
 t0 = time.perf_counter()
 shards = write_shards(make_stream({n}, pool), {out!r}, max_bytes={max_bytes}, max_samples=10**9, verify=False)
@@ -175,10 +175,10 @@ def bench_read(n: int, pool: list[bytes], tmp: Path, max_bytes: int) -> dict:
 
 def bench_curate_world(tmp: Path, images: int) -> dict:
     from perceptio_core.config import CurateConfig, DataConfig, SynthConfig
-    from perceptio_core.curate import CurateStats, iter_samples
-    from perceptio_core.masks import resize_nearest
-    from perceptio_core.sources import read_sources
-    from perceptio_core.synth import generate_world
+    from perceptio_core.curation.curate import CurateStats, iter_samples
+    from perceptio_core.data.masks import resize_nearest
+    from perceptio_core.data.sources import read_sources
+    from perceptio_core.world.synth import generate_world
 
     root = tmp / "world"
     generate_world(root, SynthConfig(images=images, ade_images=images // 2, hardblink_per_count=1, vqa_questions=2))

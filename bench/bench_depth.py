@@ -4,14 +4,14 @@ and (``--quality``) the science numbers of the default world.
 Prints a table and writes ``bench/results/depth.json`` (``--out`` to change; the ``speed`` and
 ``quality`` sections are updated independently, so a speed run keeps the last quality numbers):
 
-- ``teacher.predict_images_per_s``: images/s through :func:`perceptio_core.depth_teacher.predict_depth`
+- ``teacher.predict_images_per_s``: images/s through :func:`perceptio_core.depth.teacher.predict_depth`
   (DataLoader reading and preprocessing the files, forward, resize, normalisation, checks);
 - ``teacher.bare_images_per_s``: the bare ``model(pixel_values)`` forward on the same preprocessed
-  batches, already on the device (:func:`~perceptio_core.depth_teacher.bare_forward_throughput`);
+  batches, already on the device (:func:`~perceptio_core.depth.teacher.bare_forward_throughput`);
 - ``teacher.overhead_ratio``: bare / predict (1.0 = no overhead; target <= 1.15), medians over
   ``--repeats`` alternating measurements (each repeat's ratio is kept too);
 - ``vqvae.encode_maps_per_s`` / ``decode_maps_per_s`` / ``soft_decode_maps_per_s``: the
-  :class:`~perceptio_core.depth_tokens.DepthTokenizer` on random maps (random weights: the speed
+  :class:`~perceptio_core.depth.tokenizer.DepthTokenizer` on random maps (random weights: the speed
   does not depend on them);
 - ``peak_rss_mb`` (the process, from ``resource``) and, on CUDA, ``cuda_max_allocated_mb``.
 
@@ -21,10 +21,10 @@ Depth-Anything-V2-Small-shaped teacher (DINOv2 ViT-S/14, 12 layers, hidden 384, 
 fusion 64; random weights) at 518 px on 640x480 images, bf16 autocast on a GPU, and the paper-scale
 VQ-VAE (320 px, x32, hidden 128).
 
-``--quality``: generate the default synthetic world (``perceptio_core.synth``), fit the teacher with
-the default config (:func:`~perceptio_core.depth_teacher.fit_teacher`; held-out AbsRel, delta1 and
+``--quality``: generate the default synthetic world (``perceptio_core.world.synth``), fit the teacher with
+the default config (:func:`~perceptio_core.depth.teacher.fit_teacher`; held-out AbsRel, delta1 and
 pair-order accuracy against the true depth), run it over every image, train the VQ-VAE on the maps
-(:func:`~perceptio_core.vqvae.train_vqvae`; held-out MSE/AbsRel/delta1 vs the teacher, code usage,
+(:func:`~perceptio_core.depth.vqvae.train_vqvae`; held-out MSE/AbsRel/delta1 vs the teacher, code usage,
 perplexity) and report the wall-clock time of each step.
 
 Usage: ``python bench/bench_depth.py [--size tiny|small] [--device auto] [--images 64]
@@ -54,7 +54,7 @@ from PIL import Image  # noqa: E402
 from transformers import DepthAnythingForDepthEstimation  # noqa: E402
 
 from perceptio_core.config import SynthConfig, TeacherConfig, TeacherFitConfig, VQVAEConfig  # noqa: E402
-from perceptio_core.depth_teacher import (  # noqa: E402
+from perceptio_core.depth.teacher import (  # noqa: E402
     bare_forward_throughput,
     build_teacher_config,
     build_teacher_processor,
@@ -62,9 +62,9 @@ from perceptio_core.depth_teacher import (  # noqa: E402
     load_teacher,
     predict_depth,
 )
-from perceptio_core.depth_tokens import DepthTokenizer  # noqa: E402
+from perceptio_core.depth.tokenizer import DepthTokenizer  # noqa: E402
 from perceptio_core.device import resolve_device, synchronize  # noqa: E402
-from perceptio_core.vqvae import VQVAE, train_vqvae  # noqa: E402
+from perceptio_core.depth.vqvae import VQVAE, train_vqvae  # noqa: E402
 
 SIZES: dict[str, dict[str, Any]] = {
     "tiny": dict(
@@ -180,8 +180,8 @@ def bench_vqvae(args: argparse.Namespace, size: dict[str, Any], dev: torch.devic
 def run_quality(args: argparse.Namespace, work: Path, dev: torch.device) -> dict[str, Any]:
     """Fit the teacher and the VQ-VAE on the default synthetic world; metrics and wall-clock times."""
     from perceptio_core.config import DataConfig
-    from perceptio_core.sources import read_sources
-    from perceptio_core.synth import generate_world
+    from perceptio_core.data.sources import read_sources
+    from perceptio_core.world.synth import generate_world
 
     world = Path(args.world) if args.world else work / "world"
     t0 = time.perf_counter()

@@ -11,7 +11,7 @@ Prints a summary and writes ``bench/results/eval.json``:
     decode of the block (what the evaluators pay per refer sample), per 100 tokens and per call.
   A random model rarely emits eos, so each run generates about ``--max-new-tokens`` tokens; the
   per-100-token figure divides by the tokens actually generated.
-- ``evaluation``: samples/s of :func:`perceptio_core.evaluate.run_evaluation` on a small synthetic
+- ``evaluation``: samples/s of :func:`perceptio_core.evaluation.evaluate.run_evaluation` on a small synthetic
   world (real readers) with the real tiny model (``model_samples_per_s``) and with an instant fake
   predictor (``overhead_samples_per_s``: ground-truth decoding, metrics, parsing, depth metrics).
 
@@ -42,10 +42,10 @@ sys.path.insert(0, str(ROOT / "tests" / "core"))  # the model engineer's tiny bu
 import torch  # noqa: E402
 
 from perceptio_core.config import DataConfig, EvaluateConfig, SynthConfig  # noqa: E402
-from perceptio_core.evaluate import model_predictor, refer_prompt, run_evaluation  # noqa: E402
-from perceptio_core.generation import generate  # noqa: E402
-from perceptio_core.sources import read_sources  # noqa: E402
-from perceptio_core.synth import generate_world  # noqa: E402
+from perceptio_core.evaluation.evaluate import model_predictor, refer_prompt, run_evaluation  # noqa: E402
+from perceptio_core.model.generation import generate  # noqa: E402
+from perceptio_core.data.sources import read_sources  # noqa: E402
+from perceptio_core.world.synth import generate_world  # noqa: E402
 
 
 def build_model(device: str, codebook_size: int, num_tokens: int):

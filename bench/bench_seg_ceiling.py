@@ -41,13 +41,13 @@ from PIL import Image  # noqa: E402
 from torch import nn  # noqa: E402
 
 from perceptio_core.config import DataConfig  # noqa: E402
-from perceptio_core.losses import mask_bce_loss, mask_dice_loss  # noqa: E402
-from perceptio_core.metrics import IoUAccumulator, resize_mask  # noqa: E402
-from perceptio_core.records import normalise_split  # noqa: E402
-from perceptio_core.refer import ann_to_mask  # noqa: E402
-from perceptio_core.sam2_decoder import SAM2Features, build_sam2, sam2_pixel_values, upsample_logits  # noqa: E402
-from perceptio_core.sam2_fit import centre_point, prompt_masks  # noqa: E402
-from perceptio_core.sources import read_sources  # noqa: E402
+from perceptio_core.model.losses import mask_bce_loss, mask_dice_loss  # noqa: E402
+from perceptio_core.evaluation.metrics import IoUAccumulator, resize_mask  # noqa: E402
+from perceptio_core.data.records import normalise_split  # noqa: E402
+from perceptio_core.data.refer import ann_to_mask  # noqa: E402
+from perceptio_core.model.sam2_decoder import SAM2Features, build_sam2, sam2_pixel_values, upsample_logits  # noqa: E402
+from perceptio_core.training.sam2_fit import centre_point, prompt_masks  # noqa: E402
+from perceptio_core.data.sources import read_sources  # noqa: E402
 
 
 def locate(workdir: Path) -> tuple[Path, Path, str]:

@@ -1,4 +1,4 @@
-"""Training benchmark: the ``finetune`` step of the one training loop (:mod:`perceptio_core.trainer`).
+"""Training benchmark: the ``finetune`` step of the one training loop (:mod:`perceptio_core.training.trainer`).
 
 Prints a summary and writes ``bench/results/train.json`` (``--out`` to change):
 
@@ -53,8 +53,8 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from perceptio_core.config import load_config  # noqa: E402
-from perceptio_core.finetune import FinetuneTask  # noqa: E402
-from perceptio_core.trainer import Trainer, read_history  # noqa: E402
+from perceptio_core.training.finetune import FinetuneTask  # noqa: E402
+from perceptio_core.training.trainer import Trainer, read_history  # noqa: E402
 
 CORPUS = [
     "Please segment the object described as: the small red cube on the left.",
@@ -74,10 +74,10 @@ SHAPE_1B = {
 
 
 def make_shards(out: Path, n: int, width: int, height: int, codebook_size: int, num_tokens: int) -> Path:
-    from perceptio_core.masks import encode_mask
-    from perceptio_core.perception_format import format_target
-    from perceptio_core.sample import Sample, make_key, sha256_bytes
-    from perceptio_core.shards import write_shards
+    from perceptio_core.data.masks import encode_mask
+    from perceptio_core.format.target import format_target
+    from perceptio_core.curation.sample import Sample, make_key, sha256_bytes
+    from perceptio_core.curation.shards import write_shards
 
     rng = np.random.default_rng(0)
     samples = []
@@ -105,7 +105,7 @@ def build_base(shape: str, tokenizer, device: torch.device, smoke: bool):
     from transformers import InternVLConfig, InternVLForConditionalGeneration, Qwen2Config
     from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
 
-    from perceptio_core.internvl import build_tiny_internvl, image_tokens
+    from perceptio_core.model.internvl import build_tiny_internvl, image_tokens
     from perceptio_core.config import TinyVLMConfig
 
     if shape == "tiny":
@@ -141,7 +141,7 @@ class BenchTask(FinetuneTask):
         self._base_model, self._tokenizer = base_model, tokenizer
 
     def build_model(self):
-        from perceptio_core.perceptio_model import PerceptioModel
+        from perceptio_core.model.perceptio_model import PerceptioModel
 
         model = PerceptioModel.build(
             self.cfg.model, self.cfg.loss, self._load_depth_tokenizer(), tokenizer=self._tokenizer,
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "train.json"))
     args = p.parse_args(argv)
 
-    from perceptio_core.internvl import train_tokenizer
+    from perceptio_core.model.internvl import train_tokenizer
 
     from perceptio_helpers import StandInDepthTokenizer
 

@@ -59,7 +59,7 @@ def _cmd_stages(args: argparse.Namespace) -> int:
 
 def _cmd_synth(args: argparse.Namespace) -> int:
     from perceptio_core.config import load_config
-    from perceptio_core.synth import generate_world
+    from perceptio_core.world.synth import generate_world
 
     ov = list(args.overrides)
     if args.images is not None:
@@ -112,8 +112,8 @@ def resolve_run_model(run: Path) -> Path:
 
 
 def _cmd_infer(args: argparse.Namespace) -> int:
-    from perceptio_core.image_io import ImageError
-    from perceptio_core.infer import infer
+    from perceptio_core.data.image_io import ImageError
+    from perceptio_core.evaluation.infer import infer
 
     model_dir = resolve_run_model(Path(args.run))
     template = None if args.template == "none" else args.template

@@ -13,28 +13,28 @@ _EXPORTS: dict[str, str] = {
     # config
     "PerceptioConfig": "config", "ConfigError": "config", "load_config": "config",
     # tokens and sample format (SPEC §1)
-    "SEG": "perception_tokens", "D_START": "perception_tokens", "D_END": "perception_tokens",
-    "depth_token": "perception_tokens",
-    "format_target": "perception_format", "parse_generation": "perception_format",
-    "ParseStatus": "perception_format", "Sample": "sample",
+    "SEG": "format.tokens", "D_START": "format.tokens", "D_END": "format.tokens",
+    "depth_token": "format.tokens",
+    "format_target": "format.target", "parse_generation": "format.target",
+    "ParseStatus": "format.target", "Sample": "curation.sample",
     # data (SPEC §5)
-    "generate_world": "synth", "read_sources": "sources", "data_fingerprint": "sources",
-    "safe_load": "safe_pickle", "UnsafePickleError": "safe_pickle",
-    "load_image": "image_io", "file_digest": "image_io", "ImageError": "image_io",
-    "ann_to_mask": "refer", "read_refer": "refer", "read_ade20k": "ade20k",
-    "read_hardblink": "hardblink", "read_mmbench_tsv": "vqa",
-    "Sources": "records", "QuarantineEntry": "records",
-    "iter_samples": "curate", "ShardWriter": "shards", "read_shards": "shards",
-    "encode_mask": "masks", "decode_mask": "masks",
+    "generate_world": "world.synth", "read_sources": "data.sources", "data_fingerprint": "data.sources",
+    "safe_load": "data.safe_pickle", "UnsafePickleError": "data.safe_pickle",
+    "load_image": "data.image_io", "file_digest": "data.image_io", "ImageError": "data.image_io",
+    "ann_to_mask": "data.refer", "read_refer": "data.refer", "read_ade20k": "data.ade20k",
+    "read_hardblink": "data.hardblink", "read_mmbench_tsv": "data.vqa",
+    "Sources": "data.records", "QuarantineEntry": "data.records",
+    "iter_samples": "curation.curate", "ShardWriter": "curation.shards", "read_shards": "curation.shards",
+    "encode_mask": "data.masks", "decode_mask": "data.masks",
     # depth (SPEC §2)
-    "load_teacher": "depth_teacher", "fit_teacher": "depth_teacher", "predict_depth": "depth_teacher",
-    "VQVAE": "vqvae", "train_vqvae": "vqvae", "DepthTokenizer": "depth_tokens", "DepthMaps": "depth_maps",
+    "load_teacher": "depth.teacher", "fit_teacher": "depth.teacher", "predict_depth": "depth.teacher",
+    "VQVAE": "depth.vqvae", "train_vqvae": "depth.vqvae", "DepthTokenizer": "depth.tokenizer", "DepthMaps": "depth.maps",
     # model, loss, training (SPEC §1, §3, §4)
-    "PerceptioModel": "perceptio_model", "generate": "generation", "fit_base": "base_fit",
-    "Trainer": "trainer", "run_training": "trainer",
+    "PerceptioModel": "model.perceptio_model", "generate": "model.generation", "fit_base": "training.base_fit",
+    "Trainer": "training.trainer", "run_training": "training.trainer",
     # evaluation (SPEC §6)
-    "IoUAccumulator": "metrics", "run_evaluation": "evaluate", "evaluate_all": "evaluate",
-    "write_report": "evaluate", "infer": "infer",
+    "IoUAccumulator": "evaluation.metrics", "run_evaluation": "evaluation.evaluate", "evaluate_all": "evaluation.evaluate",
+    "write_report": "evaluation.evaluate", "infer": "evaluation.infer",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -182,7 +182,7 @@ class VQVAEConfig:
 
 @dataclass
 class CurateConfig:
-    """Sources to samples to WebDataset shards (SPEC §5, §6; ``perceptio_core/curate.py``).
+    """Sources to samples to WebDataset shards (SPEC §5, §6; ``perceptio_core/curation/curate.py``).
 
     Splits use normalised names ("train", "val", "testA", "testB", "test"; ADE20k's "training" is
     "train"). Mask areas are in pixels of the original image. Teacher depth is relative inverse
@@ -311,7 +311,7 @@ class LossConfig:
 
 @dataclass
 class TrainLoopConfig:
-    """The one training loop (``perceptio_core/trainer.py``; SPEC §4), shared by ``base`` and
+    """The one training loop (``perceptio_core/training/trainer.py``; SPEC §4), shared by ``base`` and
     ``finetune``. ``steps`` counts optimizer updates; the global batch is batch_size * grad_accum *
     number of processes. AdamW, linear warm-up over ``warmup_frac`` of the steps then cosine to zero,
     gradient clipping at ``max_grad_norm`` (SPEC §4: 5%, 1.0)."""
@@ -367,7 +367,7 @@ class BaseFitConfig(TrainLoopConfig):
 
 @dataclass
 class Sam2FitConfig(TrainLoopConfig):
-    """The offline default's ``fit_sam2`` stage (:mod:`perceptio_core.sam2_fit`): promptable
+    """The offline default's ``fit_sam2`` stage (:mod:`perceptio_core.training.sam2_fit`): promptable
     segmentation pre-training of the small SAM2 of ``model.sam2_variant`` on the training images'
     object masks, standing in for Meta's released checkpoint. Unused when ``model.sam2_checkpoint``
     names one."""
@@ -391,7 +391,7 @@ class Sam2FitConfig(TrainLoopConfig):
 
 @dataclass
 class EvaluateConfig:
-    """The ``evaluate`` stage (SPEC §6; :mod:`perceptio_core.evaluate`): which benchmarks, how many
+    """The ``evaluate`` stage (SPEC §6; :mod:`perceptio_core.evaluation.evaluate`): which benchmarks, how many
     samples each (0: all; a limited subset is spread evenly over the sorted records, the same on
     every run), decoding, and the report. The limits keep the default run within minutes on a CPU;
     set them to 0 for the full benchmarks."""

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from perceptio_core.base_fit import fit_base, grounding_examples, image_reliance
+from perceptio_core.training.base_fit import fit_base, grounding_examples, image_reliance
 from perceptio_core.config import PerceptioConfig
-from perceptio_core.prompts import TEMPLATES, format_mc_prompt
-from perceptio_core.records import Sources
+from perceptio_core.format.prompts import TEMPLATES, format_mc_prompt
+from perceptio_core.data.records import Sources
 from tasks.common import load_sources, publish_training, scratch_dir
 from tasks.progress import Progress
 from tasks.runner import StageContext, StageOutput, StageSpec
@@ -40,9 +40,9 @@ def base_examples(sources: Sources, grounding: bool = True) -> tuple[list[tuple[
 
 
 def base_image_reliance(model_dir: Path, examples: list[tuple[str, str, str]]) -> dict[str, float]:
-    """:func:`~perceptio_core.base_fit.image_reliance` of the fitted base on its captions (one per
+    """:func:`~perceptio_core.training.base_fit.image_reliance` of the fitted base on its captions (one per
     image): does it read the image at all?"""
-    from perceptio_core.internvl import load_internvl, load_tokenizer
+    from perceptio_core.model.internvl import load_internvl, load_tokenizer
 
     captions = list({path: (path, p, a) for path, p, a in examples if p == CAPTION_PROMPT}.values())
     if len(captions) < 2:

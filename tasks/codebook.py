@@ -6,11 +6,11 @@ import hashlib
 
 import numpy as np
 
-from perceptio_core import viz
-from perceptio_core.depth_maps import DepthMaps
-from perceptio_core.depth_tokens import DepthTokenizer
-from perceptio_core.image_io import holdout_by_digest
-from perceptio_core.vqvae import train_vqvae
+from perceptio_core.evaluation import viz
+from perceptio_core.depth.maps import DepthMaps
+from perceptio_core.depth.tokenizer import DepthTokenizer
+from perceptio_core.data.image_io import holdout_by_digest
+from perceptio_core.depth.vqvae import train_vqvae
 from tasks.common import load_sources
 from tasks.progress import Progress
 from tasks.runner import StageContext, StageOutput, StageSpec

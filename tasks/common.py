@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from perceptio_core.records import Sources
+from perceptio_core.data.records import Sources
 from tasks.runner import StageContext
 
 

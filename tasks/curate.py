@@ -1,15 +1,15 @@
 """Stage ``curate``: every source into one sample schema, written as WebDataset shards with a
-parquet manifest and a quarantine table (SPEC §5; ``perceptio_core/curate.py``)."""
+parquet manifest and a quarantine table (SPEC §5; ``perceptio_core/curation/curate.py``)."""
 
 from __future__ import annotations
 
 import pyarrow.parquet as pq
 
-from perceptio_core.curate import curate as curate_samples
-from perceptio_core.records import QuarantineEntry
-from perceptio_core.depth_maps import DepthMaps
-from perceptio_core.shards import verify_read_back
-from perceptio_core.sources import data_path
+from perceptio_core.curation.curate import curate as curate_samples
+from perceptio_core.data.records import QuarantineEntry
+from perceptio_core.depth.maps import DepthMaps
+from perceptio_core.curation.shards import verify_read_back
+from perceptio_core.data.sources import data_path
 from tasks.common import load_sources, read_tokens
 from tasks.runner import StageContext, StageOutput, StageSpec
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from perceptio_core.finetune import train as finetune_train
-from perceptio_core.sam2_fit import CHECKPOINT
+from perceptio_core.training.finetune import train as finetune_train
+from perceptio_core.training.sam2_fit import CHECKPOINT
 from tasks.common import publish_training, scratch_dir
 from tasks.progress import Progress
 from tasks.runner import StageContext, StageOutput, StageSpec

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from perceptio_core.config import PerceptioConfig, canonical_json, to_dict
-from perceptio_core.records import QuarantineEntry
+from perceptio_core.data.records import QuarantineEntry
 from storage import ArtifactStore, ArtifactWriter, Manifest, code_digest, git_commit, stage_key
 from storage.keys import digest_text
 
@@ -105,9 +105,9 @@ class StageContext:
 
 # Project modules left out of every stage's code version: the config schema (a stage is keyed on the
 # values of the config sections it reads, so an edit to another stage's settings does not re-run
-# it), the progress reporting (how a stage logs, not what it computes) and the package inits (lazy
-# re-exports only).
-UNVERSIONED = frozenset({"perceptio_core", "perceptio_core.config", "tasks", "tasks.progress"})
+# it) and the progress reporting (how a stage logs, not what it computes). Package inits (lazy
+# re-exports and docstrings only) are left out too (:func:`_is_package_init`).
+UNVERSIONED = frozenset({"perceptio_core.config", "tasks.progress"})
 PROJECT_PACKAGES = ("perceptio_core", "tasks")
 
 
@@ -118,6 +118,11 @@ def _module_file(module: str) -> Path | None:
         if p.is_file():
             return p
     return None
+
+
+def _is_package_init(module: str) -> bool:
+    path = _module_file(module)
+    return path is not None and path.name == "__init__.py"
 
 
 def _direct_project_imports(module: str) -> set[str]:
@@ -176,12 +181,13 @@ class StageSpec:
         """The modules whose source makes the stage's code version: the body's module and every
         project module (``perceptio_core.*``, ``tasks.*``) it imports, directly or not (read from
         the source, imports inside functions included), plus ``code`` and ``tasks.runner``; less
-        :data:`UNVERSIONED` (the config's values are keyed through ``sections`` instead)."""
+        :data:`UNVERSIONED` and the package inits (the config's values are keyed through ``sections``
+        instead)."""
         for mod in self.code:
             if _module_file(mod) is None:
                 raise FileNotFoundError(f"stage {self.name}: code module {mod} not found under {REPO_ROOT}")
         found = project_imports_closure([self.body.__module__, *self.code])
-        return sorted((found - UNVERSIONED) | {"tasks.runner"})
+        return sorted({m for m in found - UNVERSIONED if not _is_package_init(m)} | {"tasks.runner"})
 
     def code_files(self) -> list[Path]:
         return [p for m in self.code_modules() if (p := _module_file(m)) is not None]

@@ -4,8 +4,8 @@ standing in for Meta's released checkpoint."""
 from __future__ import annotations
 
 from perceptio_core.config import PerceptioConfig
-from perceptio_core.sam2_fit import FIGURE as SAM2_FIGURE
-from perceptio_core.sam2_fit import fit_sam2
+from perceptio_core.training.sam2_fit import FIGURE as SAM2_FIGURE
+from perceptio_core.training.sam2_fit import fit_sam2
 from tasks.common import load_sources, publish_training, scratch_dir
 from tasks.progress import Progress
 from tasks.runner import StageContext, StageOutput, StageSpec

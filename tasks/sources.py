@@ -6,13 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from perceptio_core.config import PerceptioConfig, canonical_json
-from perceptio_core.sources import data_fingerprint, read_sources
-from perceptio_core.synth import generate_world
+from perceptio_core.data.sources import data_fingerprint, read_sources
+from perceptio_core.world.synth import generate_world
 from storage import code_digest
 from storage.keys import digest_text
 from tasks.runner import REPO_ROOT, RunContext, StageContext, StageOutput, StageSpec
 
-SYNTH_CODE = ("perceptio_core.synth", "perceptio_core.render", "perceptio_core.refer")
+SYNTH_CODE = ("perceptio_core.world.synth", "perceptio_core.world.render", "perceptio_core.data.refer")
 
 
 def _synth_digest(cfg: PerceptioConfig) -> str:

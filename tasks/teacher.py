@@ -7,12 +7,12 @@ from pathlib import Path
 
 import numpy as np
 
-from perceptio_core import viz
+from perceptio_core.evaluation import viz
 from perceptio_core.config import PerceptioConfig
-from perceptio_core.depth_maps import DepthMaps, chunk_plan, done_chunks, write_chunk
-from perceptio_core.depth_metrics import teacher_vs_true_metrics
-from perceptio_core.depth_teacher import fit_teacher, load_teacher, predict_depth
-from perceptio_core.records import ImageRecord, QuarantineEntry
+from perceptio_core.depth.maps import DepthMaps, chunk_plan, done_chunks, write_chunk
+from perceptio_core.depth.metrics import teacher_vs_true_metrics
+from perceptio_core.depth.teacher import fit_teacher, load_teacher, predict_depth
+from perceptio_core.data.records import ImageRecord, QuarantineEntry
 from storage import code_digest
 from tasks.common import load_sources
 from tasks.progress import Progress

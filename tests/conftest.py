@@ -23,7 +23,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
 from perceptio_core.config import SynthConfig
-from perceptio_core.synth import generate_world
+from perceptio_core.world.synth import generate_world
 
 TINY_WORLD = dict(images=24, ade_images=8, hardblink_per_count=2, vqa_questions=12,
                   width=64, height=48, seed=0)

@@ -166,7 +166,7 @@ def test_teacher_killed_half_way_resumes_without_recomputing(first_run, tmp_path
 def test_curated_shards_read_back_as_the_manifest(first_run):
     import pyarrow.parquet as pq
 
-    from perceptio_core.shards import read_shards
+    from perceptio_core.curation.shards import read_shards
 
     wd, summary = first_run
     store = ArtifactStore(wd / "store")

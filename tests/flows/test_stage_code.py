@@ -12,10 +12,10 @@ def test_every_stage_is_versioned_by_its_own_module_and_what_it_imports():
         assert spec.body.__module__ in mods and "tasks.runner" in mods, spec.name
         assert not mods & UNVERSIONED, spec.name
         assert all(p.is_file() for p in spec.code_files())
-    # reached only through perceptio_core.base_fit: an edit to the descriptions re-runs the base fit
-    assert {"perceptio_core.base_fit", "perceptio_core.describe", "perceptio_core.refer"} <= set(BY_NAME["base"].code_modules())
+    # reached only through perceptio_core.training.base_fit: an edit to the descriptions re-runs the base fit
+    assert {"perceptio_core.training.base_fit", "perceptio_core.curation.describe", "perceptio_core.data.refer"} <= set(BY_NAME["base"].code_modules())
     # imported inside a function (the figure helper): still part of fit_sam2's version
-    assert "perceptio_core.viz" in BY_NAME["fit_sam2"].code_modules()
+    assert "perceptio_core.evaluation.viz" in BY_NAME["fit_sam2"].code_modules()
 
 
 def test_a_stage_is_not_versioned_by_another_stages_body():
@@ -25,12 +25,12 @@ def test_a_stage_is_not_versioned_by_another_stages_body():
             {"tasks.runner"} & bodies), spec.name  # fmt: skip
     # editing the base fit or generation leaves the SAM2 fit cached
     sam2 = set(BY_NAME["fit_sam2"].code_modules())
-    assert not sam2 & {"perceptio_core.base_fit", "perceptio_core.generation", "perceptio_core.evaluate"}
+    assert not sam2 & {"perceptio_core.training.base_fit", "perceptio_core.model.generation", "perceptio_core.evaluation.evaluate"}
     teacher = set(BY_NAME["fit_teacher"].code_modules())
-    assert not teacher & {"perceptio_core.vqvae", "tasks.codebook"}
+    assert not teacher & {"perceptio_core.depth.vqvae", "tasks.codebook"}
 
 
 def test_closure_follows_imports_transitively():
     found = project_imports_closure(["tasks.curate"])
-    assert {"tasks.common", "perceptio_core.curate", "perceptio_core.shards", "perceptio_core.records"} <= found
+    assert {"tasks.common", "perceptio_core.curation.curate", "perceptio_core.curation.shards", "perceptio_core.data.records"} <= found
     assert not any(m.startswith(("storage", "torch", "numpy")) for m in found)

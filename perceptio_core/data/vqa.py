@@ -1,0 +1,145 @@
+"""Multiple-choice VQA in MMBench's TSV format (SPEC §6: MMBench-style accuracy).
+
+Any MMBench-format TSV reads: a header row then one question per row, tab-separated, fields quoted
+as pandas writes them; columns ``index, question, hint, A, B, C, D, answer, category, image`` and
+optionally ``source, l2-category, comment, split`` (and further single-letter option columns).
+``image`` is the picture as base64 inline, or, as in MMBench's circular copies, the ``index`` of
+another row whose image it shares (a value of 64 characters or fewer).
+
+Images: each distinct image is decoded once and written to ``image_dir`` as
+``<sha256 of its bytes>.<ext>`` (content-addressed, so concurrent readers and repeated reads agree,
+and the file is written atomically); records point at those files, so every reader downstream deals
+with image paths only. Empty or ``nan`` cells are absent; at least two options must remain.
+Quarantined rows: ``corrupt image: ...`` (not base64, not an image), ``missing image`` (a reference
+to an index without an image), ``malformed record: ...`` (no question, fewer than two options, no
+answer, an answer that is not an option letter).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import csv
+import os
+import sys
+from pathlib import Path
+from typing import NamedTuple
+
+from perceptio_core.data.image_io import CorruptImageError, bytes_digest, decode_image_bytes
+from perceptio_core.data.records import (
+    REASON_CORRUPT_IMAGE,
+    REASON_MALFORMED,
+    REASON_MISSING_IMAGE,
+    DatasetNotFoundError,
+    QuarantineEntry,
+    VqaRecord,
+)
+
+SOURCE = "vqa"
+_EXT = {"JPEG": ".jpg", "PNG": ".png", "GIF": ".gif", "BMP": ".bmp", "WEBP": ".webp"}
+
+
+class VqaResult(NamedTuple):
+    """What :func:`read_mmbench_tsv` returns."""
+
+    records: list[VqaRecord]
+    quarantine: list[QuarantineEntry]
+
+
+def _cell(row: dict[str, str], key: str) -> str:
+    v = (row.get(key) or "").strip()
+    return "" if v.lower() == "nan" else v
+
+
+def _store_image(data: bytes, image_dir: Path) -> str:
+    """Validate image bytes and write them (once) as ``<sha256>.<ext>``; returns the path."""
+    _, fmt = decode_image_bytes(data, "<inline image>")
+    path = image_dir / f"{bytes_digest(data)}{_EXT.get(fmt, '.img')}"
+    if not path.is_file():
+        image_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    return str(path.resolve())
+
+
+def read_mmbench_tsv(
+    tsv_path: str | os.PathLike[str],
+    image_dir: str | os.PathLike[str],
+    source: str = SOURCE,
+) -> VqaResult:
+    """Read an MMBench-format TSV (module docstring); images are written under ``image_dir``.
+    Raises :class:`DatasetNotFoundError` for a missing file, ``ValueError`` without the columns."""
+    p = Path(tsv_path)
+    if not p.is_file():
+        raise DatasetNotFoundError(f"MMBench TSV not found: {p}")
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    with open(p, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    cols = set(rows[0].keys()) if rows else set()
+    need = {"index", "question", "A", "B", "image"}
+    if rows and not need <= cols:
+        raise ValueError(f"{p}: not an MMBench TSV (missing columns {sorted(need - cols)})")
+    letters = sorted(c for c in cols if len(c) == 1 and c.isupper())
+    images_by_index = {_cell(r, "index"): _cell(r, "image") for r in rows}
+    out_dir = Path(image_dir)
+    stored: dict[str, str] = {}  # base64 text -> path
+    records: list[VqaRecord] = []
+    quarantine: list[QuarantineEntry] = []
+    for n, row in enumerate(rows):
+        qid = _cell(row, "index") or f"row{n + 1}"
+        rec = f"index={qid}"
+        question = _cell(row, "question")
+        options = {k: _cell(row, k) for k in letters if _cell(row, k)}
+        answer = _cell(row, "answer").upper()
+        why = None
+        if not question:
+            why = "empty question"
+        elif len(options) < 2:
+            why = f"{len(options)} option(s), at least 2 needed"
+        elif not answer:
+            why = "no answer"
+        elif answer not in options:
+            why = f"answer {answer!r} is not one of the options {sorted(options)}"
+        if why:
+            quarantine.append(QuarantineEntry(source, rec, f"{REASON_MALFORMED}: {why}"))
+            continue
+        b64 = _cell(row, "image")
+        if len(b64) <= 64:  # a reference to another row's image
+            b64 = images_by_index.get(b64, "")
+            if len(b64) <= 64:
+                quarantine.append(QuarantineEntry(source, rec, REASON_MISSING_IMAGE))
+                continue
+        if b64 not in stored:
+            try:
+                stored[b64] = _store_image(base64.b64decode(b64, validate=True), out_dir)
+            except (binascii.Error, ValueError) as e:
+                stored[b64] = f"!{REASON_CORRUPT_IMAGE}: not base64 ({e})"
+            except CorruptImageError as e:
+                stored[b64] = f"!{REASON_CORRUPT_IMAGE}: {e.detail}"
+        path = stored[b64]
+        if path.startswith("!"):
+            quarantine.append(QuarantineEntry(source, rec, path[1:]))
+            continue
+        records.append(VqaRecord(
+            qid=qid,
+            image_path=path,
+            question=question,
+            options=options,
+            answer=answer,
+            hint=_cell(row, "hint"),
+            category=_cell(row, "category"),
+            split=_cell(row, "split") or "test",
+        ))
+    return VqaResult(records, quarantine)
+
+
+def image_as_base64(path: str | os.PathLike[str]) -> str:
+    """An image file's bytes as MMBench's inline base64 text (for writing TSVs)."""
+    return base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+def options_text(record: VqaRecord) -> str:
+    """The options as MMBench prompts list them, one ``"A. text"`` per line."""
+    return "\n".join(f"{k}. {v}" for k, v in sorted(record.options.items()))
+

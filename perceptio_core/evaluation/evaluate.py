@@ -1,0 +1,870 @@
+"""Evaluation of a Perceptio model on the SPEC §6 benchmarks, against its base, with a report.
+
+Every evaluator takes a *predict* callable ``predict(image, prompt) -> prediction``, where ``image``
+is a path (or a PIL image) and the prediction has ``.text`` (the answer, perception tokens removed),
+``.mask`` ([H, W] bool or None), ``.depth_map`` ([h, w] float or None) and ``.depth_indices`` (list or
+None); ``.status`` (a :class:`~perceptio_core.format.target.ParseStatus` or its string) and
+``.raw_text`` are read when present. :func:`model_predictor` wraps
+:func:`perceptio_core.model.generation.generate` of a loaded Perceptio model that way; :func:`base_predictor`
+wraps a plain InternVL (the base, text only); tests pass fakes.
+
+Benchmarks and the metric names of :func:`evaluate_all` (``<benchmark>.<split>.<metric>``; the
+``evaluate`` stage adds the ``evaluate.`` prefix; the base model's metrics start with ``base.``):
+
+- Referring segmentation (``refcoco``, ``refcoco+``, ``refcocog``), every split present except train,
+  in the order val, testA, testB, test: ``<dataset>.<split>.{ciou, giou, p50, n}``
+  (:mod:`perceptio_core.evaluation.metrics`). Prompt: ``render_prompt("refer_seg", variant=0, expr=...)``, the
+  canonical training template, with the expression cleaned as curation cleans it. Ground truth:
+  :func:`perceptio_core.data.refer.ann_to_mask` at the image's size; the predicted mask is resized to it
+  (nearest). No mask (no ``[SEG]``) counts as an empty mask.
+- HardBLINK: ``hardblink.<n>.accuracy`` for each point count n present (3, 4, 5), and
+  ``hardblink.mean.accuracy``, the mean of the per-count accuracies (as the paper reports).
+  Prompt: ``render_prompt("depth_cot", variant=0, question=record.question)``; answers read by
+  :func:`perceptio_core.evaluation.answers.parse_choice`; unreadable = wrong. ``hardblink.<n>.token_depth``:
+  the share answered right by reading the *decoded depth map* at the marked points (largest
+  disparity = nearest; no map = wrong): whether the depth tokens knew, whatever the text said.
+- Multiple-choice VQA: ``vqa.<split>.accuracy`` (MMBench-style) per split except ``train``, prompt
+  :func:`format_mc_prompt`, answers read by :func:`perceptio_core.evaluation.answers.parse_mc_answer`.
+- Perception block (SPEC §1): ``perception_block.wellformed``: the share of the refer and HardBLINK
+  generations (the prompts that ask for it) whose perception output is well formed: status ``ok``
+  of :func:`~perceptio_core.format.target.parse_generation` (``[SEG]`` + a block of exactly N
+  codes for refer; the block for HardBLINK's depth-only target, where ``no_seg`` is fine);
+  ``perception_block.wellformed_unconstrained``: the same with a second predictor that decodes
+  without the constraint, on the first ``unconstrained_limit`` of those prompts (spread evenly).
+- Depth quality of the depth map decoded from the generated tokens, over the refer and HardBLINK
+  generations: ``depth.teacher.{mse, absrel, delta1, pair_order, coverage, n}`` against the teacher
+  map of the image (looked up by image digest; :func:`perceptio_core.depth.metrics.map_metrics`
+  and pair order on ``1 / (map + eps)``), ``depth.true.{absrel, delta1, pair_order, coverage, n}``
+  against the true depth where the record has one
+  (:func:`perceptio_core.depth.metrics.teacher_vs_true_metrics`: scale/shift-aligned disparity), and
+  ``depth.teacher_on_true.{absrel, delta1, pair_order}``: the teacher map itself against the true
+  depth, the ceiling the tokens distil. Honest counting: a generation without a well-formed block
+  is scored as a flat map (constant 0.5), never dropped; ``coverage`` is the share that had a map.
+
+Limits (:class:`~perceptio_core.config.EvaluateConfig`): ``refer_limit`` expressions per dataset
+and split, ``hardblink_limit`` questions per point count, ``vqa_limit`` questions per split,
+``unconstrained_limit`` prompts; 0 = all. A limited subset is spread evenly over the records in
+their (sorted) order, so it is the same on every run.
+
+:func:`run_evaluation` returns an :class:`Evaluation` (metrics, the samples kept for pictures,
+block status counts, timings); :func:`write_report` writes ``report.md`` and its PNGs;
+:func:`evaluate_all` does both and returns the flat metrics.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+
+from perceptio_core.evaluation.answers import label_of, parse_choice, parse_mc_answer
+from perceptio_core.config import EvaluateConfig
+from perceptio_core.depth.metrics import MAP_EPS, map_metrics, pair_order_accuracy, resize_map, teacher_vs_true_metrics
+from perceptio_core.data.image_io import ImageError, file_digest, load_image
+from perceptio_core.evaluation.metrics import IoUAccumulator, resize_mask
+from perceptio_core.format.target import ParseStatus, parse_generation
+from perceptio_core.format.prompts import clean_expression, format_mc_prompt, render_prompt
+from perceptio_core.data.records import HardBlinkRecord, ImageRecord, RefRecord, Sources, VqaRecord
+from perceptio_core.data.refer import ann_to_mask
+
+Predict = Callable[[Any, str], Any]
+ProgressFn = Callable[[int, int, dict[str, Any]], None]
+
+REFER_DATASETS = ("refcoco", "refcoco+", "refcocog")
+EVAL_SPLITS = ("val", "testA", "testB", "test")
+PERCEPTIO, BASE = "perceptio", "base"
+FLAT_MAP_VALUE = 0.5  # the map a generation without a well-formed block is scored as
+
+
+# --------------------------------------------------------------------------------------------
+# Prompts (the training templates)
+# --------------------------------------------------------------------------------------------
+
+
+def refer_prompt(sentence: str) -> str:
+    """The referring-segmentation prompt: the canonical ``refer_seg`` training template."""
+    return render_prompt("refer_seg", variant=0, expr=clean_expression(sentence))
+
+
+def hardblink_prompt(question: str) -> str:
+    """The HardBLINK prompt: the canonical ``depth_cot`` training template around the record's
+    question (the depth chain-of-thought samples are trained the same way)."""
+    return render_prompt("depth_cot", variant=0, question=question.strip())
+
+
+def vqa_prompt(record: VqaRecord) -> str:
+    """:func:`format_mc_prompt` of a :class:`VqaRecord`."""
+    return format_mc_prompt(record.question, record.options, record.hint)
+
+
+# --------------------------------------------------------------------------------------------
+# Predictors
+# --------------------------------------------------------------------------------------------
+
+
+def _image_arg(image: Any) -> Any:
+    if isinstance(image, (str, os.PathLike)):
+        return load_image(image)
+    return image
+
+
+def model_predictor(
+    model: Any,
+    *,
+    constrained: bool = True,
+    max_new_tokens: int = 160,
+    num_beams: int = 1,
+    want_mask: bool = True,
+    want_depth: bool = True,
+) -> Predict:
+    """``predict(image path or PIL, prompt) -> GenerationResult`` for a loaded
+    :class:`~perceptio_core.model.perceptio_model.PerceptioModel` (its own tokenizer), through
+    :func:`perceptio_core.model.generation.generate`."""
+    from perceptio_core.model.generation import generate
+
+    def predict(image: Any, prompt: str) -> Any:
+        return generate(model, model.tokenizer, _image_arg(image), prompt, max_new_tokens, constrained,
+                        num_beams, want_mask=want_mask, want_depth=want_depth)  # fmt: skip
+
+    return predict
+
+
+class TextOnlyLM:
+    """A plain InternVL (``InternVLForConditionalGeneration``: the base, no perception tokens) with
+    the ``lm_forward`` interface :func:`perceptio_core.model.generation.generate_ids` decodes with."""
+
+    def __init__(self, vlm: Any) -> None:
+        self.vlm = vlm
+
+    def lm_forward(self, input_ids: Any, attention_mask: Any = None, pixel_values: Any = None,
+                   past_key_values: Any = None, use_cache: bool = False, logits_from: int | None = -1) -> Any:
+        from perceptio_core.model.internvl import lm_pass
+
+        hidden, logits, cache = lm_pass(self.vlm, input_ids, attention_mask, pixel_values, past_key_values,
+                                        use_cache, logits_from)  # fmt: skip
+        return SimpleNamespace(hidden=hidden, logits=logits, past_key_values=cache)
+
+
+def base_predictor(base_model: Any, tokenizer: Any, *, max_new_tokens: int = 160, num_beams: int = 1) -> Predict:
+    """``predict(image, prompt)`` for the base InternVL (text only): the prompt encoded as in
+    training (:func:`perceptio_core.model.batching.encode_prompt`), greedy (or beam) decoding with the KV
+    cache, no constraint. The prediction has ``mask``, ``depth_map`` and ``depth_indices`` None."""
+    import torch
+
+    from perceptio_core.model.batching import encode_prompt
+    from perceptio_core.model.generation import generate_ids
+    from perceptio_core.model.internvl import image_seq_length, internvl_pixel_values, to_pil_rgb, vision_image_size
+
+    lm = TextOnlyLM(base_model)
+    cfg = base_model.config
+    seq_len, size = image_seq_length(cfg), vision_image_size(cfg)
+    stops = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
+
+    @torch.no_grad()
+    def predict(image: Any, prompt: str) -> Any:
+        base_model.eval()
+        param = next(base_model.parameters())
+        pil = to_pil_rgb(_image_arg(image))
+        px = internvl_pixel_values(pil, size)[None].to(device=param.device, dtype=param.dtype)
+        ids, _ = generate_ids(lm, encode_prompt(tokenizer, prompt, seq_len), px, max_new_tokens, stops,
+                              num_beams=num_beams)  # fmt: skip
+        ids = [t for t in ids if t not in stops]
+        raw = tokenizer.decode(ids, skip_special_tokens=False)
+        parsed = parse_generation(raw)
+        return SimpleNamespace(text=parsed.answer, raw_text=raw, token_ids=ids, status=parsed.status,
+                               mask=None, depth_map=None, depth_indices=None)  # fmt: skip
+
+    return predict
+
+
+def make_predictors(
+    model: Any,
+    cfg: EvaluateConfig | None = None,
+    base_model: Any = None,
+    base_tokenizer: Any = None,
+) -> dict[str, Predict | None]:
+    """The predictors :func:`evaluate_all` takes, from a loaded Perceptio ``model`` and
+    ``cfg``: ``{"predict", "predict_unconstrained", "base_predict"}`` (keyword arguments of
+    :func:`evaluate_all`). ``predict`` decodes with ``cfg.constrained``; ``predict_unconstrained``
+    without the constraint (None when ``unconstrained_limit`` is 0); ``base_predict`` wraps
+    ``base_model`` (None without one or when ``cfg.compare_base`` is off)."""
+    cfg = cfg or EvaluateConfig()
+    kw = dict(max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams)
+    return {
+        "predict": model_predictor(model, constrained=cfg.constrained, **kw),
+        "predict_unconstrained": (
+            model_predictor(model, constrained=False, want_mask=False, want_depth=False, **kw)
+            if cfg.unconstrained_limit > 0 else None
+        ),
+        "base_predict": (
+            base_predictor(base_model, base_tokenizer, **kw)
+            if base_model is not None and cfg.compare_base else None
+        ),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Results
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Shown:
+    """One sample kept for the report's pictures (the perceptio prediction; the base's answer to
+    the same prompt when the base ran)."""
+
+    benchmark: str  # "refer", "hardblink", "vqa"
+    name: str  # "refcoco val", "hardblink 3", "vqa test"
+    key: str
+    image_path: str
+    query: str  # what the sample asks (expression, question)
+    prompt: str
+    answer: str  # the predicted text
+    reference: str  # the right answer (or the object's category for refer)
+    correct: bool
+    score: float | None = None  # IoU for refer
+    mask: np.ndarray | None = None
+    gt_mask: np.ndarray | None = None
+    depth_map: np.ndarray | None = None
+    status: str = ""
+    points: tuple[tuple[float, float], ...] = ()  # HardBLINK's marked points (x, y) and labels
+    labels: tuple[str, ...] = ()
+    base_answer: str | None = None
+    base_correct: bool | None = None
+    figure: str = ""  # PNG file name, once written
+
+
+@dataclass
+class Evaluation:
+    """What :func:`run_evaluation` returns.
+
+    metrics: flat ``<benchmark>.<split>.<metric>`` -> value (``base.`` for the base model).
+    shown: the samples kept for pictures. block_status: per "constrained"/"unconstrained", counts of
+    each :class:`ParseStatus`. timings: seconds and samples per second per model. errors: samples
+    whose image could not be read (scored wrong / empty, never dropped).
+    """
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    shown: list[Shown] = field(default_factory=list)
+    block_status: dict[str, dict[str, int]] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+
+
+_EMPTY = SimpleNamespace(text="", raw_text="", mask=None, depth_map=None, depth_indices=None,
+                         status=ParseStatus.NO_BLOCK)  # fmt: skip
+
+
+class _Runner:
+    """Calls a predictor, counts progress, turns an unreadable image into an empty prediction."""
+
+    def __init__(self, total: int, progress: ProgressFn | None, errors: list[str]) -> None:
+        self.total, self.done, self.progress, self.errors = total, 0, progress, errors
+        self.calls: Counter[str] = Counter()
+        self.seconds: Counter[str] = Counter()
+
+    def __call__(self, predict: Predict, model: str, image: str, prompt: str, **info: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            pred = predict(image, prompt)
+        except ImageError as e:
+            self.errors.append(f"{model}: {e}")
+            pred = _EMPTY
+        self.seconds[model] += time.perf_counter() - t0
+        self.calls[model] += 1
+        self.done += 1
+        if self.progress is not None:
+            self.progress(self.done, self.total, {"model": model, **info})
+        return pred
+
+
+def spread(items: Sequence[Any], limit: int | None) -> list[Any]:
+    """``limit`` items spread evenly over ``items`` (order kept); all of them when ``limit`` is
+    None, 0 or not smaller than ``len(items)``."""
+    n = len(items)
+    if not limit or limit >= n:
+        return list(items)
+    return [items[(i * n) // limit] for i in range(limit)]
+
+
+# --------------------------------------------------------------------------------------------
+# Plans: which records each benchmark evaluates
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _ReferItem:
+    dataset: str
+    split: str
+    record: RefRecord
+    image: ImageRecord
+
+
+def refer_plan(sources: Sources, cfg: EvaluateConfig) -> dict[tuple[str, str], list[_ReferItem]]:
+    """(dataset, split) -> the refer items evaluated, for the datasets of ``cfg.refer_datasets`` and
+    the splits of ``cfg.refer_splits`` present in the records (never ``train``), in that order."""
+    out: dict[tuple[str, str], list[_ReferItem]] = {}
+    for ds in cfg.refer_datasets:
+        for split in cfg.refer_splits:
+            if split == "train":
+                continue
+            recs = sorted((r for r in sources.refs if r.dataset == ds and r.split == split),
+                          key=lambda r: (r.ref_id, r.sent_id))  # fmt: skip
+            items = [_ReferItem(ds, split, r, sources.coco_images[r.image_id])
+                     for r in recs if r.image_id in sources.coco_images]  # fmt: skip
+            if items:
+                out[(ds, split)] = spread(items, cfg.refer_limit)
+    return out
+
+
+def hardblink_plan(records: Iterable[HardBlinkRecord], cfg: EvaluateConfig) -> dict[int, list[HardBlinkRecord]]:
+    """Point count -> the HardBLINK records evaluated (sorted by qid, ``hardblink_limit`` each;
+    records of a ``train`` split are left out)."""
+    by_n: dict[int, list[HardBlinkRecord]] = {}
+    for r in sorted(records, key=lambda r: (r.n_points, r.qid)):
+        if r.split == "train":
+            continue
+        by_n.setdefault(r.n_points, []).append(r)
+    return {n: spread(rs, cfg.hardblink_limit) for n, rs in sorted(by_n.items())}
+
+
+def vqa_plan(records: Iterable[VqaRecord], cfg: EvaluateConfig) -> dict[str, list[VqaRecord]]:
+    """Split -> the VQA records evaluated (sorted by qid, ``vqa_limit`` each); the ``train`` split
+    (the world's VQA questions the base is fitted on) is never evaluated."""
+    by_split: dict[str, list[VqaRecord]] = {}
+    for r in sorted(records, key=lambda r: (r.split, r.qid)):
+        if r.split == "train":
+            continue
+        by_split.setdefault(r.split, []).append(r)
+    return {s: spread(rs, cfg.vqa_limit) for s, rs in by_split.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Depth quality
+# --------------------------------------------------------------------------------------------
+
+
+def _lookup(store: Any, digest: str) -> np.ndarray | None:
+    """``store[digest]`` for a dict, a ``DepthMaps`` or any mapping; None when absent."""
+    if store is None or not digest or digest not in store:
+        return None
+    v = store.get(digest) if hasattr(store, "get") else store[digest]
+    return None if v is None else np.asarray(v, dtype=np.float32)
+
+
+class DepthQuality:
+    """Accumulates the depth metrics of decoded maps (module docstring, "Depth quality")."""
+
+    def __init__(self, n_pairs: int = 2000) -> None:
+        self.n_pairs = n_pairs
+        self.rows: dict[str, list[dict[str, float]]] = {"teacher": [], "true": [], "teacher_on_true": []}
+        self.present: dict[str, int] = {"teacher": 0, "true": 0}
+
+    def add(self, depth_map: np.ndarray | None, teacher: np.ndarray | None, true_depth: np.ndarray | None) -> None:
+        """One generation: its decoded map (None: no well-formed block), the teacher's [0, 1] map
+        of the image and the true depth (metres), either None when unknown."""
+        has = depth_map is not None
+        if teacher is not None:
+            pred = self._as_map(depth_map, teacher.shape)
+            m = map_metrics(pred, teacher)
+            m["pair_order"] = pair_order_accuracy(pred, 1.0 / (np.clip(teacher, 0, 1) + MAP_EPS),
+                                                  n_pairs=self.n_pairs, rng=0, pred_is_disparity=True)  # fmt: skip
+            self.rows["teacher"].append(m)
+            self.present["teacher"] += has
+        if true_depth is not None:
+            pred = self._as_map(depth_map, true_depth.shape)
+            m = teacher_vs_true_metrics(pred, true_depth, n_pairs=self.n_pairs)
+            self.rows["true"].append({k: m[k] for k in ("absrel", "delta1", "pair_order")})
+            self.present["true"] += has
+            if teacher is not None:
+                t = teacher_vs_true_metrics(teacher, true_depth, n_pairs=self.n_pairs)
+                self.rows["teacher_on_true"].append({k: t[k] for k in ("absrel", "delta1", "pair_order")})
+
+    @staticmethod
+    def _as_map(depth_map: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
+        if depth_map is None:
+            return np.full(shape, FLAT_MAP_VALUE, dtype=np.float32)
+        return resize_map(np.asarray(depth_map, dtype=np.float32), tuple(shape))
+
+    def result(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for ref, rows in self.rows.items():
+            if not rows:
+                continue
+            for k in rows[0]:
+                vals = [r[k] for r in rows if not math.isnan(r[k])]
+                out[f"depth.{ref}.{k}"] = float(np.mean(vals)) if vals else math.nan
+            if ref in self.present:
+                out[f"depth.{ref}.coverage"] = self.present[ref] / len(rows)
+                out[f"depth.{ref}.n"] = float(len(rows))
+        return out
+
+
+def _true_depth(path: str | None, cache: dict[str, np.ndarray]) -> np.ndarray | None:
+    if not path:
+        return None
+    if path not in cache:
+        try:
+            cache[path] = np.load(path, allow_pickle=False).astype(np.float32)
+        except (OSError, ValueError):
+            return None
+    return cache[path]
+
+
+def token_depth_choice(depth_map: np.ndarray | None, points: Sequence[tuple[float, float]],
+                       labels: Sequence[str], image_size: tuple[int, int]) -> str | None:
+    """The label of the nearest marked point read off a decoded disparity map (largest value =
+    nearest), the map resized to ``image_size = (H, W)``; None without a map."""
+    if depth_map is None:
+        return None
+    h, w = image_size
+    m = resize_map(np.asarray(depth_map, dtype=np.float32), (h, w))
+    vals = [m[min(max(int(round(y)), 0), h - 1), min(max(int(round(x)), 0), w - 1)] for x, y in points]
+    return labels[int(np.argmax(vals))]
+
+
+# --------------------------------------------------------------------------------------------
+# Block status
+# --------------------------------------------------------------------------------------------
+
+
+def block_status(pred: Any, expect_seg: bool, num_tokens: int | None = None,
+                 codebook_size: int | None = None) -> str:
+    """The :class:`ParseStatus` value of a prediction's perception output for a task that expects
+    ``[SEG]`` (refer) or not (HardBLINK's depth-only target): ``raw_text`` re-parsed when N and K
+    are given, else the prediction's ``status`` (``no_seg`` is ``ok`` when no ``[SEG]`` is
+    expected), else inferred from ``depth_indices`` and ``mask``."""
+    raw = getattr(pred, "raw_text", None)
+    if raw is not None and num_tokens and codebook_size:
+        return parse_generation(raw, num_tokens, codebook_size, expect_seg=expect_seg).status.value
+    st = getattr(pred, "status", None)
+    if st is not None:
+        st = st.value if isinstance(st, ParseStatus) else str(st)
+        return ParseStatus.OK.value if (st == ParseStatus.NO_SEG.value and not expect_seg) else st
+    if getattr(pred, "depth_indices", None) is None:
+        return ParseStatus.NO_BLOCK.value
+    if expect_seg and getattr(pred, "mask", None) is None:
+        return ParseStatus.NO_SEG.value
+    return ParseStatus.OK.value
+
+
+# --------------------------------------------------------------------------------------------
+# The evaluation
+# --------------------------------------------------------------------------------------------
+
+
+class _Keeper:
+    """Keeps the first ``k`` right and ``k`` wrong samples per benchmark name for the pictures."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.kept: dict[str, Shown] = {}
+        self.count: Counter[tuple[str, bool]] = Counter()
+
+    def wants(self, group: str, correct: bool) -> bool:
+        return self.count[(group, correct)] < self.k
+
+    def keep(self, group: str, s: Shown) -> None:
+        self.count[(group, s.correct)] += 1
+        self.kept[s.key] = s
+
+
+def run_evaluation(
+    predict: Predict,
+    sources: Sources,
+    cfg: EvaluateConfig | None = None,
+    *,
+    base_predict: Predict | None = None,
+    predict_unconstrained: Predict | None = None,
+    teacher_maps: Any = None,
+    num_tokens: int | None = None,
+    codebook_size: int | None = None,
+    progress: ProgressFn | None = None,
+) -> Evaluation:
+    """Run every benchmark of SPEC §6 on ``sources`` (module docstring).
+
+    Args:
+        predict: the Perceptio predictor (constrained decoding, the default).
+        sources: the resolved records (refs + COCO images, HardBLINK, VQA).
+        cfg: which datasets/splits and how many samples (:class:`EvaluateConfig`; default values).
+        base_predict: the base model's predictor; its metrics come out as ``base.<...>``.
+        predict_unconstrained: the Perceptio predictor without the decoding constraint, for
+            ``perception_block.wellformed_unconstrained``.
+        teacher_maps: image digest -> teacher [0, 1] map (a dict or a ``DepthMaps``), for
+            ``depth.teacher.*``.
+        num_tokens, codebook_size: N and K, to re-parse ``raw_text`` for the block status (else the
+            predictions' own ``status`` is used).
+        progress: ``progress(done, total, info)`` after every generation.
+    """
+    cfg = cfg or EvaluateConfig()
+    refer = refer_plan(sources, cfg) if cfg.refer else {}
+    hardblink = hardblink_plan(sources.hardblink, cfg) if cfg.hardblink else {}
+    vqa = vqa_plan(sources.vqa, cfg) if cfg.vqa else {}
+    block_items = [("refer", it) for items in refer.values() for it in items] + [
+        ("hardblink", r) for rs in hardblink.values() for r in rs]
+    unconstrained = spread(block_items, cfg.unconstrained_limit) if predict_unconstrained is not None else []
+    n_main = len(block_items) + sum(len(v) for v in vqa.values())
+    total = n_main * (2 if base_predict is not None else 1) + len(unconstrained)
+
+    ev = Evaluation()
+    run = _Runner(total, progress, ev.errors)
+    keeper = _Keeper(cfg.report_samples)
+    depth = DepthQuality(cfg.depth_pairs)
+    depth_cache: dict[str, np.ndarray] = {}
+    digests: dict[str, str] = {}
+    statuses: Counter[str] = Counter()
+
+    def digest_of(path: str) -> str:
+        if teacher_maps is None:
+            return ""
+        if path not in digests:
+            try:
+                digests[path] = file_digest(path)
+            except ImageError:
+                digests[path] = ""
+        return digests[path]
+
+    models: list[tuple[str, Predict]] = [(PERCEPTIO, predict)]
+    if base_predict is not None:
+        models.append((BASE, base_predict))
+
+    for model, pred_fn in models:
+        is_main = model == PERCEPTIO
+        prefix = "" if is_main else "base."
+        t_start = time.perf_counter()
+        n_done = run.calls[model]
+
+        # ---- referring segmentation
+        for (ds, split), items in refer.items():
+            acc = IoUAccumulator()
+            for it in items:
+                r, im = it.record, it.image
+                prompt = refer_prompt(r.sentence)
+                p = run(pred_fn, model, im.path, prompt, benchmark=ds, split=split)
+                gt = ann_to_mask(r.segmentation, im.height, im.width).astype(bool)
+                mask = getattr(p, "mask", None)
+                pm = resize_mask(mask, gt.shape) if mask is not None else None
+                iou = acc.add(pm, gt)
+                key = f"{ds}/{split}/r{r.ref_id}/s{r.sent_id}"
+                if is_main:
+                    st = block_status(p, True, num_tokens, codebook_size)
+                    statuses[st] += 1
+                    dmap = getattr(p, "depth_map", None)
+                    depth.add(dmap, _lookup(teacher_maps, im.digest), _true_depth(im.depth_path, depth_cache))
+                    right = iou >= 0.5
+                    if keeper.wants("refer", right):
+                        keeper.keep("refer", Shown("refer", f"{ds} {split}", key, im.path, r.sentence, prompt,
+                                                   p.text, r.category, right, iou, pm, gt, dmap, st))  # fmt: skip
+                elif key in keeper.kept:
+                    keeper.kept[key].base_answer = p.text
+                    keeper.kept[key].base_correct = iou >= 0.5
+            for k, v in acc.result().items():
+                ev.metrics[f"{prefix}{ds}.{split}.{k}"] = v
+
+        # ---- HardBLINK
+        per_n: dict[int, float] = {}
+        for n, recs in hardblink.items():
+            right_n = tok_right = 0
+            for r in recs:
+                prompt = hardblink_prompt(r.question)
+                p = run(pred_fn, model, r.image_path, prompt, benchmark="hardblink", split=str(n))
+                truth = label_of(r.answer)
+                got = parse_choice(p.text, r.labels)
+                right = got == truth
+                right_n += right
+                key = f"hardblink/{r.qid}"
+                if is_main:
+                    st = block_status(p, False, num_tokens, codebook_size)
+                    statuses[st] += 1
+                    dmap = getattr(p, "depth_map", None)
+                    size = _image_hw(r.image_path)
+                    tok_right += size is not None and token_depth_choice(dmap, r.points, r.labels, size) == truth
+                    depth.add(dmap, _lookup(teacher_maps, digest_of(r.image_path)),
+                              _true_depth(r.depth_path, depth_cache))  # fmt: skip
+                    if keeper.wants("hardblink", right):
+                        keeper.keep("hardblink", Shown("hardblink", f"hardblink {n}", key, r.image_path, r.question,
+                                                       prompt, p.text, r.answer, right, None, None, None, dmap, st,
+                                                       tuple(r.points), tuple(r.labels)))
+                elif key in keeper.kept:
+                    keeper.kept[key].base_answer = p.text
+                    keeper.kept[key].base_correct = right
+            per_n[n] = right_n / len(recs)
+            ev.metrics[f"{prefix}hardblink.{n}.accuracy"] = per_n[n]
+            ev.metrics[f"{prefix}hardblink.{n}.n"] = float(len(recs))
+            if is_main:
+                ev.metrics[f"hardblink.{n}.token_depth"] = tok_right / len(recs)
+        if per_n:
+            ev.metrics[f"{prefix}hardblink.mean.accuracy"] = float(np.mean(list(per_n.values())))
+            if is_main:
+                ev.metrics["hardblink.mean.token_depth"] = float(
+                    np.mean([ev.metrics[f"hardblink.{n}.token_depth"] for n in per_n]))
+
+        # ---- multiple-choice VQA
+        for split, recs in vqa.items():
+            right_n = 0
+            for r in recs:
+                prompt = vqa_prompt(r)
+                p = run(pred_fn, model, r.image_path, prompt, benchmark="vqa", split=split)
+                right = parse_mc_answer(p.text, r.options) == r.answer
+                right_n += right
+                key = f"vqa/{r.qid}"
+                if is_main and keeper.wants("vqa", right):
+                    keeper.keep("vqa", Shown("vqa", f"vqa {split}", key, r.image_path, r.question, prompt, p.text,
+                                             f"{r.answer}. {r.options.get(r.answer, '')}", right,
+                                             depth_map=getattr(p, "depth_map", None)))
+                elif not is_main and key in keeper.kept:
+                    keeper.kept[key].base_answer = p.text
+                    keeper.kept[key].base_correct = right
+            ev.metrics[f"{prefix}vqa.{split}.accuracy"] = right_n / len(recs)
+            ev.metrics[f"{prefix}vqa.{split}.n"] = float(len(recs))
+
+        seconds = time.perf_counter() - t_start
+        ev.timings[f"{model}.seconds"] = seconds
+        ev.timings[f"{model}.samples_per_s"] = (run.calls[model] - n_done) / seconds if seconds > 0 else math.nan
+
+    # ---- the perception block, constrained and not
+    n_block = sum(statuses.values())
+    if n_block:
+        ev.metrics["perception_block.wellformed"] = statuses[ParseStatus.OK.value] / n_block
+        ev.metrics["perception_block.n"] = float(n_block)
+        ev.block_status["constrained"] = dict(statuses)
+    if unconstrained:
+        loose: Counter[str] = Counter()
+        t0 = time.perf_counter()
+        for kind, it in unconstrained:
+            if kind == "refer":
+                p = run(predict_unconstrained, PERCEPTIO + "-unconstrained", it.image.path,
+                        refer_prompt(it.record.sentence), benchmark=it.dataset, split=it.split)
+                loose[block_status(p, True, num_tokens, codebook_size)] += 1
+            else:
+                p = run(predict_unconstrained, PERCEPTIO + "-unconstrained", it.image_path,
+                        hardblink_prompt(it.question), benchmark="hardblink", split=str(it.n_points))
+                loose[block_status(p, False, num_tokens, codebook_size)] += 1
+        ev.metrics["perception_block.wellformed_unconstrained"] = loose[ParseStatus.OK.value] / len(unconstrained)
+        ev.metrics["perception_block.n_unconstrained"] = float(len(unconstrained))
+        ev.block_status["unconstrained"] = dict(loose)
+        ev.timings["unconstrained.seconds"] = time.perf_counter() - t0
+
+    ev.metrics.update(depth.result())
+    ev.shown = list(keeper.kept.values())
+    return ev
+
+
+def _image_hw(path: str) -> tuple[int, int] | None:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.height, im.width
+    except OSError:
+        return None
+
+
+def evaluate_all(
+    predict: Predict,
+    sources: Sources,
+    cfg: EvaluateConfig | None = None,
+    *,
+    base_predict: Predict | None = None,
+    predict_unconstrained: Predict | None = None,
+    teacher_maps: Any = None,
+    num_tokens: int | None = None,
+    codebook_size: int | None = None,
+    progress: ProgressFn | None = None,
+    report_dir: str | os.PathLike[str] | None = None,
+) -> dict[str, float]:
+    """:func:`run_evaluation` (same arguments), then, when ``report_dir`` is given,
+    :func:`write_report` into it. Returns the flat metrics (``refcoco.val.ciou``,
+    ``hardblink.mean.accuracy``, ``vqa.test.accuracy``, ``perception_block.wellformed``,
+    ``base.refcoco.val.ciou``, ...)."""
+    ev = run_evaluation(predict, sources, cfg, base_predict=base_predict,
+                        predict_unconstrained=predict_unconstrained, teacher_maps=teacher_maps,
+                        num_tokens=num_tokens, codebook_size=codebook_size, progress=progress)  # fmt: skip
+    if report_dir is not None:
+        write_report(ev, report_dir)
+    return ev.metrics
+
+
+# --------------------------------------------------------------------------------------------
+# The report
+# --------------------------------------------------------------------------------------------
+
+REPORT = "report.md"
+FIGURES = "figures"
+
+
+def split_metric_name(name: str) -> tuple[str, str, str]:
+    """``"refcoco+.testA.ciou"`` -> ``("refcoco+", "testA", "ciou")``; a two-part name
+    (``"perception_block.wellformed"``) has an empty split."""
+    parts = name.split(".")
+    if len(parts) == 2:
+        return parts[0], "", parts[1]
+    return parts[0], ".".join(parts[1:-1]), parts[-1]
+
+
+def _fmt(v: float | None, integer: bool = False) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float) and math.isnan(v):
+        return "nan"
+    return f"{v:.0f}" if integer or abs(v) >= 1000 else f"{v:.3f}"
+
+
+def metrics_table(metrics: Mapping[str, float]) -> str:
+    """Markdown table ``benchmark | split | metric | perceptio | base | Δ`` (Δ = perceptio - base
+    where both exist); counts (``n``) are shown without Δ."""
+    rows = ["| benchmark | split | metric | perceptio | base | Δ |", "|---|---|---|---:|---:|---:|"]
+    for name, v in metrics.items():
+        if name.startswith("base."):
+            continue
+        b = metrics.get(f"base.{name}")
+        bench, split, metric = split_metric_name(name)
+        n = metric == "n" or metric.startswith("n_")  # counts: n, n_unconstrained
+        delta = "" if b is None or n or math.isnan(v) or math.isnan(b) else f"{v - b:+.3f}"
+        rows.append(f"| {bench} | {split} | {metric} | {_fmt(v, n)} | {_fmt(b, n)} | {delta} |")
+    return "\n".join(rows)
+
+
+def sample_figure(s: Shown, path: str | os.PathLike[str]) -> Path:
+    """One PNG row for a kept sample: the image; for refer the predicted mask over it (green) with
+    the ground truth's outline (red); the predicted depth map at the image's size (HardBLINK's
+    points marked on it); the query / answer / reference / base answer and the verdict."""
+    import textwrap
+
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    try:
+        img = np.asarray(load_image(s.image_path))
+    except ImageError:
+        img = np.zeros((32, 32, 3), dtype=np.uint8)
+    refer = s.benchmark == "refer"
+    fig, axes = plt.subplots(1, 4 if refer else 3, figsize=(13 if refer else 10, 3.2), dpi=80)
+    axes[0].imshow(img)
+    axes[0].set_title("image", fontsize=9)
+    if refer:
+        ax = axes[1]
+        ax.imshow(img)
+        if s.mask is not None and s.mask.shape == img.shape[:2]:
+            overlay = np.zeros((*s.mask.shape, 4), dtype=np.float32)
+            overlay[s.mask] = (0.1, 0.9, 0.2, 0.55)
+            ax.imshow(overlay)
+        if s.gt_mask is not None and s.gt_mask.any():
+            ax.contour(s.gt_mask.astype(float), levels=[0.5], colors="red", linewidths=1.0)
+        ax.set_title("predicted mask (green) / truth (red)" if s.mask is not None
+                     else "no [SEG]: empty mask / truth (red)", fontsize=9)  # fmt: skip
+    ax = axes[2 if refer else 1]
+    if s.depth_map is not None:
+        ax.imshow(resize_map(np.asarray(s.depth_map, dtype=np.float32), img.shape[:2]), cmap="magma")
+        ax.set_title("predicted depth (bright = near)", fontsize=9)
+        for (x, y), lab in zip(s.points, s.labels):
+            ax.plot([x], [y], "o", mfc="none", mec="cyan", ms=8)
+            ax.text(x + 3, y - 3, lab, color="cyan", fontsize=8)
+    else:
+        ax.imshow(np.full(img.shape[:2], 0.5), cmap="gray", vmin=0, vmax=1)
+        ax.text(img.shape[1] / 2, img.shape[0] / 2, f"no depth block\n({s.status or 'none'})",
+                ha="center", va="center", fontsize=9)  # fmt: skip
+        ax.set_title("predicted depth", fontsize=9)
+    ax = axes[-1]
+    verdict = "RIGHT" if s.correct else "WRONG"
+    lines = [f"{s.name} - {verdict}" + (f" (IoU {s.score:.2f})" if s.score is not None else ""),
+             f"query: {s.query}", f"answer: {s.answer or '(empty)'}", f"reference: {s.reference}"]
+    if s.status:
+        lines.append(f"block: {s.status}")
+    if s.base_answer is not None:
+        lines.append(f"base: {s.base_answer or '(empty)'} ({'right' if s.base_correct else 'wrong'})")
+    ax.text(0.0, 1.0, "\n".join(textwrap.fill(line, 46) for line in lines), ha="left", va="top", fontsize=8,
+            family="monospace")  # fmt: skip
+    for a in axes:
+        a.set_xticks([])
+        a.set_yticks([])
+    axes[-1].axis("off")
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def write_report(ev: Evaluation, out_dir: str | os.PathLike[str], title: str = "Perceptio evaluation") -> Path:
+    """Write ``<out_dir>/report.md`` (metric tables, perceptio vs base; the perception block's
+    statuses; timings; one picture row per kept sample, right and wrong, referenced by file name
+    under ``figures/``) and the PNGs. Returns the markdown's path."""
+    out = Path(out_dir)
+    (out / FIGURES).mkdir(parents=True, exist_ok=True)
+    has_base = any(k.startswith("base.") for k in ev.metrics)
+    md = [f"# {title}", ""]
+    md.append("Metrics are `<benchmark>.<split>.<metric>`; cIoU = sum of intersections / sum of unions, "
+              "gIoU = mean IoU, p50 = share with IoU >= 0.5; a generation without `[SEG]` counts as an "
+              "empty mask and an unreadable answer as wrong (never dropped).")
+    if has_base:
+        md.append("The base model gets the same prompts; it has no `[SEG]`, so its masks are empty.")
+    md += ["", "## Metrics", "", metrics_table(ev.metrics), ""]
+    if ev.block_status:
+        md += ["## Perception block", "", "| decoding | " + " | ".join(s.value for s in ParseStatus) + " |",
+               "|---|" + "---:|" * len(ParseStatus)]
+        for kind, counts in ev.block_status.items():
+            md.append(f"| {kind} | " + " | ".join(str(counts.get(s.value, 0)) for s in ParseStatus) + " |")
+        md.append("")
+    if ev.timings:
+        md += ["## Timings", ""] + [f"- {k}: {_fmt(v)}" for k, v in ev.timings.items()] + [""]
+    if ev.errors:
+        md += ["## Unreadable images (scored wrong / empty)", ""] + [f"- {e}" for e in ev.errors] + [""]
+    if ev.shown:
+        md += ["## Samples", ""]
+        by_bench: dict[str, list[Shown]] = {}
+        for s in ev.shown:
+            by_bench.setdefault(s.benchmark, []).append(s)
+        for bench, items in by_bench.items():
+            md += [f"### {bench}", ""]
+            counters: Counter[str] = Counter()
+            for s in sorted(items, key=lambda s: (not s.correct, s.key)):
+                verdict = "right" if s.correct else "wrong"
+                name = f"{bench}_{verdict}_{counters[verdict]}.png"
+                counters[verdict] += 1
+                sample_figure(s, out / FIGURES / name)
+                s.figure = f"{FIGURES}/{name}"
+                md += [f"**{s.name}, {verdict}**: {s.query}", "", f"![{s.name} {verdict}]({s.figure})", ""]
+    path = out / REPORT
+    path.write_text("\n".join(md) + "\n")
+    return path
+
+
+__all__ = [
+    "DepthQuality",
+    "Evaluation",
+    "Predict",
+    "ProgressFn",
+    "Shown",
+    "TextOnlyLM",
+    "base_predictor",
+    "block_status",
+    "clean_expression",
+    "evaluate_all",
+    "format_mc_prompt",
+    "hardblink_plan",
+    "hardblink_prompt",
+    "make_predictors",
+    "metrics_table",
+    "model_predictor",
+    "refer_plan",
+    "refer_prompt",
+    "run_evaluation",
+    "sample_figure",
+    "spread",
+    "token_depth_choice",
+    "vqa_plan",
+    "vqa_prompt",
+    "write_report",
+]

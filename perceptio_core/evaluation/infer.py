@@ -1,0 +1,185 @@
+"""One image, one query: the answer, the mask and the depth map as files (``perceptio infer``).
+
+:func:`infer` takes a loaded :class:`~perceptio_core.model.perceptio_model.PerceptioModel` or a directory
+and runs :func:`perceptio_core.model.generation.generate` (constrained perception decoding by default,
+SPEC §1), then writes into ``out_dir``:
+
+- ``mask.png``: the predicted mask at the image's size, 8-bit grey (255 = object), when a ``[SEG]``
+  was generated; ``overlay.png``: the image with the mask over it in green;
+- ``depth.png``: the depth map decoded from a well-formed block, colormapped (``magma``: bright =
+  near, since the maps are the teacher's normalised disparity) and resized to the image's size;
+  ``depth.npy``: the decoded map itself ([h, w] float32, as the VQ-VAE gives it back);
+- ``result.json``: the answer, the raw text (perception tokens included), the block status and the
+  files written.
+
+A file that the generation gives nothing for is not written (its path is None in the result and in
+``result.json``), so an empty mask is never confused with no ``[SEG]``.
+
+Directories :func:`load_model` accepts: a model saved by ``PerceptioModel.save_pretrained`` (its
+``config.json`` has ``"format": "perceptio-model"``), or a folder holding one as ``model/`` (the
+``finetune`` stage's artifact: ``<artifact>/model``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from perceptio_core.data.image_io import load_image
+from perceptio_core.format.prompts import render_prompt
+from perceptio_core.evaluation.viz import mask_overlay
+
+MODEL_FORMAT = "perceptio-model"
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """No saved Perceptio model where one was expected; the message names the paths tried."""
+
+
+@dataclass
+class InferResult:
+    """What :func:`infer` returns: the answer text, the files written (None: nothing to write),
+    the raw generated text (perception tokens included) and the block status."""
+
+    answer: str
+    mask_png: Path | None
+    depth_png: Path | None
+    text: str
+    status: str = ""
+    overlay_png: Path | None = None
+    depth_npy: Path | None = None
+    result_json: Path | None = None
+
+
+def resolve_model_dir(path: str | os.PathLike[str]) -> Path:
+    """The saved-model directory at ``path`` or at ``path/model`` (module docstring); raises
+    :class:`ModelNotFoundError` naming both when neither holds a Perceptio model."""
+    root = Path(path)
+    tried = []
+    for cand in (root, root / "model"):
+        cfg = cand / "config.json"
+        tried.append(str(cfg))
+        if cfg.is_file():
+            try:
+                fmt = json.loads(cfg.read_text()).get("format")
+            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+                fmt = None
+            if fmt == MODEL_FORMAT:
+                return cand
+    raise ModelNotFoundError(f"no saved Perceptio model at {root} (looked for a config.json with "
+                             f"format {MODEL_FORMAT!r}: {', '.join(tried)})")
+
+
+def load_model(path: str | os.PathLike[str], device: str = "cpu", **kwargs: Any) -> Any:
+    """``PerceptioModel.from_pretrained`` of :func:`resolve_model_dir` (``path``), in eval mode
+    on ``device``; ``kwargs`` go to ``from_pretrained`` (``depth_tokenizer``, ``base``, ...)."""
+    from perceptio_core.model.perceptio_model import PerceptioModel
+
+    model = PerceptioModel.from_pretrained(resolve_model_dir(path), **kwargs)
+    return model.to(device).eval()
+
+
+def _write_png(array: np.ndarray, path: Path) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    Image.fromarray(array).save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path
+
+
+def colorize_depth(depth_map: np.ndarray, size: tuple[int, int] | None = None, cmap: str = "magma") -> np.ndarray:
+    """[h, w] map -> [H, W, 3] uint8 through a matplotlib colormap, min-max scaled (a constant map
+    is mid-grey in the colormap), bilinearly resized to ``size = (H, W)`` when given."""
+    from matplotlib import colormaps
+
+    from perceptio_core.depth.metrics import resize_map
+
+    m = np.asarray(depth_map, dtype=np.float32)
+    if size is not None:
+        m = resize_map(m, tuple(size))
+    finite = np.isfinite(m)
+    lo, hi = (float(m[finite].min()), float(m[finite].max())) if finite.any() else (0.0, 1.0)
+    norm = (m - lo) / (hi - lo) if hi > lo else np.full_like(m, 0.5)
+    norm = np.where(finite, np.clip(norm, 0.0, 1.0), 0.0)
+    rgba = colormaps[cmap](norm)  # [H, W, 4] float
+    return (rgba[..., :3] * 255).round().astype(np.uint8)
+
+
+def infer(
+    model_or_dir: Any,
+    image_path: str | os.PathLike[str],
+    query: str,
+    out_dir: str | os.PathLike[str],
+    *,
+    template: str | None = None,
+    response_prefix: str = "",
+    max_new_tokens: int = 160,
+    constrained: bool = True,
+    num_beams: int = 1,
+    device: str = "cpu",
+    **load_kwargs: Any,
+) -> InferResult:
+    """Answer ``query`` about the image at ``image_path`` and write the files (module docstring).
+
+    Args:
+        model_or_dir: a loaded ``PerceptioModel``, or a directory for :func:`load_model`.
+        image_path: the image file; a missing or unreadable one raises
+            :class:`~perceptio_core.data.image_io.ImageError` naming the path, before any model is loaded.
+        query: the user's text. Used as the prompt as is, unless ``template`` names a task of
+            :mod:`perceptio_core.format.prompts`: ``"refer_seg"`` (the query is the expression),
+            ``"semantic_seg"`` (a category), ``"depth_cot"`` (a question), ``"instruct"``.
+        out_dir: created if needed.
+        response_prefix: text forced at the start of the answer (``"[SEG]<d_start>"`` forces the
+            perception block).
+        max_new_tokens, constrained, num_beams: decoding (see ``generate``).
+        device: where a model loaded from a directory runs.
+        load_kwargs: passed to :func:`load_model` (``depth_tokenizer``, ``base``, ...).
+    """
+    from perceptio_core.model.generation import generate
+
+    pil = load_image(image_path)  # ImageError naming the path, before the (slow) model load
+    if isinstance(model_or_dir, (str, os.PathLike)):
+        model = load_model(model_or_dir, device=device, **load_kwargs)
+    else:
+        model = model_or_dir
+    if template is not None:
+        field = {"refer_seg": "expr", "semantic_seg": "category", "depth_cot": "question",
+                 "instruct": "question"}.get(template)  # fmt: skip
+        if field is None:
+            raise ValueError(f"template must be refer_seg, semantic_seg, depth_cot or instruct, got {template!r}")
+        prompt = render_prompt(template, variant=0, **{field: query.strip()})
+    else:
+        prompt = query.strip()
+    if not prompt:
+        raise ValueError("empty query")
+
+    r = generate(model, model.tokenizer, pil, prompt, max_new_tokens, constrained, num_beams,
+                 response_prefix=response_prefix)  # fmt: skip
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    img = np.asarray(pil)
+    result = InferResult(answer=r.text, mask_png=None, depth_png=None, text=r.raw_text, status=str(r.status))
+    if r.mask is not None:
+        mask = np.asarray(r.mask, dtype=bool)
+        result.mask_png = _write_png(mask.astype(np.uint8) * 255, out / "mask.png")
+        if mask.shape == img.shape[:2]:
+            result.overlay_png = _write_png(mask_overlay(img, mask), out / "overlay.png")
+    if r.depth_map is not None:
+        dmap = np.asarray(r.depth_map, dtype=np.float32)
+        result.depth_png = _write_png(colorize_depth(dmap, img.shape[:2]), out / "depth.png")
+        result.depth_npy = out / "depth.npy"
+        np.save(result.depth_npy, dmap)
+    result.result_json = out / "result.json"
+    payload = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(result).items()}
+    payload.update(image=str(image_path), prompt=prompt, depth_indices=r.depth_indices)
+    result.result_json.write_text(json.dumps(payload, indent=2) + "\n")
+    return result
+
+
+__all__ = ["InferResult", "ModelNotFoundError", "colorize_depth", "infer", "load_model", "mask_overlay",
+           "resolve_model_dir"]

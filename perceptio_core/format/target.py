@@ -1,0 +1,171 @@
+"""The target text of a sample and the parser of a generation (SPEC §1, §6 "honest counting").
+
+Layout of a target (one function writes it, one parses it, for curation, training and inference):
+
+    [SEG]<d_start><d_12><d_7>...<d_end> answer text
+
+Spacing, decided here once:
+
+- The perception tokens are written **with no separator between them**. Each is one added token, so
+  the span between ``<d_start>`` and ``<d_end>`` is exactly the N code tokens (what L_token, L_count
+  and constrained decoding of SPEC §1/§3 assume); a space between them would become extra tokens
+  inside the span with most tokenizers.
+- One space separates the block from the answer. The block precedes the answer.
+- A sample without depth tokens but with a mask writes ``[SEG] answer``; a depth-only sample (the
+  depth chain-of-thought of SPEC §6) writes the block without ``[SEG]``: ``<d_start>...<d_end> (A)``;
+  a text-only sample is its answer alone (no block).
+
+The parser tolerates what a model may emit: whitespace anywhere between tokens, text before the
+block, ``[SEG]`` missing or misplaced, missing markers, a wrong number of codes, codes out of range.
+Its :class:`ParseStatus` says which; ``depth_indices`` is set only when the block is well formed, so
+an evaluator can score every other case as an empty depth / wrong answer instead of dropping it.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from perceptio_core.format.tokens import (
+    D_END,
+    D_START,
+    DEFAULT_NUM_DEPTH_TOKENS,
+    SEG,
+    depth_token,
+)
+
+
+class ParseStatus(str, enum.Enum):
+    """How well formed a generation's perception block is (first failing check wins)."""
+
+    OK = "ok"  # [SEG] (or a depth-only block when expect_seg is False) and a well-formed block
+    NO_SEG = "no_seg"  # well-formed depth block but no [SEG]
+    NO_BLOCK = "no_block"  # neither <d_start> nor <d_end> (text-only, or "[SEG] answer")
+    MISSING_START = "missing_start"  # <d_end> without a <d_start> before it
+    MISSING_END = "missing_end"  # <d_start> without a <d_end> after it
+    BAD_CODE = "bad_code"  # something other than a code in the block, or a code >= K
+    WRONG_COUNT = "wrong_count"  # well-formed codes, but not N of them
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class Parsed:
+    """A parsed generation.
+
+    has_seg: a ``[SEG]`` token occurs anywhere in the text.
+    depth_indices: the N code indices when the block is well formed (status ok or no_seg), else None.
+    answer: the text outside the block with every perception token removed, whitespace-trimmed.
+    status: see :class:`ParseStatus`.
+    raw_codes: every in-range code index found inside the (possibly malformed) block, in order, for
+        diagnostics and for callers that pad/truncate to N on purpose.
+    """
+
+    has_seg: bool
+    depth_indices: list[int] | None
+    answer: str
+    status: ParseStatus
+    raw_codes: list[int] = field(default_factory=list)
+
+
+def format_block(has_seg: bool, depth_tokens: Sequence[int] | None) -> str:
+    """The perception block alone: ``[SEG]`` if ``has_seg`` then ``<d_start><d_i>...<d_end>`` if
+    ``depth_tokens`` is given; ``""`` when neither."""
+    parts = [SEG] if has_seg else []
+    if depth_tokens is not None:
+        codes = [int(t) for t in depth_tokens]
+        if not codes:
+            raise ValueError("depth_tokens is empty: pass None for a sample without depth")
+        if min(codes) < 0:
+            raise ValueError("depth token indices must be >= 0")
+        parts.append(D_START + "".join(depth_token(c) for c in codes) + D_END)
+    return "".join(parts)
+
+
+def format_target(has_seg: bool, depth_tokens: Sequence[int] | None, answer: str) -> str:
+    """The training target: perception block, one space, answer (see the module docstring).
+
+    ``format_target(True, [12, 7], "A red cup.")`` -> ``"[SEG]<d_start><d_12><d_7><d_end> A red cup."``
+    """
+    block = format_block(has_seg, depth_tokens)
+    answer = answer.strip()
+    if not block:
+        return answer
+    return f"{block} {answer}" if answer else block
+
+
+# one alternation: the special tokens, then anything that looks like a depth code (well formed or not)
+_TOKEN_RE = re.compile(
+    re.escape(SEG) + "|" + re.escape(D_START) + "|" + re.escape(D_END) + r"|<d_([^<>\s]*)>"
+)
+
+
+def _strip_tokens(*pieces: str) -> str:
+    """Join text pieces with every perception token removed; each piece is trimmed and the non-empty
+    ones are joined by one space (the answer's inner whitespace, newlines included, is kept)."""
+    kept = [_TOKEN_RE.sub("", p).strip() for p in pieces]
+    return " ".join(k for k in kept if k)
+
+
+def parse_generation(
+    text: str,
+    num_tokens: int = DEFAULT_NUM_DEPTH_TOKENS,
+    codebook_size: int = 128,
+    expect_seg: bool = True,
+) -> Parsed:
+    """Parse a generated (or target) text into its parts.
+
+    ``num_tokens`` is N, ``codebook_size`` is K. With ``expect_seg=False`` (depth-only tasks) a
+    well-formed block without ``[SEG]`` is ``ok`` instead of ``no_seg``. The block is the first
+    ``<d_start>`` and the first ``<d_end>`` after it; everything between them must be codes
+    ``<d_k>`` with ``0 <= k < K`` (whitespace allowed), exactly N of them.
+    """
+    has_seg = SEG in text
+    start = text.find(D_START)
+    end = text.find(D_END, start + len(D_START)) if start >= 0 else text.find(D_END)
+    if start < 0 and end < 0:
+        return Parsed(has_seg, None, _strip_tokens(text), ParseStatus.NO_BLOCK)
+    if start < 0:
+        return Parsed(has_seg, None, _strip_tokens(text), ParseStatus.MISSING_START)
+
+    inner_from = start + len(D_START)
+    if end < 0:
+        # no <d_end>: the codes run until the first thing that is not a code; the rest is the answer
+        codes, _, stop = _scan_codes(text[inner_from:], codebook_size, stop_early=True)
+        answer = _strip_tokens(text[:start], text[inner_from + stop :])
+        return Parsed(has_seg, None, answer, ParseStatus.MISSING_END, codes)
+    codes, bad, _ = _scan_codes(text[inner_from:end], codebook_size, stop_early=False)
+    answer = _strip_tokens(text[:start], text[end + len(D_END) :])
+    if bad:
+        return Parsed(has_seg, None, answer, ParseStatus.BAD_CODE, codes)
+    if len(codes) != num_tokens:
+        return Parsed(has_seg, None, answer, ParseStatus.WRONG_COUNT, codes)
+    status = ParseStatus.OK if (has_seg or not expect_seg) else ParseStatus.NO_SEG
+    return Parsed(has_seg, codes, answer, status, codes)
+
+
+def _scan_codes(inner: str, codebook_size: int, stop_early: bool) -> tuple[list[int], bool, int]:
+    """Scan the inside of a block. Returns (in-range codes, whether anything else was found, the
+    offset where scanning stopped). With ``stop_early`` the scan ends at the first non-code."""
+    codes: list[int] = []
+    bad = False
+    pos = 0
+    for m in _TOKEN_RE.finditer(inner):
+        if inner[pos : m.start()].strip():
+            bad = True  # free text inside the block
+            if stop_early:
+                return codes, bad, pos
+        digits = m.group(1)
+        if digits is not None and digits.isdigit() and int(digits) < codebook_size:
+            codes.append(int(digits))
+        else:  # [SEG] or a second marker inside the block, <d_x>, or a code >= K
+            bad = True
+            if stop_early:
+                return codes, bad, pos
+        pos = m.end()
+    if inner[pos:].strip():
+        bad = True
+    return codes, bad, pos

@@ -1,0 +1,308 @@
+"""The offline default's ``base`` stage (ARCHITECTURE "finetune"; SPEC §4 at toy scale): fit a tiny
+InternVL on the world's captions and multiple-choice VQA, **without** perception tokens, with the
+same training loop as fine-tuning (:mod:`perceptio_core.training.trainer`): LLM next-token NLL of the answer
+only (image and prompt masked), full fine-tuning, no LoRA.
+
+The result is saved with ``save_pretrained`` (model + tokenizer in one directory), so ``finetune``
+loads it through :func:`perceptio_core.model.internvl.load_internvl` / ``load_tokenizer`` exactly as it
+would load a released InternVL2.5 "-hf" directory.
+
+Examples are ``(image path, prompt, answer)`` triples given by the caller:
+captions (COCO captions JSON: prompt "Describe the image briefly.", answer the caption), VQA
+(prompt = question + lettered options, answer = the letter) and, with ``base.grounding``, region
+descriptions (:func:`grounding_examples`: "Describe <expression> in one sentence." -> "A small red
+ball on the left side of the image."), as InternVL2.5 is pre-trained on grounding data. Without
+them the stand-in base never learns which object an expression names: its vision tower (frozen in
+fine-tuning, SPEC §4) sees captions only, and the fine-tuned model's [SEG] masks cover several
+objects. Prompts are encoded exactly as
+fine-tuning and generation encode them (:func:`perceptio_core.model.batching.encode_prompt`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from perceptio_core.model.batching import encode_prompt, encode_target
+from perceptio_core.config import PerceptioConfig
+from perceptio_core.model.internvl import (
+    build_tiny_internvl,
+    image_seq_length,
+    internvl_pixel_values,
+    load_tokenizer,
+    train_tokenizer,
+    vision_image_size,
+)
+from perceptio_core.curation.describe import describe_object, position_phrase
+from perceptio_core.model.losses import IGNORE, llm_loss, shift_for_next_token
+from perceptio_core.data.masks import mask_centroid
+from perceptio_core.format.prompts import clean_expression
+from perceptio_core.data.records import Sources
+from perceptio_core.data.refer import MaskError, ann_to_mask
+from perceptio_core.training.trainer import ProgressFn, TrainTask, run_training
+
+TOKENIZER_DIR = "tokenizer"
+GROUNDING_PROMPT = "Describe {expr} in one sentence."
+
+
+def grounding_examples(sources: Sources) -> list[tuple[str, str, str]]:
+    """``(image path, prompt, answer)`` per distinct (object, expression) of the REFER trees'
+    TRAIN splits, on images no dataset evaluates on (an image in any val/test split is left out
+    whole): prompt :data:`GROUNDING_PROMPT`, answer the object's one-sentence description
+    (category, attributes, position by thirds; no distance: the base has no teacher), the same
+    sentence fine-tuning answers with. Objects whose mask cannot be decoded or is empty are
+    skipped (curation reports them). Sorted by (image, annotation, sentence)."""
+    eval_images = sources.eval_image_ids()
+    centres: dict[int, tuple[float, float] | None] = {}  # ann_id -> mask centroid (one decode per object)
+    seen: dict[tuple[int, int, str], tuple[str, str, str]] = {}
+    for r in sources.refs:
+        img = sources.coco_images.get(r.image_id)
+        if r.split != "train" or r.image_id in eval_images or r.iscrowd or img is None:
+            continue
+        expr = clean_expression(r.sentence)
+        key = (r.image_id, r.ann_id, expr.lower())
+        if not expr or key in seen:
+            continue
+        if r.ann_id not in centres:
+            try:
+                centres[r.ann_id] = mask_centroid(ann_to_mask(r.segmentation, img.height, img.width).astype(bool))
+            except MaskError:
+                centres[r.ann_id] = None
+        centre = centres[r.ann_id]
+        if centre is None:
+            continue
+        answer = describe_object(r.category, r.attributes, position_phrase(*centre, img.width, img.height), None)
+        seen[key] = (img.path, GROUNDING_PROMPT.format(expr=expr), answer)
+    return [seen[k] for k in sorted(seen)]
+
+
+def normalize_examples(examples: Iterable[Sequence[Any]]) -> list[tuple[str, str, str]]:
+    """``(image path, prompt, answer)`` triples (or dicts with those keys) as string tuples."""
+    out = []
+    for e in examples:
+        if isinstance(e, dict):
+            e = (e["image"], e["prompt"], e["answer"])
+        path, prompt, answer = e
+        out.append((str(path), str(prompt), str(answer)))
+    if not out:
+        raise ValueError("no examples to fit the base on")
+    return out
+
+
+class ExampleDataset(Dataset):
+    """``ds[i]`` -> ``(image bytes, prompt, answer)`` (the image file read in the loader worker)."""
+
+    def __init__(self, examples: Sequence[tuple[str, str, str]]) -> None:
+        self.examples = list(examples)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> tuple[bytes, str, str]:
+        path, prompt, answer = self.examples[int(i)]
+        return Path(path).read_bytes(), prompt, answer
+
+
+class LMCollator:
+    """``[(image, prompt, answer)] -> {input_ids, attention_mask, labels, pixel_values}``: the
+    prompt part as in fine-tuning (image tokens + prompt, masked with -100), the answer + eos as the
+    target; right padding; sequences longer than ``max_length`` lose the end of their answer."""
+
+    def __init__(self, tokenizer: Any, image_size: int, image_seq_length: int, max_length: int) -> None:
+        self.tokenizer = tokenizer
+        self.image_size = image_size
+        self.image_seq_length = image_seq_length
+        self.max_length = max_length
+        self.pad_id = int(tokenizer.pad_token_id)
+
+    def __call__(self, items: Sequence[tuple[Any, str, str]]) -> dict[str, torch.Tensor]:
+        seqs = []
+        for _, prompt, answer in items:
+            p = encode_prompt(self.tokenizer, prompt, self.image_seq_length)
+            t = encode_target(self.tokenizer, answer)
+            ids = (p + t)[: self.max_length]
+            seqs.append((ids, [IGNORE] * len(p) + ids[len(p) :]))
+        b, t = len(seqs), max(len(ids) for ids, _ in seqs)
+        input_ids = torch.full((b, t), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((b, t), dtype=torch.long)
+        labels = torch.full((b, t), IGNORE, dtype=torch.long)
+        for i, (ids, lab) in enumerate(seqs):
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            attention_mask[i, : len(ids)] = 1
+            labels[i, : len(ids)] = torch.tensor(lab)
+        pixel_values = torch.stack([internvl_pixel_values(img, self.image_size) for img, _, _ in items])
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+                "pixel_values": pixel_values}  # fmt: skip
+
+
+def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """L_llm (SPEC §3) of an InternVL on a batch of :class:`LMCollator`."""
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        pixel_values=batch["pixel_values"],
+    )
+    logits, targets = shift_for_next_token(out.logits, batch["labels"])
+    return llm_loss(logits, targets)
+
+
+@torch.no_grad()
+def image_reliance(
+    model: nn.Module, tokenizer: Any, examples: Sequence[tuple[str, str, str]], max_examples: int = 64,
+    batch_size: int = 16,
+) -> dict[str, float]:
+    """How much a fitted base reads its image: the answer NLL per token of ``examples`` (``(image
+    path, prompt, answer)``, at most ``max_examples`` spread evenly) with their own images
+    (``image_loss``) and with each example given the next example's image (``shuffled_image_loss``);
+    ``image_gain`` is the difference. A base that answers from the text alone has a gain near 0,
+    whatever its loss: its vision tower is then no use to fine-tuning. Pass examples whose answer
+    depends on the image (captions), of distinct images."""
+    items = list(examples)
+    if len(items) < 2:
+        raise ValueError("image_reliance needs at least 2 examples of distinct images")
+    if len(items) > max_examples:
+        items = [items[i * len(items) // max_examples] for i in range(max_examples)]
+    cfg = model.config
+    collate = LMCollator(tokenizer, vision_image_size(cfg), image_seq_length(cfg), 1 << 30)
+    batch = collate([(Path(path).read_bytes(), prompt, answer) for path, prompt, answer in items])
+    shuffled = batch["pixel_values"].roll(1, dims=0)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    totals = {"image_loss": 0.0, "shuffled_image_loss": 0.0}
+    count = 0
+    for lo in range(0, len(items), batch_size):
+        part = {k: v[lo : lo + batch_size].to(device) for k, v in batch.items()}
+        n = int((part["labels"][:, 1:] != IGNORE).sum())
+        count += n
+        views = (("image_loss", part["pixel_values"]), ("shuffled_image_loss", shuffled[lo : lo + batch_size]))
+        for name, pixels in views:  # lm_loss is this part's token mean: weight it by its tokens
+            totals[name] += float(lm_loss(model, {**part, "pixel_values": pixels.to(device)})) * n
+    model.train(was_training)
+    result = {k: v / max(count, 1) for k, v in totals.items()}
+    result["image_gain"] = result["shuffled_image_loss"] - result["image_loss"]
+    return result
+
+
+class BaseFitTask(TrainTask):
+    """The ``base`` stage as a :class:`TrainTask`: tokenizer trained once (process 0) into
+    ``<out>/tokenizer`` and reused on resume, tiny InternVL from ``cfg.model.tiny``, all trainable."""
+
+    name = "base"
+
+    def __init__(
+        self,
+        examples: Sequence[tuple[str, str, str]],
+        cfg: PerceptioConfig,
+        out_dir: str | os.PathLike[str],
+        tokenizer_texts: Iterable[str] | None = None,
+        fresh: bool = False,
+    ) -> None:
+        self.examples = normalize_examples(examples)
+        self.fresh = fresh
+        self.cfg = cfg
+        self.out_dir = Path(out_dir)
+        self.tokenizer_texts = list(tokenizer_texts) if tokenizer_texts is not None else None
+        self.tokenizer: Any = None
+        self.model_config: Any = None
+
+    def _tokenizer(self) -> Any:
+        from accelerate import PartialState
+
+        state = PartialState()
+        tok_dir = self.out_dir / TOKENIZER_DIR
+        if state.is_main_process and (self.fresh or not (tok_dir / "tokenizer.json").is_file()):
+            texts = [p for _, p, _ in self.examples] + [a for _, _, a in self.examples]
+            texts += self.tokenizer_texts or []
+            tmp = self.out_dir / f".tmp-{TOKENIZER_DIR}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            train_tokenizer(texts, self.cfg.model.tiny.tokenizer_vocab_size, tmp)
+            shutil.rmtree(tok_dir, ignore_errors=True)
+            os.replace(tmp, tok_dir)
+        state.wait_for_everyone()
+        return load_tokenizer(tok_dir)
+
+    def build_model(self) -> nn.Module:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.tokenizer = self._tokenizer()
+        model = build_tiny_internvl(self.cfg.model.tiny, self.tokenizer, seed=self.cfg.base.seed)
+        self.model_config = model.config
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+
+    def build_dataset(self) -> Dataset:
+        return ExampleDataset(self.examples)
+
+    def build_collate(self) -> LMCollator:
+        return LMCollator(
+            self.tokenizer,
+            vision_image_size(self.model_config),
+            image_seq_length(self.model_config),
+            self.cfg.model.max_length,
+        )
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        llm = lm_loss(model, batch)
+        return {"loss": llm, "llm": llm}
+
+    def save_final(self, model: nn.Module, out_dir: Path) -> None:
+        model.save_pretrained(str(out_dir))
+        self.tokenizer.save_pretrained(str(out_dir))
+
+    def fingerprint(self) -> dict[str, Any]:
+        h = hashlib.sha256(json.dumps(self.examples).encode())
+        if self.tokenizer_texts:
+            h.update(json.dumps(self.tokenizer_texts).encode())
+        from perceptio_core.config import to_dict
+
+        return {"examples": h.hexdigest()[:16], "tiny": to_dict(self.cfg.model.tiny),
+                "max_length": self.cfg.model.max_length}  # fmt: skip
+
+
+def fit_base(
+    examples: Iterable[Sequence[Any]],
+    cfg: PerceptioConfig,
+    out_dir: str | os.PathLike[str],
+    *,
+    resume: bool = True,
+    progress: ProgressFn | None = None,
+    tokenizer_texts: Iterable[str] | None = None,
+    parents: dict[str, str] | None = None,
+    grad_dump_dir: str | os.PathLike[str] | None = None,
+) -> dict[str, float]:
+    """Fit the tiny base on ``examples`` (``(image path, prompt, answer)``) with ``cfg.base``.
+
+    ``out_dir`` is a durable scratch directory (checkpoints, history, plots); the fitted base, in
+    the transformers InternVL layout with its tokenizer, is ``<out_dir>/model``. ``tokenizer_texts``:
+    extra texts the BPE tokenizer is trained on (e.g. the fine-tuning prompts and answers).
+    Returns the loop's metrics (``loss_first``, ``loss_last``, ``llm_first``, ``llm_last``, ...).
+    """
+    task = BaseFitTask(list(examples), cfg, out_dir, tokenizer_texts, fresh=not resume)
+    return run_training(
+        task, cfg.base, out_dir, device=cfg.run.device, resume=resume, progress=progress,
+        parents=parents, grad_dump_dir=grad_dump_dir,
+    )  # fmt: skip
+
+
+__all__ = [
+    "GROUNDING_PROMPT",
+    "BaseFitTask",
+    "ExampleDataset",
+    "LMCollator",
+    "fit_base",
+    "grounding_examples",
+    "image_reliance",
+    "lm_loss",
+    "normalize_examples",
+]

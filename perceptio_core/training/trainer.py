@@ -1,0 +1,693 @@
+"""The one training loop (STYLE rule 6; SPEC §4), shared by the ``base`` fit and the ``finetune`` stage,
+in-process (Prefect task) or under ``accelerate launch`` (``flows.train_script``).
+
+A stage describes itself as a :class:`TrainTask` (build the model, the dataset, the collate, the
+loss, how to save the final artefacts); :class:`Trainer` does the rest with explicit steps:
+
+    trainer = Trainer(task, loop_cfg, out_dir, device="auto", progress=fn)
+    trainer.setup()          # Accelerator, seed, model, AdamW, warm-up + cosine LambdaLR, loader, prepare
+    trainer.resume()         # latest complete checkpoint in <out>/checkpoints, if any
+    metrics = trainer.train()  # steps, per-step JSONL history, checkpoints every N steps
+    trainer.save_final()     # the task's save_pretrained into <out>/model (+ meta.json), plots
+
+(:func:`run_training` does the four calls). Evaluation never runs here: it loads ``<out>/model``.
+
+Set-up (SPEC §4): ``Accelerator(mixed_precision = bf16 on CUDA / no on CPU, cpu=True on CPU,
+gradient accumulation = loop.grad_accum)``; AdamW (betas, eps, weight decay on >= 2-D trainable
+tensors only); :func:`perceptio_core.training.schedule.build_scheduler` stepped once per optimizer update
+(``step_scheduler_with_optimizer=False``: the schedule counts optimizer steps whatever the process
+count); gradient clipping at ``max_grad_norm``. Trainable tensors stored in bf16/fp16 are upcast to
+fp32 (master weights) before the optimizer sees them. One step = ``grad_accum`` micro-batches of
+``batch_size`` per process; the global batch is ``batch_size * grad_accum * num_processes``. Under
+several processes DDP averages the per-process losses' gradients (a per-process token mean for
+L_llm, as the HF Trainer does by default).
+
+Data order and exact resume: the dataset is map-style, ordered per epoch by
+:class:`perceptio_core.curation.wds_loader.EpochSampler` (a function of (seed, epoch)); the loader's own
+generator is reseeded from (seed, epoch) (it seeds the workers), so nothing about the order depends
+on the global RNG. After optimizer step k each process has consumed ``k * grad_accum`` micro-batches:
+epoch ``e = k * A // L`` and position ``k * A % L`` (L = micro-batches per process per epoch), so a
+resumed run skips exactly those (``accelerator.skip_first_batches``). The model/optimizer/scheduler
+states and each process's RNG states (Python, numpy, torch, CUDA; dropout draws from them) come
+back through ``accelerator.load_state``; so a resumed run's weights equal an uninterrupted run's.
+
+Checkpoints (``<out>/checkpoints/step-%08d/``, every ``checkpoint_every`` steps and at the end):
+``accelerator.save_state`` into ``.tmp-step-%08d`` (trainable tensors only, as ``model.safetensors``:
+the frozen base is rebuilt from its artifact; optimizer/scheduler/RNG files as accelerate writes
+them, read back with ``torch.load(weights_only=True)``), then ``meta.json`` (step, epoch, data
+position, fingerprint, last metrics), then an atomic rename; the last ``keep_checkpoints`` are kept.
+A directory without ``meta.json`` or still named ``.tmp-*`` is never trusted. Resuming with a
+different configuration, dataset size or process count raises :class:`ResumeMismatchError`.
+
+Outputs: ``<out>/history.jsonl`` (one line per optimizer step: step, epoch, lr, grad_norm, every
+loss term, tokens (attention-mask sum over the global batch), step and data-wait seconds), ``<out>/plots/loss_<term>.png``, ``<out>/metrics.json``,
+``<out>/model/`` (the task's final save + ``meta.json``). Metrics: ``loss_first`` / ``loss_last``
+(means over the first / last W = max(1, min(100, steps // 10)) steps) and ``<term>_first`` /
+``<term>_last`` for every term, plus throughput and data-wait share.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import resource
+import shutil
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import BatchSampler, DataLoader, Dataset
+
+from perceptio_core.atomic_io import fsync_dir, fsync_tree, write_json_atomic
+from perceptio_core.config import TrainLoopConfig, canonical_json, to_dict
+from perceptio_core.training.schedule import build_scheduler, warmup_steps
+from perceptio_core.curation.wds_loader import EpochSampler
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[int, int, dict[str, float]], None]
+CHECKPOINTS = "checkpoints"
+HISTORY = "history.jsonl"
+METRICS = "metrics.json"
+FINAL = "model"
+META = "meta.json"
+_STEP_FMT = "step-{:08d}"
+
+
+class ResumeMismatchError(RuntimeError):
+    """A checkpoint in the output directory belongs to a different run (config, data or world size)."""
+
+
+# --------------------------------------------------------------------------------------------
+# What a stage gives the loop
+# --------------------------------------------------------------------------------------------
+
+
+class TrainTask(ABC):
+    """A stage's side of the loop. Build methods are called once, in every process, after the
+    ``Accelerator`` exists and the seed is set (so random initialisations agree across processes)."""
+
+    name: str = "train"
+
+    @abstractmethod
+    def build_model(self) -> nn.Module:
+        """The module to train; trainable tensors have ``requires_grad``, the rest is frozen."""
+
+    @abstractmethod
+    def build_dataset(self) -> Dataset:
+        """A map-style dataset; ``dataset[i]`` is what :meth:`collate` takes a list of."""
+
+    @abstractmethod
+    def build_collate(self) -> Callable[[list[Any]], dict[str, torch.Tensor]]:
+        """``collate(items) -> batch``; runs in loader workers, so it must be picklable on its own
+        (not a bound method of an object that holds the model). Called after :meth:`build_model`."""
+
+    @abstractmethod
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Scalar tensors: ``"loss"`` (what is back-propagated) and any other terms to log."""
+
+    @abstractmethod
+    def save_final(self, model: nn.Module, out_dir: Path) -> None:
+        """Write the final artefacts of the unwrapped ``model`` into ``out_dir`` (save_pretrained)."""
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What a checkpoint must match to be resumed (beyond the loop config and data size)."""
+        return {}
+
+    def shard_sizes(self) -> Sequence[int] | None:
+        """Samples per shard, in dataset order, for shard-local shuffling (None: global shuffle)."""
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------------------------
+
+
+def history_window(steps: int) -> int:
+    """W = max(1, min(100, steps // 10)): the steps averaged by ``*_first`` / ``*_last``."""
+    return max(1, min(100, steps // 10))
+
+
+def summarize_history(rows: Sequence[dict[str, Any]], terms: Sequence[str]) -> dict[str, float]:
+    """``<term>_first`` / ``<term>_last`` (means over the first / last W steps) for each term, with
+    ``loss_*`` for the total."""
+    out: dict[str, float] = {}
+    if not rows:
+        return out
+    w = history_window(len(rows))
+    for t in terms:
+        vals = [float(r[t]) for r in rows if t in r]
+        if not vals:
+            continue
+        out[f"{t}_first"] = sum(vals[:w]) / len(vals[:w])
+        out[f"{t}_last"] = sum(vals[-w:]) / len(vals[-w:])
+    return out
+
+
+def read_history(path: Path, max_step: int | None = None) -> list[dict[str, Any]]:
+    """Rows of a history JSONL (one per step, steps 1..), cut at ``max_step``; a torn last line
+    (killed writer) is ignored."""
+    rows: list[dict[str, Any]] = []
+    if not path.is_file():
+        return rows
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        if max_step is not None and row["step"] > max_step:
+            break
+        rows.append(row)
+    return rows
+
+
+def plot_history(rows: Sequence[dict[str, Any]], terms: Sequence[str], out_dir: Path) -> list[Path]:
+    """One PNG per term (raw and a moving average against the step); returns the paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    steps = [r["step"] for r in rows]
+    for t in terms:
+        vals = [float(r.get(t, float("nan"))) for r in rows]
+        fig, ax = plt.subplots(figsize=(5, 3), dpi=100)
+        ax.plot(steps, vals, lw=0.8, alpha=0.5, label=t)
+        w = history_window(len(vals))
+        if len(vals) >= 2 * w and w > 1:
+            ma = [sum(vals[i - w + 1 : i + 1]) / w for i in range(w - 1, len(vals))]
+            ax.plot(steps[w - 1 :], ma, lw=1.5, label=f"mean of {w}")
+        ax.set_xlabel("step")
+        ax.set_ylabel(t)
+        ax.set_title("loss (total)" if t == "loss" else t)
+        ax.legend(loc="upper right", fontsize=7)
+        fig.tight_layout()
+        p = out_dir / f"loss_{t}.png"
+        tmp = p.with_name(f".{p.name}.tmp.png")
+        fig.savefig(tmp)
+        plt.close(fig)
+        os.replace(tmp, p)
+        paths.append(p)
+    return paths
+
+
+def latest_checkpoint(out_dir: str | os.PathLike[str]) -> Path | None:
+    """The complete checkpoint with the highest step in ``<out>/checkpoints`` (one whose
+    ``meta.json`` exists and says ``complete``), or None."""
+    root = Path(out_dir) / CHECKPOINTS
+    best, best_step = None, -1
+    if not root.is_dir():
+        return None
+    for p in root.iterdir():
+        if not (p.is_dir() and p.name.startswith("step-")):
+            continue
+        try:
+            meta = json.loads((p / META).read_text())
+        except (OSError, ValueError):
+            continue
+        if meta.get("complete") and int(meta.get("step", -1)) > best_step:
+            best, best_step = p, int(meta["step"])
+    return best
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak allocated CUDA memory on ``device``, or this process's peak resident set on the CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def mixed_precision_for(precision: str, device_type: str) -> str:
+    """``loop.precision`` -> accelerate's ``mixed_precision``: "auto" is bf16 on CUDA (fp16 where the
+    GPU lacks bf16) and "no" on the CPU."""
+    if precision not in ("auto", "no", "bf16", "fp16"):
+        raise ValueError(f"unknown precision {precision!r} (auto, no, bf16, fp16)")
+    if precision != "auto":
+        return precision
+    if device_type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Position:
+    step: int = 0  # optimizer steps done
+
+
+class Trainer:
+    """The loop; see the module docstring. ``device``: "auto", "cpu" or "cuda".
+
+    ``grad_dump_dir``: process 0 writes the synchronised (DDP-averaged, pre-clipping) gradients of
+    the first ``grad_dump_steps`` optimizer steps there as ``grads-step-%08d.safetensors``
+    (debugging, and the 2-process equivalence test).
+    """
+
+    def __init__(
+        self,
+        task: TrainTask,
+        cfg: TrainLoopConfig,
+        out_dir: str | os.PathLike[str],
+        *,
+        device: str = "auto",
+        progress: ProgressFn | None = None,
+        parents: dict[str, str] | None = None,
+        grad_dump_dir: str | os.PathLike[str] | None = None,
+        grad_dump_steps: int = 1,
+    ) -> None:
+        self.task = task
+        self.cfg = cfg
+        self.out_dir = Path(out_dir)
+        self.device_name = device
+        self.progress = progress
+        self.parents = dict(parents or {})
+        self.grad_dump_dir = Path(grad_dump_dir) if grad_dump_dir is not None else None
+        self.grad_dump_steps = grad_dump_steps
+        self.pos = _Position()
+        self.accelerator: Any = None
+        self.terms: list[str] = []
+        self._setup_done = False
+
+    # ---- setup ---------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Accelerator, seed, model, optimizer, scheduler, data loader, ``accelerator.prepare``."""
+        from accelerate import Accelerator, DistributedDataParallelKwargs
+        from accelerate.utils import GradientAccumulationPlugin, set_seed
+
+        cfg = self.cfg
+        if cfg.steps < 1 or cfg.batch_size < 1 or cfg.grad_accum < 1:
+            raise ValueError("loop steps, batch_size and grad_accum must be >= 1")
+        name = (self.device_name or "auto").lower()
+        cpu = name == "cpu" or (name == "auto" and not torch.cuda.is_available())
+        if name.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device_name!r} asked for, but CUDA is not available here")
+        self.accelerator = acc = Accelerator(
+            cpu=cpu,
+            mixed_precision=mixed_precision_for(cfg.precision, "cpu" if cpu else "cuda"),
+            gradient_accumulation_plugin=GradientAccumulationPlugin(
+                num_steps=cfg.grad_accum, sync_with_dataloader=False
+            ),
+            step_scheduler_with_optimizer=False,
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.find_unused_parameters)],
+        )
+        set_seed(cfg.seed)
+        model = self.task.build_model()
+        for p in model.parameters():  # fp32 master weights for whatever is trained
+            if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16):
+                p.data = p.data.float()
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not trainable:
+            raise ValueError(f"{self.task.name}: the model has no trainable parameters")
+        self.n_trainable = sum(p.numel() for _, p in trainable)
+        self.n_params = sum(p.numel() for p in model.parameters())
+        decay = [p for _, p in trainable if p.ndim >= 2]
+        no_decay = [p for _, p in trainable if p.ndim < 2]
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0})
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+        scheduler = build_scheduler(optimizer, cfg.steps, cfg.warmup_frac)
+
+        self.dataset = self.task.build_dataset()
+        self.sampler = EpochSampler(
+            len(self.dataset),
+            seed=cfg.seed,
+            shuffle=cfg.shuffle,
+            shard_sizes=self.task.shard_sizes(),
+            window_shards=cfg.shuffle_window_shards,
+        )
+        self._loader_gen = torch.Generator()
+        self._loader_gen.manual_seed(cfg.seed)
+        loader = DataLoader(
+            self.dataset,
+            batch_sampler=BatchSampler(self.sampler, cfg.batch_size, drop_last=True),
+            collate_fn=self.task.build_collate(),
+            num_workers=cfg.num_workers,
+            pin_memory=not cpu,
+            generator=self._loader_gen,
+            prefetch_factor=cfg.prefetch_factor if cfg.num_workers > 0 else None,
+            persistent_workers=cfg.num_workers > 0,  # no re-fork at each epoch (the order comes
+            # from the sampler in this process, so nothing in the workers depends on the epoch)
+        )
+        self.model, self.optimizer, self.loader, self.scheduler = acc.prepare(model, optimizer, loader, scheduler)
+        self.batches_per_epoch = len(self.loader)
+        if self.batches_per_epoch < 1:
+            raise ValueError(
+                f"{self.task.name}: {len(self.dataset)} samples do not fill one batch of {cfg.batch_size} "
+                f"on each of {acc.num_processes} processes"
+            )
+        self._params = [p for p in self.model.parameters() if p.requires_grad]
+        acc.register_save_state_pre_hook(self._save_trainable_only)
+        self._setup_done = True
+        if acc.is_main_process:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / CHECKPOINTS).mkdir(exist_ok=True)
+            for p in (self.out_dir / CHECKPOINTS).glob(".tmp-*"):
+                shutil.rmtree(p, ignore_errors=True)  # a killed save: never trusted
+        acc.wait_for_everyone()
+        log.info(
+            "%s: %d processes, %s, %d/%d trainable parameters, %d samples, %d micro-batches per "
+            "process per epoch, global batch %d, %d steps (warm-up %d)",
+            self.task.name, acc.num_processes, acc.device, self.n_trainable, self.n_params,
+            len(self.dataset), self.batches_per_epoch, self.global_batch, cfg.steps,
+            warmup_steps(cfg.steps, cfg.warmup_frac),
+        )  # fmt: skip
+
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.batch_size * self.cfg.grad_accum * self.accelerator.num_processes
+
+    @staticmethod
+    def _save_trainable_only(models: list[nn.Module], weights: list[dict[str, Any]], output_dir: str) -> None:
+        """save_state pre-hook: keep only trainable tensors in the checkpoint's model.safetensors."""
+        for i, m in enumerate(models):
+            names = {n for n, p in m.named_parameters() if p.requires_grad}
+            weights[i] = {k: v.contiguous() for k, v in weights[i].items() if k in names}
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What must match for a checkpoint to be resumed."""
+        loop = to_dict(self.cfg)
+        for k in ("checkpoint_every", "keep_checkpoints", "num_workers", "prefetch_factor"):
+            loop.pop(k, None)  # these may change between a run and its resumption without changing
+            # its result (the data order does not depend on the worker count); ``steps`` may not:
+            # the cosine schedule depends on it
+        fp = {
+            "task": self.task.name,
+            "loop": loop,
+            "task_fingerprint": self.task.fingerprint(),
+            "dataset_size": len(self.dataset),
+            "num_processes": self.accelerator.num_processes,
+        }
+        fp["digest"] = hashlib.sha256(canonical_json(fp).encode()).hexdigest()[:16]
+        return fp
+
+    # ---- resume --------------------------------------------------------------------------
+    def resume(self) -> int:
+        """Load the latest complete checkpoint of ``<out>/checkpoints`` if any; returns its step (0
+        when starting fresh). Raises :class:`ResumeMismatchError` if it belongs to another run."""
+        self._need_setup()
+        acc = self.accelerator
+        ck = latest_checkpoint(self.out_dir)
+        if ck is None:
+            if acc.is_main_process:
+                (self.out_dir / HISTORY).unlink(missing_ok=True)
+            acc.wait_for_everyone()
+            return 0
+        meta = json.loads((ck / META).read_text())
+        fp = self.fingerprint()
+        if meta.get("fingerprint", {}).get("digest") != fp["digest"]:
+            raise ResumeMismatchError(
+                f"{ck} was written by a different run (config, data size or process count differ: "
+                f"{meta.get('fingerprint')} vs {fp}); use a fresh output directory"
+            )
+        self._check_checkpoint_keys(ck)
+        acc.load_state(str(ck), strict=False)
+        self.pos.step = int(meta["step"])
+        self.terms = list(meta.get("terms", []))
+        if acc.is_main_process:  # drop history lines of steps after the checkpoint
+            rows = read_history(self.out_dir / HISTORY, max_step=self.pos.step)
+            tmp = self.out_dir / f".{HISTORY}.tmp"
+            with open(tmp, "w") as f:
+                for r in rows:
+                    f.write(json.dumps(r) + "\n")
+            os.replace(tmp, self.out_dir / HISTORY)
+        acc.wait_for_everyone()
+        log.info("%s: resumed from %s (step %d)", self.task.name, ck, self.pos.step)
+        return self.pos.step
+
+    def _check_checkpoint_keys(self, ck: Path) -> None:
+        from safetensors import safe_open
+
+        with safe_open(str(ck / "model.safetensors"), framework="pt") as f:
+            keys = set(f.keys())
+        names = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        missing = sorted(names - keys)
+        if missing:
+            raise ResumeMismatchError(f"{ck} lacks trainable tensors {missing[:3]}...; use a fresh output directory")
+
+    # ---- train ---------------------------------------------------------------------------
+    def train(self, stop_at: int | None = None) -> dict[str, float]:
+        """Run optimizer steps up to ``loop.steps`` (or ``stop_at``, for tests that stop a run
+        after a checkpoint as a kill would). Returns the metrics of the whole history so far."""
+        self._need_setup()
+        acc, cfg = self.accelerator, self.cfg
+        total = cfg.steps if stop_at is None else min(cfg.steps, stop_at)
+        A, L = cfg.grad_accum, self.batches_per_epoch
+        epoch, skip = divmod(self.pos.step * A, L)
+        self.model.train()
+        hist_f = open(self.out_dir / HISTORY, "a") if acc.is_main_process else None
+        sums: torch.Tensor | None = None
+        data_time = tokens = 0.0
+        t_step = time.perf_counter()
+        t_run = time.perf_counter()
+        steps_run = 0
+        self._wait_total = 0.0
+        self._time_total = 0.0
+        self._tokens_total = 0
+        try:
+            while self.pos.step < total:
+                self._loader_gen.manual_seed(int(cfg.seed) * 1_000_003 + epoch)
+                self.loader.set_epoch(epoch)
+                dl = acc.skip_first_batches(self.loader, skip) if skip else self.loader
+                if skip:
+                    dl.set_epoch(epoch)
+                it = iter(dl)
+                while self.pos.step < total:
+                    t0 = time.perf_counter()
+                    try:
+                        batch = next(it)
+                    except StopIteration:
+                        break
+                    data_time += time.perf_counter() - t0
+                    if isinstance(batch, dict) and "attention_mask" in batch:
+                        tokens += float(batch["attention_mask"].sum())
+                    with acc.accumulate(self.model):
+                        out = self.task.loss(self.model, batch)
+                        if not self.terms:
+                            self.terms = ["loss"] + [k for k in out if k != "loss"]
+                        acc.backward(out["loss"])
+                        vec = torch.stack([out[k].detach().float().reshape(()) for k in self.terms])
+                        sums = vec if sums is None else sums + vec
+                        grad_norm = None
+                        if acc.sync_gradients:
+                            if self.grad_dump_dir is not None and self.pos.step < self.grad_dump_steps:
+                                self._dump_grads(self.pos.step + 1)
+                            grad_norm = acc.clip_grad_norm_(self._params, cfg.max_grad_norm)
+                            lr = float(self.scheduler.get_last_lr()[0])
+                        self.optimizer.step()
+                        if acc.sync_gradients:
+                            self.scheduler.step()
+                        self.optimizer.zero_grad(set_to_none=True)
+                    if not acc.sync_gradients:
+                        continue
+                    # ---- one optimizer step done
+                    self.pos.step += 1
+                    steps_run += 1
+                    assert sums is not None
+                    extra = torch.tensor([data_time, tokens], dtype=torch.float32, device=sums.device)
+                    reduced = acc.reduce(torch.cat([sums / A, extra]), reduction="mean").cpu().tolist()
+                    mean_terms, waited = reduced[:-2], float(reduced[-2])
+                    step_tokens = int(round(reduced[-1] * acc.num_processes))
+                    sums, tokens = None, 0.0
+                    now = time.perf_counter()
+                    step_time, t_step = now - t_step, now
+                    self._wait_total += waited
+                    self._time_total += step_time
+                    self._tokens_total += step_tokens
+                    data_time = 0.0
+                    row = {
+                        "step": self.pos.step,
+                        "epoch": epoch,
+                        "lr": lr,
+                        "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                        **{k: float(v) for k, v in zip(self.terms, mean_terms)},
+                        "tokens": step_tokens,
+                        "step_time": step_time,
+                        "data_time": waited,
+                    }
+                    if not all(math.isfinite(row[k]) for k in self.terms):
+                        raise FloatingPointError(f"{self.task.name}: non-finite loss at step {self.pos.step}: {row}")
+                    if hist_f is not None:
+                        hist_f.write(json.dumps(row) + "\n")
+                        hist_f.flush()
+                    if self.progress is not None and acc.is_main_process:
+                        self.progress(self.pos.step, cfg.steps, {k: row[k] for k in self.terms[:1]} | {"lr": lr})
+                    if self.pos.step % cfg.checkpoint_every == 0 or self.pos.step == cfg.steps:
+                        self.save_checkpoint(epoch, row)
+                        t_step = time.perf_counter()  # the save is not step time
+                epoch += 1
+                skip = 0
+        finally:
+            if hist_f is not None:
+                hist_f.close()
+        acc.wait_for_everyone()
+        self._run_seconds = time.perf_counter() - t_run
+        self._steps_run = steps_run
+        return self.metrics()
+
+    def _dump_grads(self, step: int) -> None:
+        from safetensors.torch import save_file
+
+        acc = self.accelerator
+        if acc.is_main_process:
+            self.grad_dump_dir.mkdir(parents=True, exist_ok=True)
+            grads = {
+                n: p.grad.detach().float().cpu().contiguous()
+                for n, p in acc.unwrap_model(self.model).named_parameters()
+                if p.requires_grad and p.grad is not None
+            }
+            save_file(grads, str(self.grad_dump_dir / f"grads-step-{step:08d}.safetensors"))
+
+    # ---- checkpoints ---------------------------------------------------------------------
+    def save_checkpoint(self, epoch: int | None = None, last: dict[str, Any] | None = None) -> Path:
+        """Write ``<out>/checkpoints/step-%08d`` atomically (all processes must call it)."""
+        self._need_setup()
+        acc = self.accelerator
+        root = self.out_dir / CHECKPOINTS
+        final = root / _STEP_FMT.format(self.pos.step)
+        tmp = root / f".tmp-{final.name}"
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            A, L = self.cfg.grad_accum, self.batches_per_epoch
+            e, b = divmod(self.pos.step * A, L)
+            meta = {
+                "complete": True,
+                "step": self.pos.step,
+                "epoch": e if epoch is None else epoch,
+                "data_position": {"epoch": e, "batch_in_epoch": b, "batches_per_epoch": L,
+                                  "micro_batches_done_per_process": self.pos.step * A},
+                "fingerprint": self.fingerprint(),
+                "terms": self.terms,
+                "last": last or {},
+                "parents": self.parents,
+                "time": time.time(),
+            }  # fmt: skip
+            (tmp / META).write_text(json.dumps(meta, indent=1, sort_keys=True))
+            fsync_tree(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            fsync_dir(root)
+            self._prune(root)
+        acc.wait_for_everyone()
+        return final
+
+    def _prune(self, root: Path) -> None:
+        done = []
+        for p in root.iterdir():
+            if p.is_dir() and p.name.startswith("step-") and (p / META).is_file():
+                done.append((int(p.name.split("-")[1]), p))
+        done.sort()
+        for _, p in done[: max(0, len(done) - max(1, self.cfg.keep_checkpoints))]:
+            shutil.rmtree(p, ignore_errors=True)
+
+    # ---- final artefacts -------------------------------------------------------------------
+    def metrics(self) -> dict[str, float]:
+        """Loss summaries of the whole history (also across a resume) plus run figures."""
+        rows = read_history(self.out_dir / HISTORY)
+        m: dict[str, float] = summarize_history(rows, self.terms)
+        m["steps"] = float(self.pos.step)
+        m["global_batch"] = float(self.global_batch)
+        m["num_processes"] = float(self.accelerator.num_processes)
+        m["trainable_parameters"] = float(self.n_trainable)
+        m["parameters"] = float(self.n_params)
+        if getattr(self, "_time_total", 0.0) > 0:
+            m["samples_per_s"] = self._steps_run * self.global_batch / self._time_total
+            m["data_wait_frac"] = self._wait_total / self._time_total
+            m["tokens_per_s"] = self._tokens_total / self._time_total
+        m["peak_memory_bytes"] = float(peak_memory_bytes(self.accelerator.device))
+        return m
+
+    def save_final(self) -> Path:
+        """The task's final artefacts into ``<out>/model`` (written to a temp dir, then renamed),
+        ``meta.json`` beside them, ``metrics.json`` and the loss plots. Process 0 writes."""
+        self._need_setup()
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        final = self.out_dir / FINAL
+        metrics = self.metrics()
+        if acc.is_main_process:
+            tmp = self.out_dir / f".tmp-{FINAL}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            self.task.save_final(acc.unwrap_model(self.model), tmp)
+            meta = {
+                "stage": self.task.name,
+                "step": self.pos.step,
+                "metrics": metrics,
+                "parents": self.parents,
+                "fingerprint": self.fingerprint(),
+            }
+            (tmp / META).write_text(json.dumps(meta, indent=1, sort_keys=True))
+            fsync_tree(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            fsync_dir(self.out_dir)
+            rows = read_history(self.out_dir / HISTORY)
+            plot_history(rows, self.terms, self.out_dir / "plots")
+            write_json_atomic(self.out_dir / METRICS, metrics, indent=1, sort_keys=True)
+        acc.wait_for_everyone()
+        return final
+
+    def _need_setup(self) -> None:
+        if not self._setup_done:
+            raise RuntimeError("call Trainer.setup() first")
+
+
+def run_training(
+    task: TrainTask,
+    cfg: TrainLoopConfig,
+    out_dir: str | os.PathLike[str],
+    *,
+    device: str = "auto",
+    resume: bool = True,
+    progress: ProgressFn | None = None,
+    parents: dict[str, str] | None = None,
+    grad_dump_dir: str | os.PathLike[str] | None = None,
+) -> dict[str, float]:
+    """setup -> resume (when ``resume``; otherwise earlier checkpoints are removed) -> train ->
+    save_final. Returns the metrics (see the module docstring)."""
+    trainer = Trainer(task, cfg, out_dir, device=device, progress=progress, parents=parents, grad_dump_dir=grad_dump_dir)
+    trainer.setup()
+    if not resume and trainer.accelerator.is_main_process:
+        shutil.rmtree(Path(out_dir) / CHECKPOINTS, ignore_errors=True)
+        (Path(out_dir) / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
+    trainer.accelerator.wait_for_everyone()
+    trainer.resume()
+    metrics = trainer.train()
+    trainer.save_final()
+    return metrics
+
+
+__all__ = [
+    "ResumeMismatchError",
+    "TrainTask",
+    "Trainer",
+    "history_window",
+    "latest_checkpoint",
+    "plot_history",
+    "read_history",
+    "run_training",
+    "summarize_history",
+]

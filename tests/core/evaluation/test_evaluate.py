@@ -1,0 +1,307 @@
+"""Evaluators (SPEC §6) with fake predictors: hand-computed metrics per benchmark, honest counting,
+the base comparison, the perception block rates, depth quality, progress, and the report."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from perceptio_core.config import DataConfig, EvaluateConfig
+from perceptio_core.curation.curate import clean_expression as curate_clean_expression  # what curation uses
+from perceptio_core.evaluation.evaluate import (
+    DepthQuality,
+    block_status,
+    evaluate_all,
+    format_mc_prompt,
+    hardblink_prompt,
+    metrics_table,
+    refer_prompt,
+    run_evaluation,
+    spread,
+    token_depth_choice,
+    vqa_prompt,
+)
+from perceptio_core.data.image_io import MissingImageError, file_digest
+from perceptio_core.format.target import format_target
+from perceptio_core.format.prompts import HARDBLINK_QUESTION, render_prompt
+from perceptio_core.data.records import HardBlinkRecord, ImageRecord, RefRecord, Sources, VqaRecord
+from perceptio_core.data.refer import ann_to_mask
+from perceptio_core.data.sources import read_sources
+
+N, K = 4, 8  # depth tokens per block, codebook size (fake)
+W, H = 40, 30
+
+
+def _png(path: Path, seed: int) -> str:
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, (H, W, 3), dtype=np.uint8)).save(path)
+    return str(path)
+
+
+def _box_poly(x0, y0, x1, y1):
+    return [[x0, y0, x1, y0, x1, y1, x0, y1]]
+
+
+def _ref(ds, split, ref_id, image_id, sentence, poly):
+    return RefRecord(dataset=ds, split_by="unc", ref_id=ref_id, sent_id=ref_id * 10, ann_id=ref_id,
+                     image_id=image_id, split=split, sentence=sentence, category_id=1, category="cube",
+                     bbox=(0, 0, 1, 1), segmentation=poly, iscrowd=0, area=1.0)  # fmt: skip
+
+
+@pytest.fixture()
+def world(tmp_path):
+    """Three images, refs on three datasets/splits (one train), HardBLINK 3 and 4, VQA two splits."""
+    img = [_png(tmp_path / f"im{i}.png", i) for i in range(3)]
+    depth = tmp_path / "im0.npy"
+    yy, xx = np.mgrid[0:H, 0:W]
+    np.save(depth, (1.0 + xx / W).astype(np.float32))  # metres: farther to the right
+    recs = {i: ImageRecord(i, f"im{i}.png", img[i], W, H, "coco", str(depth) if i == 0 else None,
+                           file_digest(img[i])) for i in range(3)}  # fmt: skip
+    refs = [
+        _ref("refcoco", "val", 1, 0, "the big cube.", _box_poly(0, 0, 30, 20)),
+        _ref("refcoco", "val", 2, 1, "the tiny cube", _box_poly(1, 1, 3, 3)),
+        _ref("refcoco", "testA", 3, 2, "left cube", _box_poly(0, 0, 10, 10)),
+        _ref("refcoco", "train", 4, 0, "never evaluated", _box_poly(0, 0, 10, 10)),
+        _ref("refcocog", "val", 5, 1, "a cube", _box_poly(4, 4, 14, 14)),
+    ]
+    hb = [
+        HardBlinkRecord("3a", img[0], 3, ((5, 5), (20, 10), (35, 25)), ("A", "B", "C"), HARDBLINK_QUESTION, "(A)",
+                        depth_path=str(depth)),
+        HardBlinkRecord("3b", img[1], 3, ((5, 5), (20, 10), (35, 25)), ("A", "B", "C"), HARDBLINK_QUESTION, "(B)"),
+        HardBlinkRecord("4a", img[2], 4, ((5, 5), (20, 10), (35, 25), (2, 28)), ("A", "B", "C", "D"),
+                        HARDBLINK_QUESTION, "(C)"),
+    ]
+    opts = {"A": "dog", "B": "cat", "C": "cow", "D": "fish"}
+    vqa = [
+        VqaRecord("q1", img[0], "What animal is it?", opts, "B", split="test"),
+        VqaRecord("q2", img[1], "Which animal swims?", opts, "D", hint="Look at the water.", split="test"),
+        VqaRecord("q3", img[2], "What animal moos?", opts, "C", split="dev"),
+        VqaRecord("q4", img[2], "Trained on, never evaluated?", opts, "C", split="train"),
+    ]
+    src = Sources(root=str(tmp_path), coco_images=recs, refs=refs, hardblink=hb, vqa=vqa)
+    return src, tmp_path
+
+
+def _gt(src, ref_id):
+    r = next(r for r in src.refs if r.ref_id == ref_id)
+    im = src.coco_images[r.image_id]
+    return ann_to_mask(r.segmentation, im.height, im.width).astype(bool)
+
+
+def _block(seg=True, codes=(1, 2, 3, 4), answer=""):
+    return format_target(seg, list(codes), answer)
+
+
+class FakePerceptio:
+    """Answers by prompt: the big cube right (mask = truth), the tiny cube without [SEG], etc."""
+
+    def __init__(self, src):
+        self.src = src
+        self.calls = []
+        self.teacher = np.linspace(0, 1, 16 * 16, dtype=np.float32).reshape(16, 16)
+        self.table = {
+            refer_prompt("the big cube."): dict(mask=_gt(src, 1), raw=_block(True, answer="A big cube."), depth=True),
+            refer_prompt("the tiny cube"): dict(mask=None, raw="A tiny cube.", depth=False),  # no [SEG]
+            refer_prompt("left cube"): dict(mask=np.ones((H // 2, W // 2), bool), raw=_block(True), depth=True),
+            refer_prompt("a cube"): dict(mask=_gt(src, 5)[::2, ::2], raw=_block(True, codes=(1, 2, 3)),
+                                         depth=False),  # 3 codes: wrong count
+            vqa_prompt(src.vqa[0]): dict(raw="B"),
+            vqa_prompt(src.vqa[1]): dict(raw="It is a fish."),
+            vqa_prompt(src.vqa[2]): dict(raw="(A) or (C)"),
+        }
+
+    def __call__(self, image, prompt):
+        self.calls.append((image, prompt))
+        if prompt.startswith(HARDBLINK_QUESTION):
+            img = Path(image).name
+            ans = {"im0.png": "(A)", "im1.png": "(A) or (B)", "im2.png": "Point C"}[img]
+            raw = _block(False, answer=ans)
+            depth = self.teacher if img != "im1.png" else None
+            return SimpleNamespace(text=ans, raw_text=raw, mask=None, depth_map=depth,
+                                   depth_indices=[1, 2, 3, 4] if depth is not None else None)
+        e = self.table[prompt]
+        from perceptio_core.format.target import parse_generation
+
+        p = parse_generation(e["raw"], N, K)
+        return SimpleNamespace(text=p.answer, raw_text=e["raw"], mask=e.get("mask"),
+                               depth_map=self.teacher if e.get("depth") else None, depth_indices=p.depth_indices)
+
+
+def fake_base(image, prompt):
+    text = "B" if "What animal is it?" in prompt else ("(B)" if prompt.startswith(HARDBLINK_QUESTION) else "no idea")
+    return SimpleNamespace(text=text, mask=None, depth_map=None, depth_indices=None)
+
+
+def test_prompts_match_training_templates():
+    expr = " the big  cube. "
+    assert refer_prompt(expr) == render_prompt("refer_seg", variant=0, expr=curate_clean_expression(expr))
+    assert curate_clean_expression(expr) == "the big cube"
+    assert hardblink_prompt(HARDBLINK_QUESTION) == render_prompt("depth_cot", variant=0,
+                                                                 question=HARDBLINK_QUESTION)
+    p = format_mc_prompt("What is it?", {"B": "dog", "A": "cat"}, hint="A pet.")
+    assert p == ("A pet.\nWhat is it?\nA. cat\nB. dog\n"
+                 "Answer with the option's letter from the given choices directly.")
+    assert format_mc_prompt("Q?", {"A": "x", "B": "y"}) == render_prompt("vqa_mc", question="Q?", options="A. x\nB. y")
+
+
+def test_spread_is_even_and_stable():
+    assert spread(list(range(10)), 3) == [0, 3, 6]
+    assert spread(list(range(4)), 0) == [0, 1, 2, 3] and spread(list(range(4)), 9) == [0, 1, 2, 3]
+
+
+def test_all_benchmarks_hand_computed(world):
+    src, tmp = world
+    teacher_digest = src.coco_images[0].digest
+    fake = FakePerceptio(src)
+    loose = lambda image, prompt: SimpleNamespace(text="", raw_text="[SEG]<d_start><d_1>", mask=None,
+                                                   depth_map=None, depth_indices=None)  # fmt: skip
+    seen = []
+    cfg = EvaluateConfig(unconstrained_limit=2, report_samples=1)
+    ev = run_evaluation(fake, src, cfg, base_predict=fake_base, predict_unconstrained=loose,
+                        teacher_maps={teacher_digest: fake.teacher}, num_tokens=N, codebook_size=K,
+                        progress=lambda d, t, info: seen.append((d, t, info["model"])))  # fmt: skip
+    m = ev.metrics
+    big, tiny = _gt(src, 1).sum(), _gt(src, 2).sum()
+    # refcoco val: big cube perfect, tiny cube missed (no [SEG] -> empty mask, still counted)
+    assert m["refcoco.val.ciou"] == pytest.approx(big / (big + tiny))
+    assert m["refcoco.val.giou"] == pytest.approx(0.5)
+    assert m["refcoco.val.p50"] == pytest.approx(0.5) and m["refcoco.val.n"] == 2
+    # testA: a 15x20 all-ones mask resized to 30x40 = whole image vs a 10x10 box
+    gt3 = _gt(src, 3)
+    assert m["refcoco.testA.ciou"] == pytest.approx(gt3.sum() / (H * W))
+    # refcocog val: prediction at half size, resized (nearest) back: exact for an even box
+    assert m["refcocog.val.ciou"] == pytest.approx(1.0)
+    assert not any(k.startswith("refcoco.train") for k in m) and "refcoco+.val.ciou" not in m
+    # HardBLINK: 3 points 1/2 (two labels = wrong), 4 points 1/1; mean over counts
+    assert m["hardblink.3.accuracy"] == 0.5 and m["hardblink.4.accuracy"] == 1.0
+    assert m["hardblink.mean.accuracy"] == 0.75
+    # VQA: test 2/2 (a letter, an option text), dev 0/1 (two letters)
+    assert m["vqa.test.accuracy"] == 1.0 and m["vqa.dev.accuracy"] == 0.0 and m["vqa.test.n"] == 2
+    assert not any(k.startswith("vqa.train") for k in m)
+    # perception block: refer ok, no_block, ok, wrong_count; HardBLINK depth-only blocks are ok
+    assert ev.block_status["constrained"] == {"ok": 5, "no_block": 1, "wrong_count": 1}
+    assert m["perception_block.wellformed"] == pytest.approx(5 / 7) and m["perception_block.n"] == 7
+    assert m["perception_block.wellformed_unconstrained"] == 0.0 and m["perception_block.n_unconstrained"] == 2
+    assert ev.block_status["unconstrained"] == {"missing_end": 2}
+    # depth: teacher known for image 0 (refer big cube, HardBLINK 3a): the map equals the teacher
+    assert m["depth.teacher.n"] == 2 and m["depth.teacher.mse"] == pytest.approx(0.0, abs=1e-6)
+    assert m["depth.teacher.delta1"] == 1.0 and m["depth.teacher.coverage"] == 1.0
+    assert m["depth.teacher.pair_order"] == 1.0
+    # true depth known for image 0 (big cube, train excluded) and HardBLINK 3a
+    assert m["depth.true.n"] == 2 and 0 <= m["depth.true.delta1"] <= 1
+    assert "depth.teacher_on_true.absrel" in m
+    # base: text only -> empty masks, cIoU 0; its answers parsed the same way
+    assert m["base.refcoco.val.ciou"] == 0.0 and m["base.refcocog.val.giou"] == 0.0
+    assert m["base.hardblink.3.accuracy"] == 0.5 and m["base.hardblink.4.accuracy"] == 0.0
+    assert m["base.vqa.test.accuracy"] == 0.5 and m["base.vqa.dev.accuracy"] == 0.0
+    assert not any(k.startswith("base.perception_block") or k.startswith("base.depth") for k in m)
+    # progress: every generation once, totals known up front (7 + 3 VQA) x 2 models + 2 unconstrained
+    assert [d for d, _, _ in seen] == list(range(1, 23)) and {t for _, t, _ in seen} == {22}
+    assert [x for _, _, x in seen].count("base") == 10
+    # prompts: the refer/hardblink/VQA prompts, never the train split
+    assert not any("never evaluated" in p.lower() for _, p in fake.calls)
+    # kept samples: at most one right and one wrong per benchmark, with the base's answer filled in
+    kinds = [(s.benchmark, s.correct) for s in ev.shown]
+    assert len(kinds) == len(set(kinds)) and ("refer", True) in kinds and ("refer", False) in kinds
+    assert all(s.base_answer is not None for s in ev.shown)
+
+
+def test_token_depth_reads_the_decoded_map(world):
+    dmap = np.zeros((10, 10), np.float32)
+    dmap[:, 8:] = 1.0  # the right edge is nearest
+    pts, labels = ((5, 5), (38, 5), (20, 20)), ("A", "B", "C")
+    assert token_depth_choice(dmap, pts, labels, (H, W)) == "B"
+    assert token_depth_choice(None, pts, labels, (H, W)) is None
+
+
+def test_depth_quality_flat_map_when_no_block():
+    teacher = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
+    dq = DepthQuality(n_pairs=500)
+    dq.add(teacher, teacher, None)
+    dq.add(None, teacher, None)  # no block: a flat map, not dropped
+    r = dq.result()
+    assert r["depth.teacher.n"] == 2 and r["depth.teacher.coverage"] == 0.5
+    assert r["depth.teacher.pair_order"] == pytest.approx(0.5)  # 1.0 and 0.0 (ties are wrong)
+    assert "depth.true.n" not in r
+
+
+def test_block_status_sources():
+    ok = _block(True)
+    assert block_status(SimpleNamespace(raw_text=ok), True, N, K) == "ok"
+    assert block_status(SimpleNamespace(raw_text=_block(False)), True, N, K) == "no_seg"
+    assert block_status(SimpleNamespace(raw_text=_block(False)), False, N, K) == "ok"
+    assert block_status(SimpleNamespace(status="no_seg"), False) == "ok"
+    assert block_status(SimpleNamespace(status="wrong_count"), True) == "wrong_count"
+    assert block_status(SimpleNamespace(depth_indices=[1], mask=None), True) == "no_seg"
+    assert block_status(SimpleNamespace(depth_indices=None), False) == "no_block"
+
+
+def test_unreadable_image_scores_wrong_not_dropped(world):
+    src, _ = world
+
+    def broken(image, prompt):
+        raise MissingImageError(str(image), "missing image")
+
+    cfg = EvaluateConfig(refer=False, hardblink=False)
+    ev = run_evaluation(broken, src, cfg)
+    assert ev.metrics["vqa.test.accuracy"] == 0.0 and ev.metrics["vqa.test.n"] == 2
+    assert len(ev.errors) == 3 and "missing image" in ev.errors[0]
+
+
+def test_limits_apply_per_split(world):
+    src, _ = world
+    cfg = EvaluateConfig(refer_limit=1, hardblink_limit=1, vqa_limit=1, refer_datasets=["refcoco"])
+    m = run_evaluation(FakePerceptio(src), src, cfg).metrics
+    assert m["refcoco.val.n"] == 1 and m["refcoco.testA.n"] == 1 and "refcocog.val.n" not in m
+    assert m["hardblink.3.n"] == 1 and m["vqa.test.n"] == 1 and m["vqa.dev.n"] == 1
+
+
+def test_report_tables_and_pictures(world):
+    src, tmp = world
+    out = tmp / "report"
+    metrics = evaluate_all(FakePerceptio(src), src, EvaluateConfig(report_samples=1), base_predict=fake_base,
+                           num_tokens=N, codebook_size=K, report_dir=out)  # fmt: skip
+    md = (out / "report.md").read_text()
+    assert "| refcoco | val | ciou | " in md and "| refcoco | val | n | 2 | 2 |  |" in md
+    assert "| hardblink | mean | accuracy | 0.750 |" in md
+    assert "| perception_block |  | wellformed |" in md
+    pngs = sorted((out / "figures").glob("*.png"))
+    assert pngs and all(f"figures/{p.name}" in md for p in pngs)
+    assert {"refer_right_0.png", "refer_wrong_0.png", "hardblink_right_0.png"} <= {p.name for p in pngs}
+    with Image.open(pngs[0]) as im:
+        assert im.width > 400
+    table = metrics_table(metrics)
+    row = next(line for line in table.splitlines() if line.startswith("| refcoco | val | ciou"))
+    assert row.endswith(f"| {metrics['refcoco.val.ciou']:.3f} | 0.000 | +{metrics['refcoco.val.ciou']:.3f} |")
+
+
+def test_tiny_world_perfect_predictor_scores_one(tiny_world, tmp_path):
+    """The real readers on the synthetic world; a predictor that returns the truth scores 1.0."""
+    src = read_sources(tiny_world, DataConfig(), cache_dir=tmp_path / "cache")
+    truth = {(src.coco_images[r.image_id].path, refer_prompt(r.sentence)): r for r in src.refs if r.split != "train"}
+    hb = {r.image_path: r.answer for r in src.hardblink}
+    vqa = {vqa_prompt(r): r.answer for r in src.vqa}
+
+    def oracle(image, prompt):
+        if (str(image), prompt) in truth:
+            r = truth[(str(image), prompt)]
+            im = src.coco_images[r.image_id]
+            return SimpleNamespace(text="x", mask=ann_to_mask(r.segmentation, im.height, im.width), depth_map=None,
+                                   depth_indices=None)  # fmt: skip
+        text = hb.get(str(image)) or vqa[prompt]
+        return SimpleNamespace(text=text, mask=None, depth_map=None, depth_indices=None)
+
+    m = run_evaluation(oracle, src, EvaluateConfig(refer_limit=5, vqa_limit=0)).metrics
+    refer_keys = [k for k in m if k.endswith(".giou")]
+    assert {k.split(".")[0] for k in refer_keys} == {"refcoco", "refcoco+", "refcocog"}
+    assert {k.split(".")[1] for k in refer_keys} == {"val", "testA", "testB", "test"}
+    # an expression repeated on one image (ambiguous: curation filters those) may name another object
+    assert all(m[k] >= 0.9 for k in refer_keys), {k: m[k] for k in refer_keys}
+    assert m["hardblink.mean.accuracy"] == 1.0 and {m[f"hardblink.{n}.n"] for n in (3, 4, 5)} == {2.0}
+    assert all(m[k] == 1.0 for k in m if k.startswith("vqa.") and k.endswith(".accuracy"))
+    assert not math.isnan(m["perception_block.wellformed"])

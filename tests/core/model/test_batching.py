@@ -1,0 +1,134 @@
+"""Examples -> padded batches (SPEC §1 sequence layout, §3 label masking)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from perceptio_core.model.batching import (
+    PerceptioCollator,
+    TrainExample,
+    encode_prompt,
+    example_from_sample,
+    prompt_text,
+)
+from perceptio_core.model.internvl import add_perception_tokens
+from perceptio_core.model.losses import IGNORE
+from perceptio_core.data.masks import encode_mask
+from perceptio_core.format.target import format_target
+from perceptio_core.curation.sample import Sample
+
+from perceptio_helpers import examples, png_bytes, tiny_tokenizer, one_torch_thread  # noqa: F401
+
+K, N, L = 16, 9, 16  # codebook, tokens per map, image tokens
+
+
+@pytest.fixture(scope="module")
+def setup():
+    tok = tiny_tokenizer()
+    ids = add_perception_tokens(tok, K)
+    collate = PerceptioCollator(tok, ids, image_size=64, image_seq_length=L, sam2_image_size=32, depth_size=12)
+    return tok, ids, collate
+
+
+def test_batch_layout(setup):
+    tok, ids, collate = setup
+    exs = examples(N, K)
+    batch = collate(exs)
+    b, t = batch["input_ids"].shape
+    assert b == 2
+    assert batch["pixel_values"].shape == (2, 3, 64, 64)
+    assert batch["sam2_pixel_values"].shape == (2, 3, 32, 32)
+    assert batch["masks"].shape == (2, 32, 32) and batch["has_mask"].tolist() == [True, False]
+    assert batch["depth_maps"].shape == (2, 12, 12) and batch["has_depth_map"].tolist() == [True, False]
+    assert float(batch["sam2_pixel_values"][1].abs().sum()) == 0.0  # no mask: SAM2 input left empty
+    for i, ex in enumerate(exs):
+        prompt = encode_prompt(tok, ex.prompt, L)
+        target = tok(ex.target, add_special_tokens=False).input_ids + [tok.eos_token_id]
+        n = len(prompt) + len(target)
+        assert batch["input_ids"][i, :n].tolist() == prompt + target
+        assert batch["attention_mask"][i].tolist() == [1] * n + [0] * (t - n)
+        # labels: image and prompt masked, the target (eos included) kept, padding masked
+        assert batch["labels"][i].tolist() == [IGNORE] * len(prompt) + target + [IGNORE] * (t - n)
+        assert (batch["input_ids"][i, n:] == tok.pad_token_id).all()
+        # every image context token is masked
+        ctx = batch["input_ids"][i] == tok.context_image_token_id
+        assert int(ctx.sum()) == L and (batch["labels"][i][ctx] == IGNORE).all()
+
+
+def test_positions_point_at_the_perception_tokens(setup):
+    tok, ids, collate = setup
+    batch = collate(examples(N, K))
+    x = batch["input_ids"]
+    seg, s, e = batch["seg_positions"], batch["d_start_positions"], batch["d_end_positions"]
+    assert int(x[0, seg[0]]) == ids.seg and int(seg[1]) == -1  # sample 1 has no [SEG]
+    for i in range(2):
+        assert int(x[i, s[i]]) == ids.d_start and int(x[i, e[i]]) == ids.d_end
+        inner = x[i, s[i] + 1 : e[i]].tolist()
+        assert len(inner) == N and set(inner) <= set(ids.codes)
+    assert int(s[0]) == int(seg[0]) + 1  # [SEG]<d_start> adjacent: no separator token
+
+
+def test_mask_and_depth_are_resized(setup):
+    tok, ids, collate = setup
+    ex = examples(N, K)[0]
+    batch = collate([ex])
+    mask = batch["masks"][0]
+    assert set(mask.unique().tolist()) <= {0.0, 1.0}
+    # the 40 x 48 mask with rows 10..24, cols 5..29 on: its fraction survives the square resize
+    assert float(mask.mean()) == pytest.approx(ex.mask.mean(), abs=0.03)
+    const = TrainExample(image=png_bytes(), prompt="p", target="t", depth_map=np.full((20, 20), 0.25, np.float32))
+    assert torch.allclose(collate([const])["depth_maps"][0], torch.full((12, 12), 0.25))
+
+
+def test_truncation_cuts_the_target_never_the_prompt(setup):
+    tok, ids, _ = setup
+    ex = examples(N, K)[0]
+    prompt_len = len(encode_prompt(tok, ex.prompt, L))
+    collate = PerceptioCollator(tok, ids, 64, L, 32, 12, max_length=prompt_len + 4)
+    batch = collate([ex])
+    assert batch["input_ids"].shape[1] == prompt_len + 4
+    assert int(batch["d_start_positions"][0]) == prompt_len + 1 and int(batch["d_end_positions"][0]) == -1
+    tight = PerceptioCollator(tok, ids, 64, L, 32, 12, max_length=prompt_len)
+    with pytest.raises(ValueError, match="does not fit"):
+        tight([ex])
+
+
+def test_mask_must_match_the_image(setup):
+    _, _, collate = setup
+    bad = TrainExample(image=png_bytes(40, 48), prompt="p", target="[SEG] t", mask=np.ones((10, 10), np.uint8))
+    with pytest.raises(ValueError, match="does not match image"):
+        collate([bad])
+
+
+def test_example_from_sample_decodes_the_rle(setup):
+    _, _, collate = setup
+    mask = np.zeros((40, 48), dtype=bool)
+    mask[5:10, 5:20] = True
+    codes = list(range(N))
+    sample = Sample(
+        key="refcoco-unc-train-r1-s1", source="refcoco", split="train", task="refer_seg", image_digest="0" * 64,
+        image=png_bytes(), prompt="Segment the cube.", target=format_target(True, codes, "A cube."),
+        answer="A cube.", mask_rle=encode_mask(mask), depth_tokens=codes,
+    )
+    depth = np.zeros((12, 12), np.float32)
+    ex = example_from_sample(sample, depth)
+    assert ex.mask.dtype == np.uint8 and np.array_equal(ex.mask.astype(bool), mask)
+    assert ex.depth_tokens == codes and ex.depth_map is depth
+    batch = collate([ex])
+    assert batch["has_mask"].tolist() == [True] and batch["has_depth_map"].tolist() == [True]
+
+
+def test_chat_template_is_used_when_present():
+    tok = tiny_tokenizer()
+    tok.chat_template = (
+        "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+        "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+    )
+    text = prompt_text(tok, "What is it?", 4)
+    assert text == "<s>user\n<img>" + "<IMG_CONTEXT>" * 4 + "</img>\nWhat is it?</s>\n<s>assistant\n"
+    ids = encode_prompt(tok, "What is it?", 4)
+    assert ids[0] == tok.bos_token_id and ids.count(tok.context_image_token_id) == 4
+    plain = tiny_tokenizer()
+    assert prompt_text(plain, " What is it? ", 2) == "<img><IMG_CONTEXT><IMG_CONTEXT></img>\nWhat is it?\n"

@@ -1,0 +1,156 @@
+"""Generation (SPEC §1): constrained perception decoding, KV-cache equivalence, mask and depth."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from perceptio_core.model.generation import PerceptionConstraint, generate, generate_ids
+from perceptio_core.model.internvl import PerceptionTokenIds, internvl_pixel_values
+from perceptio_core.model.batching import encode_prompt
+from perceptio_core.format.target import ParseStatus
+
+from perceptio_helpers import build_tiny, png_bytes, one_torch_thread  # noqa: F401
+
+PROMPT = "Please segment the object described as: the red cube."
+
+
+def _perturbed(seed: int):
+    m = build_tiny()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in m.trainable_parameters().values():
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return _perturbed(0)
+
+
+TID = PerceptionTokenIds(seg=10, d_start=11, d_end=12, codes=(13, 14, 15))
+
+
+def test_constraint_restricts_inside_a_block_only():
+    c = PerceptionConstraint(TID, num_tokens=2, forbid_stray=False)
+    scores = torch.zeros(4, 20)
+    ids = torch.tensor(
+        [
+            [1, 2, 3, 4],  # no block: untouched
+            [1, 10, 11, 13],  # one code so far: codes only
+            [10, 11, 13, 14],  # N codes: <d_end> forced
+            [11, 13, 14, 12],  # closed block: untouched
+        ]
+    )
+    out = c(ids, scores)
+    assert torch.isfinite(out[0]).all() and torch.isfinite(out[3]).all()
+    assert torch.isfinite(out[1]).nonzero().squeeze(1).tolist() == [13, 14, 15]
+    assert torch.isfinite(out[2]).nonzero().squeeze(1).tolist() == [12]
+    assert torch.equal(scores, torch.zeros(4, 20))  # input not modified
+    assert c.open_count([11]) == 0 and c.open_count([11, 13, 12]) is None and c.open_count([]) is None
+
+
+def test_constraint_forbids_codes_and_d_end_outside_a_block_by_default():
+    c = PerceptionConstraint(TID, num_tokens=2)
+    ids = torch.tensor([[1, 2, 3, 4], [10, 11, 13, 14], [11, 13, 14, 12]])  # none, full block, closed
+    out = c(ids, torch.zeros(3, 20))
+    stray = [12, 13, 14, 15]
+    for row in (0, 2):  # before and after a block: everything but the codes and <d_end>
+        assert sorted(set(range(20)) - set(torch.isfinite(out[row]).nonzero().squeeze(1).tolist())) == stray
+        assert torch.isfinite(out[row, [10, 11]]).all()  # [SEG] and <d_start> stay allowed
+    assert torch.isfinite(out[1]).nonzero().squeeze(1).tolist() == [12]  # inside: <d_end> forced
+
+
+@pytest.mark.parametrize("prefix", ["<d_start>", "[SEG]<d_start>"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_constrained_decoding_gives_exactly_n_codes_then_d_end(prefix, seed):
+    m = _perturbed(seed)
+    n, tid = m.num_depth_tokens, m.token_ids
+    for beams in (1, 3):
+        r = generate(m, m.tokenizer, png_bytes(seed=seed), PROMPT, max_new_tokens=n + 4, num_beams=beams,
+                     response_prefix=prefix, want_mask=False, want_depth=False)
+        ids = r.token_ids
+        s = ids.index(tid.d_start)
+        assert all(t in tid.codes for t in ids[s + 1 : s + 1 + n]), (beams, ids)
+        assert ids[s + 1 + n] == tid.d_end
+        assert r.depth_indices == [tid.codes.index(t) for t in ids[s + 1 : s + 1 + n]]
+
+
+def test_unconstrained_decoding_is_not_forced(model):
+    # with a prefix that opens a block, an unconstrained random model does not close it properly
+    r = generate(model, model.tokenizer, png_bytes(), PROMPT, max_new_tokens=model.num_depth_tokens + 2,
+                 constrained=False, response_prefix="<d_start>", want_mask=False)
+    c = generate(model, model.tokenizer, png_bytes(), PROMPT, max_new_tokens=model.num_depth_tokens + 2,
+                 constrained=True, response_prefix="<d_start>", want_mask=False)
+    assert c.status in (ParseStatus.OK, ParseStatus.NO_SEG) and c.depth_indices is not None
+    assert r.token_ids != c.token_ids
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_kv_cache_and_full_recompute_agree(model, beams):
+    tok = model.tokenizer
+    prompt = encode_prompt(tok, PROMPT, model.image_seq_length)
+    px = internvl_pixel_values(png_bytes(), model.image_size)[None]
+    stops = {tok.eos_token_id}
+    for constraint in (None, PerceptionConstraint(model.token_ids, model.num_depth_tokens)):
+        prefix = tok("[SEG]<d_start>", add_special_tokens=False).input_ids if constraint else []
+        cached, s1 = generate_ids(model, prompt, px, 24, stops, constraint, beams, True, prefix)
+        plain, s2 = generate_ids(model, prompt, px, 24, stops, constraint, beams, False, prefix)
+        assert cached == plain
+        assert s1 == pytest.approx(s2, abs=1e-3)
+        assert len(set(cached)) > 1  # not a degenerate repetition of one token
+
+
+def test_greedy_picks_the_argmax_of_the_full_forward(model):
+    tok = model.tokenizer
+    prompt = encode_prompt(tok, PROMPT, model.image_seq_length)
+    px = internvl_pixel_values(png_bytes(), model.image_size)[None]
+    ids, _ = generate_ids(model, prompt, px, 5, {tok.eos_token_id})
+    with torch.no_grad():
+        logits = model.lm_forward(torch.tensor([prompt + ids[:-1]]), pixel_values=px, logits_from=0).logits
+    expected = logits[0, len(prompt) - 1 :].argmax(-1).tolist()
+    assert ids == expected
+
+
+def test_generate_returns_mask_depth_and_seg_state(model):
+    image = png_bytes(40, 48, seed=3)
+    r = generate(model, model.tokenizer, image, PROMPT, max_new_tokens=model.num_depth_tokens + 6,
+                 response_prefix="[SEG]<d_start>")
+    assert r.token_ids[0] == model.token_ids.seg
+    assert r.mask is not None and r.mask.shape == (40, 48) and r.mask.dtype == np.bool_
+    assert np.array_equal(r.mask, 1 / (1 + np.exp(-r.mask_logits)) > 0.5)
+    assert r.depth_indices is not None and len(r.depth_indices) == model.num_depth_tokens
+    expected_map = model.decode_depth(torch.tensor([r.depth_indices]))[0].numpy()
+    assert np.allclose(r.depth_map, expected_map)
+    # seg_hidden is the state at the [SEG] token's own position in a full pass
+    tok = model.tokenizer
+    prompt = encode_prompt(tok, PROMPT, model.image_seq_length)
+    px = internvl_pixel_values(image, model.image_size)[None]
+    with torch.no_grad():
+        h = model.lm_forward(torch.tensor([prompt + r.token_ids]), pixel_values=px, logits_from=None).hidden
+    assert torch.allclose(r.seg_hidden, h[0, len(prompt)], atol=1e-5)
+    assert "<d_" not in r.text and "[SEG]" not in r.text
+    assert r.raw_text.startswith("[SEG]<d_start>")
+
+
+def test_sam2_and_vqvae_run_only_when_asked(model, monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("should not run")
+
+    monkeypatch.setattr(model.sam2, "encode_image", boom)
+    monkeypatch.setattr(model.depth_tokenizer, "decode", boom)
+    r = generate(model, model.tokenizer, png_bytes(), PROMPT, max_new_tokens=model.num_depth_tokens + 4,
+                 response_prefix="[SEG]<d_start>", want_mask=False, want_depth=False)
+    assert r.mask is None and r.depth_map is None
+    assert r.seg_hidden is not None and r.depth_indices is not None
+
+
+def test_no_seg_no_mask(model):
+    # the response is the forced "(A)" alone (nothing generated), so whatever the random weights
+    # would emit, no [SEG] is in it
+    r = generate(model, model.tokenizer, png_bytes(), "What is it?", max_new_tokens=0, response_prefix="(A)")
+    assert r.text == "(A)"
+    assert model.token_ids.seg not in r.token_ids
+    assert r.seg_hidden is None and r.mask is None and r.depth_indices is None
