@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from perceptio_core.data.masks import encode_mask  # noqa: E402
 from perceptio_core.format.target import format_target  # noqa: E402
-from perceptio_core.curation.sample import Sample, make_key, sha256_bytes  # noqa: E402
+from perceptio_core.curation.sample import Sample, make_key, bytes_digest  # noqa: E402
 from perceptio_core.curation.shards import (  # noqa: E402
     TAR_FORMAT,
     ShardWriter,
@@ -72,7 +72,7 @@ def image_pool(n: int, size: int, seed: int = 0) -> list[bytes]:
 def make_stream(n: int, pool: list[bytes], seed: int = 0):
     """A lazy stream of ``n`` refer-style samples cycling through ``pool``."""
     rng = np.random.default_rng(seed)
-    digests = [sha256_bytes(b) for b in pool]
+    digests = [bytes_digest(b) for b in pool]
     masks = []
     for i in range(8):
         m = np.zeros((48, 64), bool)

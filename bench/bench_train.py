@@ -76,7 +76,7 @@ SHAPE_1B = {
 def make_shards(out: Path, n: int, width: int, height: int, codebook_size: int, num_tokens: int) -> Path:
     from perceptio_core.data.masks import encode_mask
     from perceptio_core.format.target import format_target
-    from perceptio_core.curation.sample import Sample, make_key, sha256_bytes
+    from perceptio_core.curation.sample import Sample, make_key, bytes_digest
     from perceptio_core.curation.shards import write_shards
 
     rng = np.random.default_rng(0)
@@ -93,7 +93,7 @@ def make_shards(out: Path, n: int, width: int, height: int, codebook_size: int, 
         answer = "The object is a small red cube on the left."
         samples.append(Sample(
             key=make_key("bench", i), source="refcoco", split="train", task="refer_seg",
-            image_digest=sha256_bytes(img), image=img, prompt=CORPUS[0], target=format_target(True, codes, answer),
+            image_digest=bytes_digest(img), image=img, prompt=CORPUS[0], target=format_target(True, codes, answer),
             answer=answer, mask_rle=encode_mask(mask), depth_tokens=codes,
         ))  # fmt: skip
     write_shards(samples, out, max_samples=max(1, n // 4))

@@ -19,7 +19,7 @@ from prefect.runtime import flow_run as runtime_flow_run
 from prefect.states import State
 
 from perceptio_core.config import ConfigError, PerceptioConfig, dump_config, load_config
-from storage.atomic import write_json, write_text
+from perceptio_core.atomic_io import write_json, write_text
 from tasks.runner import ArtifactRef, PipelineError, RunContext, compute_keys, flatten
 from tasks.stage_task import StageResult, stage_task
 from tasks.stages import BY_NAME, STAGES, downstream_of, upstream_of

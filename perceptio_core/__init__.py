@@ -20,7 +20,7 @@ _EXPORTS: dict[str, str] = {
     # data (SPEC §5)
     "generate_world": "world.synth", "read_sources": "data.sources", "data_fingerprint": "data.sources",
     "safe_load": "data.safe_pickle", "UnsafePickleError": "data.safe_pickle",
-    "load_image": "data.image_io", "file_digest": "data.image_io", "ImageError": "data.image_io",
+    "load_image": "data.image_io", "file_digest": "atomic_io", "ImageError": "data.image_io",
     "ann_to_mask": "data.refer", "read_refer": "data.refer", "read_ade20k": "data.ade20k",
     "read_hardblink": "data.hardblink", "read_mmbench_tsv": "data.vqa",
     "Sources": "data.records", "QuarantineEntry": "data.records",
@@ -33,7 +33,7 @@ _EXPORTS: dict[str, str] = {
     "PerceptioModel": "model.perceptio_model", "generate": "model.generation", "fit_base": "training.base_fit",
     "Trainer": "training.trainer", "run_training": "training.trainer",
     # evaluation (SPEC §6)
-    "IoUAccumulator": "evaluation.metrics", "run_evaluation": "evaluation.evaluate", "evaluate_all": "evaluation.evaluate",
+    "IoUAccumulator": "evaluation.metrics", "run_evaluation": "evaluation.evaluate",
     "write_report": "evaluation.evaluate", "infer": "evaluation.infer",
 }
 

@@ -1,13 +1,23 @@
-"""Durable local writes: fsync a file or folder, write a file through a temporary sibling and an
-atomic rename, so a reader never sees half a file and a killed writer leaves only a temporary."""
+"""The one module for durable local writes and file digests (ARCHITECTURE "storage": write to a
+temporary sibling, fsync, rename). A reader that sees a file under its final name sees all of it; a
+writer killed at any point leaves at most a temporary sibling (``x.tmp-<pid>-<id>``, or the hidden
+``.x.tmp`` of a streaming writer), which nothing trusts and :func:`clean_temp` removes.
+
+Used by the library (shards, checkpoints, metrics), by ``storage`` (artifacts, manifests) and by the
+flows (run summaries).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import uuid
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Iterator
+
+TMP_MARK = ".tmp-"
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
@@ -34,25 +44,75 @@ def fsync_tree(path: Path) -> None:
 
 
 def hidden_tmp(final: Path) -> Path:
-    """The temporary sibling ``.<name>.tmp`` a file is written to before its rename."""
+    """The temporary sibling ``.<name>.tmp`` a streaming writer fills before its rename."""
     return final.with_name(f".{final.name}.tmp")
 
 
-def write_bytes_atomic(final: Path, data: bytes) -> None:
-    tmp = hidden_tmp(final)
-    with open(tmp, "wb") as f:
-        f.write(data)
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[Any]]:
+    """Open a temporary sibling of ``path`` for writing; on a clean exit fsync and rename it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(path)
+    f = open(tmp, mode)
+    try:
+        yield f
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, final)
-    fsync_dir(final.parent)
+        f.close()
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        f.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
-def write_json_atomic(final: Path, obj: Any, **json_kw: Any) -> None:
-    write_bytes_atomic(final, json.dumps(obj, **json_kw).encode("utf-8"))
+def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    with atomic_open(path, "wb") as f:
+        f.write(data)
 
 
-def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+def write_text(path: str | os.PathLike[str], text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | os.PathLike[str], obj: Any, sort_keys: bool = True, indent: int = 2) -> None:
+    """``obj`` as JSON (non-JSON values by ``str``), one trailing newline."""
+    write_text(path, json.dumps(obj, indent=indent, sort_keys=sort_keys, default=str) + "\n")
+
+
+def is_temp(name: str) -> bool:
+    """A writer's temporary file: ours (``x.tmp-<pid>-<id>``) or a hidden one (``.x.tmp``)."""
+    return TMP_MARK in name or name.startswith(".")
+
+
+def clean_temp(folder: str | os.PathLike[str]) -> int:
+    """Remove the temporary leftovers of killed writers in ``folder``; returns how many."""
+    n = 0
+    folder = Path(folder)
+    if not folder.exists():
+        return 0
+    for p in folder.rglob("*"):
+        if p.is_file() and is_temp(p.name):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+                n += 1
+    return n
+
+
+def bytes_digest(data: bytes) -> str:
+    """sha256 hex digest of ``data`` (the image digest convention: the key of every teacher map)."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_digest(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    """sha256 hex digest of a file's bytes, read in chunks (equal to :func:`bytes_digest` of them)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):

@@ -1,4 +1,5 @@
-"""Where and how the depth stages run (SPEC §2): device choice, autocast precision, seeding, progress.
+"""Where and how the models run: device choice, autocast precision, seeding, and the one progress
+callback type of every long loop (fits, teacher inference, evaluation).
 
 ``resolve_device("auto")`` gives CUDA when present, else the CPU. ``autocast(device, precision)`` is
 the one mixed-precision context every forward of the teacher, the VQ-VAE and the tokenizer uses:
@@ -11,11 +12,12 @@ from __future__ import annotations
 import contextlib
 import random
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 
-ProgressFn = Callable[[int, int, dict[str, float]], None]
+ProgressFn = Callable[[int, int, dict[str, Any]], None]
 """``progress(step, total, info)``: called every few steps with the running metrics."""
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")

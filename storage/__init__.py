@@ -2,9 +2,9 @@
 
 from storage.keys import code_digest, git_commit, stage_key
 from storage.lineage import LineageNode, format_lineage, lineage
-from storage.store import ArtifactStore, ArtifactWriter, Manifest, StoreError, sha256_file
+from storage.store import ArtifactStore, ArtifactWriter, Manifest, StoreError
 
 __all__ = [
-    "ArtifactStore", "ArtifactWriter", "Manifest", "StoreError", "sha256_file",
+    "ArtifactStore", "ArtifactWriter", "Manifest", "StoreError",
     "code_digest", "git_commit", "stage_key", "LineageNode", "format_lineage", "lineage",
 ]

@@ -20,7 +20,6 @@ artifact whose manifest exists and whose listed files have the listed sizes.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -31,8 +30,7 @@ from typing import Any, Iterator
 
 import fsspec
 
-from perceptio_core.atomic_io import sha256_file
-from storage.atomic import atomic_open, clean_temp, fsync_dir, is_temp, write_json
+from perceptio_core.atomic_io import atomic_open, clean_temp, file_digest, fsync_dir, is_temp, write_json
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
@@ -141,7 +139,7 @@ class ArtifactStore:
                 raise StoreError(
                     f"artifact {stage}/{key}: file {name} has {size} bytes, manifest says {info['size']}"
                 )
-            if digests and self.local and sha256_file(p) != info["sha256"]:
+            if digests and self.local and file_digest(p) != info["sha256"]:
                 raise StoreError(f"artifact {stage}/{key}: file {name} fails its sha256")
         return m
 
@@ -285,7 +283,7 @@ class ArtifactWriter:
         for p in sorted(self.staging.rglob("*")):
             rel = p.relative_to(self.staging).as_posix()
             if p.is_file() and rel != MANIFEST and not is_temp(p.name):
-                files[rel] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
+                files[rel] = {"size": p.stat().st_size, "sha256": file_digest(p)}
         manifest.stage, manifest.key = self.stage, self.key
         manifest.url = self.store.artifact_url(self.stage, self.key)
         manifest.files = files

@@ -89,7 +89,8 @@ from perceptio_core.data.records import (
     normalise_split,
 )
 from perceptio_core.data.markers import MarkerStyle, draw_markers
-from perceptio_core.curation.sample import Sample, make_key, sha256_bytes
+from perceptio_core.atomic_io import bytes_digest
+from perceptio_core.curation.sample import Sample, make_key
 from perceptio_core.curation.shards import QuarantineLog, ShardInfo, ShardWriter, write_manifest
 
 REASON_NO_DEPTH_TOKENS = "no depth tokens"
@@ -230,7 +231,7 @@ def _ref_samples(
         dedup = NearDuplicateFilter(cfg.dedup_jaccard)
         img: ImageRecord | None = sources.coco_images.get(gkey[2])
         data = _read_bytes(img.path) if img is not None else None
-        digest = (img.digest or sha256_bytes(data)) if (img is not None and data is not None) else ""
+        digest = (img.digest or bytes_digest(data)) if (img is not None and data is not None) else ""
         tokens, token_reason = _tokens(depth_tokens, digest) if data is not None else (None, None)
         tmap = _lookup(teacher_maps, digest)
         ann_cache: dict[int, tuple[dict[str, Any] | None, str | None, np.ndarray | None]] = {}
@@ -321,7 +322,7 @@ def _ade_samples(
         if data is None:
             stats.drop("ade20k", rid, REASON_MISSING_IMAGE)
             continue
-        digest = rec.digest or sha256_bytes(data)
+        digest = rec.digest or bytes_digest(data)
         tokens, reason = _tokens(depth_tokens, digest)
         if tokens is None:
             stats.drop("ade20k", rid, reason or REASON_NO_DEPTH_TOKENS)
@@ -441,7 +442,7 @@ def _depth_cot_samples(
         if data is None:
             stats.drop("depth_cot", rid, REASON_MISSING_IMAGE)
             continue
-        digest = digest or sha256_bytes(data)
+        digest = digest or bytes_digest(data)
         tokens, reason = _tokens(depth_tokens, digest)
         if tokens is None:
             stats.drop("depth_cot", rid, reason or REASON_NO_DEPTH_TOKENS)
@@ -525,7 +526,7 @@ def _llava_samples(
         prompt = human.replace("<image>", "").strip()
         key = make_key("llava", idx, str(entry.get("id", "")))
         sample = Sample(
-            key=key, source="llava", split="train", task="instruct", image_digest=sha256_bytes(data),
+            key=key, source="llava", split="train", task="instruct", image_digest=bytes_digest(data),
             image=data, prompt=render_prompt("instruct", key, question=prompt),
             target=format_target(False, None, gpt), answer=gpt.strip(), upstream=dict(upstream),
             meta={"id": entry.get("id"), "image_path": entry["image"], "turns": len(turns)},
@@ -582,7 +583,7 @@ def _glamm_samples(
         if reason is not None:
             stats.drop("glamm", rid, reason)
             continue
-        digest = sha256_bytes(data)
+        digest = bytes_digest(data)
         tokens, _ = _tokens(depth_tokens, digest)  # optional here: GLaMM images rarely have a teacher map
         key = make_key("glamm", idx, Path(name).stem)
         sample = Sample(

@@ -16,7 +16,6 @@ Keys contain only ``[A-Za-z0-9_+-]`` (webdataset splits a member name at its fir
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from dataclasses import dataclass, field, fields
@@ -89,11 +88,6 @@ def make_key(*parts: object) -> str:
     ``make_key("refcoco", "unc", "train", "r123", "s456")`` -> ``"refcoco-unc-train-r123-s456"``.
     """
     return _KEY_BAD.sub("_", "-".join(str(p) for p in parts))
-
-
-def sha256_bytes(data: bytes) -> str:
-    """Hex sha256 of bytes (the image digest convention of ``records.ImageRecord.digest``)."""
-    return hashlib.sha256(data).hexdigest()
 
 
 def image_ext(data: bytes) -> str:

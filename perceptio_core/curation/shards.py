@@ -51,7 +51,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from perceptio_core.atomic_io import fsync_dir, hidden_tmp, sha256_file, write_bytes_atomic
+from perceptio_core.atomic_io import fsync_dir, hidden_tmp, file_digest, write_bytes
 from perceptio_core.data.records import QuarantineEntry
 from perceptio_core.curation.sample import Sample, from_wds, to_wds
 
@@ -243,7 +243,7 @@ class ShardWriter:
             return None
         if idx.get("version") != INDEX_VERSION or tar_path.stat().st_size != info.n_bytes:
             return None
-        if verify and sha256_file(tar_path) != info.sha256:
+        if verify and file_digest(tar_path) != info.sha256:
             return None
         return info
 
@@ -323,7 +323,7 @@ class ShardWriter:
             "fields": _ROW_FIELDS,
             "rows": self._rows,
         }
-        write_bytes_atomic(
+        write_bytes(
             self.out_dir / index_name(self.prefix, index),
             json.dumps(idx, separators=(",", ":")).encode("utf-8"),
         )
@@ -375,18 +375,6 @@ class ShardWriter:
 # ------------------------------------------------------------------------------------------
 # manifest and quarantine
 # ------------------------------------------------------------------------------------------
-
-
-def iter_index_rows(
-    out_dir: str | os.PathLike[str], shards: Sequence[ShardInfo], prefix: str = "samples"
-) -> Iterator[dict[str, Any]]:
-    """Manifest rows (dicts with every :data:`MANIFEST_SCHEMA` column), shard by shard."""
-    for s in shards:
-        idx = json.loads((Path(out_dir) / index_name(prefix, s.index)).read_text())
-        for row in idx["rows"]:
-            d = dict(zip(idx["fields"], row))
-            d["shard"] = idx["shard"]
-            yield d
 
 
 def write_manifest(

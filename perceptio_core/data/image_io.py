@@ -8,7 +8,6 @@ file's bytes: the key under which its depth map and depth tokens are stored.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import warnings
@@ -16,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
+
+from perceptio_core.atomic_io import bytes_digest, file_digest
 
 
 class ImageError(OSError):
@@ -53,22 +54,13 @@ class ImageInfo:
     digest: str
 
 
-def bytes_digest(data: bytes) -> str:
-    """sha256 hex digest of ``data``."""
-    return hashlib.sha256(data).hexdigest()
-
-
-def file_digest(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
-    """sha256 hex digest of a file's bytes, read in chunks. Raises :class:`MissingImageError`
-    (a ``FileNotFoundError`` is not raised as such, so callers handle one error type)."""
-    h = hashlib.sha256()
+def image_digest(path: str | os.PathLike[str]) -> str:
+    """:func:`~perceptio_core.atomic_io.file_digest` of an image file; a missing file raises
+    :class:`MissingImageError` (so callers handle one error type)."""
     try:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(chunk_size), b""):
-                h.update(block)
+        return file_digest(path)
     except FileNotFoundError as e:
         raise MissingImageError(path, "missing image") from e
-    return h.hexdigest()
 
 
 def holdout_by_digest(digest: str, fraction: float) -> bool:

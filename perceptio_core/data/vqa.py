@@ -25,7 +25,8 @@ import sys
 from pathlib import Path
 from typing import NamedTuple
 
-from perceptio_core.data.image_io import CorruptImageError, bytes_digest, decode_image_bytes
+from perceptio_core.atomic_io import bytes_digest
+from perceptio_core.data.image_io import CorruptImageError, decode_image_bytes
 from perceptio_core.data.records import (
     REASON_CORRUPT_IMAGE,
     REASON_MALFORMED,
@@ -132,11 +133,6 @@ def read_mmbench_tsv(
             split=_cell(row, "split") or "test",
         ))
     return VqaResult(records, quarantine)
-
-
-def image_as_base64(path: str | os.PathLike[str]) -> str:
-    """An image file's bytes as MMBench's inline base64 text (for writing TSVs)."""
-    return base64.b64encode(Path(path).read_bytes()).decode("ascii")
 
 
 def options_text(record: VqaRecord) -> str:

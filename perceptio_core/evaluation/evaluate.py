@@ -8,7 +8,7 @@ None); ``.status`` (a :class:`~perceptio_core.format.target.ParseStatus` or its 
 :func:`perceptio_core.model.generation.generate` of a loaded Perceptio model that way; :func:`base_predictor`
 wraps a plain InternVL (the base, text only); tests pass fakes.
 
-Benchmarks and the metric names of :func:`evaluate_all` (``<benchmark>.<split>.<metric>``; the
+Benchmarks and the metric names of :func:`run_evaluation` (``<benchmark>.<split>.<metric>``; the
 ``evaluate`` stage adds the ``evaluate.`` prefix; the base model's metrics start with ``base.``):
 
 - Referring segmentation (``refcoco``, ``refcoco+``, ``refcocog``), every split present except train,
@@ -47,8 +47,7 @@ and split, ``hardblink_limit`` questions per point count, ``vqa_limit`` question
 their (sorted) order, so it is the same on every run.
 
 :func:`run_evaluation` returns an :class:`Evaluation` (metrics, the samples kept for pictures,
-block status counts, timings); :func:`write_report` writes ``report.md`` and its PNGs;
-:func:`evaluate_all` does both and returns the flat metrics.
+block status counts, timings); :func:`write_report` writes ``report.md`` and its PNGs.
 """
 
 from __future__ import annotations
@@ -67,8 +66,9 @@ import numpy as np
 
 from perceptio_core.evaluation.answers import label_of, parse_choice, parse_mc_answer
 from perceptio_core.config import EvaluateConfig
+from perceptio_core.device import ProgressFn
 from perceptio_core.depth.metrics import MAP_EPS, map_metrics, pair_order_accuracy, resize_map, teacher_vs_true_metrics
-from perceptio_core.data.image_io import ImageError, file_digest, load_image
+from perceptio_core.data.image_io import ImageError, image_digest, load_image
 from perceptio_core.evaluation.metrics import IoUAccumulator, resize_mask
 from perceptio_core.format.target import ParseStatus, parse_generation
 from perceptio_core.format.prompts import clean_expression, format_mc_prompt, render_prompt
@@ -76,10 +76,7 @@ from perceptio_core.data.records import HardBlinkRecord, ImageRecord, RefRecord,
 from perceptio_core.data.refer import ann_to_mask
 
 Predict = Callable[[Any, str], Any]
-ProgressFn = Callable[[int, int, dict[str, Any]], None]
 
-REFER_DATASETS = ("refcoco", "refcoco+", "refcocog")
-EVAL_SPLITS = ("val", "testA", "testB", "test")
 PERCEPTIO, BASE = "perceptio", "base"
 FLAT_MAP_VALUE = 0.5  # the map a generation without a well-formed block is scored as
 
@@ -191,9 +188,9 @@ def make_predictors(
     base_model: Any = None,
     base_tokenizer: Any = None,
 ) -> dict[str, Predict | None]:
-    """The predictors :func:`evaluate_all` takes, from a loaded Perceptio ``model`` and
+    """The predictors :func:`run_evaluation` takes, from a loaded Perceptio ``model`` and
     ``cfg``: ``{"predict", "predict_unconstrained", "base_predict"}`` (keyword arguments of
-    :func:`evaluate_all`). ``predict`` decodes with ``cfg.constrained``; ``predict_unconstrained``
+    :func:`run_evaluation`). ``predict`` decodes with ``cfg.constrained``; ``predict_unconstrained``
     without the constraint (None when ``unconstrained_limit`` is 0); ``base_predict`` wraps
     ``base_model`` (None without one or when ``cfg.compare_base`` is off)."""
     cfg = cfg or EvaluateConfig()
@@ -527,7 +524,7 @@ def run_evaluation(
             return ""
         if path not in digests:
             try:
-                digests[path] = file_digest(path)
+                digests[path] = image_digest(path)
             except ImageError:
                 digests[path] = ""
         return digests[path]
@@ -666,31 +663,6 @@ def _image_hw(path: str) -> tuple[int, int] | None:
             return im.height, im.width
     except OSError:
         return None
-
-
-def evaluate_all(
-    predict: Predict,
-    sources: Sources,
-    cfg: EvaluateConfig | None = None,
-    *,
-    base_predict: Predict | None = None,
-    predict_unconstrained: Predict | None = None,
-    teacher_maps: Any = None,
-    num_tokens: int | None = None,
-    codebook_size: int | None = None,
-    progress: ProgressFn | None = None,
-    report_dir: str | os.PathLike[str] | None = None,
-) -> dict[str, float]:
-    """:func:`run_evaluation` (same arguments), then, when ``report_dir`` is given,
-    :func:`write_report` into it. Returns the flat metrics (``refcoco.val.ciou``,
-    ``hardblink.mean.accuracy``, ``vqa.test.accuracy``, ``perception_block.wellformed``,
-    ``base.refcoco.val.ciou``, ...)."""
-    ev = run_evaluation(predict, sources, cfg, base_predict=base_predict,
-                        predict_unconstrained=predict_unconstrained, teacher_maps=teacher_maps,
-                        num_tokens=num_tokens, codebook_size=codebook_size, progress=progress)  # fmt: skip
-    if report_dir is not None:
-        write_report(ev, report_dir)
-    return ev.metrics
 
 
 # --------------------------------------------------------------------------------------------
@@ -851,7 +823,6 @@ __all__ = [
     "base_predictor",
     "block_status",
     "clean_expression",
-    "evaluate_all",
     "format_mc_prompt",
     "hardblink_plan",
     "hardblink_prompt",

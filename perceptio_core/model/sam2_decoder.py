@@ -194,13 +194,6 @@ SAM2_CONFIGS: dict[str, dict[str, Any]] = {
         },
     },
 }
-# Meta's checkpoint file names for the released variants (facebook/sam2.1-hiera-* on the hub).
-SAM2_CHECKPOINT_FILES = {
-    "sam2.1_hiera_tiny": "sam2.1_hiera_tiny.pt",
-    "sam2.1_hiera_small": "sam2.1_hiera_small.pt",
-    "sam2.1_hiera_base_plus": "sam2.1_hiera_base_plus.pt",
-    "sam2.1_hiera_large": "sam2.1_hiera_large.pt",
-}
 
 
 def sam2_config(variant: str) -> dict[str, Any]:
@@ -450,7 +443,6 @@ def sam2_pixel_values(image: Image.Image | bytes | np.ndarray, size: int) -> tor
 
 
 __all__ = [
-    "SAM2_CHECKPOINT_FILES",
     "SAM2_CONFIGS",
     "SAM2_PARTS",
     "SAM2Features",

@@ -48,7 +48,8 @@ from perceptio_core.data.masks import mask_centroid
 from perceptio_core.format.prompts import clean_expression
 from perceptio_core.data.records import Sources
 from perceptio_core.data.refer import MaskError, ann_to_mask
-from perceptio_core.training.trainer import ProgressFn, TrainTask, run_training
+from perceptio_core.device import ProgressFn
+from perceptio_core.training.trainer import TrainTask, run_training
 
 TOKENIZER_DIR = "tokenizer"
 GROUNDING_PROMPT = "Describe {expr} in one sentence."

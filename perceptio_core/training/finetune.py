@@ -29,11 +29,12 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from perceptio_core.atomic_io import sha256_file
+from perceptio_core.atomic_io import file_digest
 from perceptio_core.model.batching import TrainExample, example_from_sample
 from perceptio_core.config import PerceptioConfig, to_dict
 from perceptio_core.curation.sample import Sample
-from perceptio_core.training.trainer import ProgressFn, TrainTask, run_training
+from perceptio_core.device import ProgressFn
+from perceptio_core.training.trainer import TrainTask, run_training
 from perceptio_core.curation.wds_loader import MANIFEST, ShardIndex, ShardSampleDataset
 
 
@@ -187,7 +188,7 @@ class FinetuneTask(TrainTask):
             "base": _dir_digest(self.base_dir, ("config.json", "tokenizer.json")),
             "depth_tokenizer": type(dt).__name__ if isinstance(dt, nn.Module) else _dir_digest(dt, ("config.json",)),
             "depth_maps": _maps_digest(self.depth_maps_dir),
-            "sam2": sha256_file(self.sam2_checkpoint)[:16] if self.sam2_checkpoint else None,
+            "sam2": file_digest(self.sam2_checkpoint)[:16] if self.sam2_checkpoint else None,
         }
 
 

@@ -53,7 +53,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import Dataset
 
-from perceptio_core.atomic_io import write_bytes_atomic, write_json_atomic
+from perceptio_core.atomic_io import write_bytes, write_json
 from perceptio_core.config import PerceptioConfig, to_dict
 from perceptio_core.data.image_io import holdout_by_digest, load_image
 from perceptio_core.model.losses import mask_bce_loss, mask_dice_loss
@@ -62,7 +62,8 @@ from perceptio_core.evaluation.metrics import mask_iou
 from perceptio_core.data.records import RefRecord, Sources
 from perceptio_core.data.refer import ann_to_mask
 from perceptio_core.model.sam2_decoder import SAM2Segmenter, build_sam2, sam2_config, sam2_pixel_values, upsample_logits
-from perceptio_core.training.trainer import ProgressFn, TrainTask, run_training
+from perceptio_core.device import ProgressFn
+from perceptio_core.training.trainer import TrainTask, run_training
 
 CHECKPOINT = "sam2.pt"  # Meta's layout: {"model": state_dict}
 
@@ -309,8 +310,8 @@ def save_sam2_checkpoint(sam2: SAM2Segmenter, out_dir: str | os.PathLike[str], v
     state = {k: v.detach().contiguous().cpu() for k, v in sam2.state_dict().items()}
     buf = io.BytesIO()
     torch.save({"model": state}, buf)
-    write_bytes_atomic(out / CHECKPOINT, buf.getvalue())
-    write_json_atomic(out / "config.json", {"variant": variant, "config": sam2.config}, indent=2)
+    write_bytes(out / CHECKPOINT, buf.getvalue())
+    write_json(out / "config.json", {"variant": variant, "config": sam2.config}, sort_keys=False)
     return out / CHECKPOINT
 
 
@@ -428,7 +429,7 @@ def fit_sam2(
         train_examples=float(len(train)),
         holdout_examples=float(len(hold)),
     )
-    write_json_atomic(Path(out_dir) / "metrics.json", metrics, indent=1, sort_keys=True)  # as the loop
+    write_json(Path(out_dir) / "metrics.json", metrics, indent=1)  # as the loop
     if held or score:
         prompted_masks_figure(fitted, held or score, Path(out_dir) / FIGURE)
     return metrics

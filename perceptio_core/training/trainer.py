@@ -66,14 +66,14 @@ import torch
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset
 
-from perceptio_core.atomic_io import fsync_dir, fsync_tree, write_json_atomic
+from perceptio_core.atomic_io import fsync_dir, fsync_tree, write_json
+from perceptio_core.device import ProgressFn
 from perceptio_core.config import TrainLoopConfig, canonical_json, to_dict
 from perceptio_core.training.schedule import build_scheduler, warmup_steps
 from perceptio_core.curation.wds_loader import EpochSampler
 
 log = logging.getLogger(__name__)
 
-ProgressFn = Callable[[int, int, dict[str, float]], None]
 CHECKPOINTS = "checkpoints"
 HISTORY = "history.jsonl"
 METRICS = "metrics.json"
@@ -646,7 +646,7 @@ class Trainer:
             fsync_dir(self.out_dir)
             rows = read_history(self.out_dir / HISTORY)
             plot_history(rows, self.terms, self.out_dir / "plots")
-            write_json_atomic(self.out_dir / METRICS, metrics, indent=1, sort_keys=True)
+            write_json(self.out_dir / METRICS, metrics, indent=1)
         acc.wait_for_everyone()
         return final
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from storage import ArtifactStore, Manifest, StoreError, format_lineage, lineage, sha256_file
+from perceptio_core.atomic_io import file_digest
+from storage import ArtifactStore, Manifest, StoreError, format_lineage, lineage
 
 
 def _write(store, stage, key, files, inputs=None, metrics=None):
@@ -26,7 +27,7 @@ def test_commit_publishes_files_with_digests(tmp_path):
     store = ArtifactStore(tmp_path / "store")
     m = _write(store, "vqvae", "abc123", {"model.safetensors": b"x" * 10, "config.json": b"{}"})
     assert store.has("vqvae", "abc123")
-    assert m.files["model.safetensors"] == {"size": 10, "sha256": sha256_file(store.path("vqvae", "abc123", "model.safetensors"))}
+    assert m.files["model.safetensors"] == {"size": 10, "sha256": file_digest(store.path("vqvae", "abc123", "model.safetensors"))}
     assert m.url == (tmp_path / "store" / "vqvae" / "abc123").resolve().as_uri()
     # nothing of the staging folder is left
     assert not list((tmp_path / "store" / "vqvae").glob(".staging-*"))

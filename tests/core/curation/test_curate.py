@@ -30,7 +30,8 @@ from perceptio_core.data.masks import decode_mask, encode_mask, resize_nearest
 from perceptio_core.format.target import ParseStatus, parse_generation
 from perceptio_core.data.records import ImageRecord, RefRecord, Sources
 from perceptio_core.data.refer import ann_to_mask
-from perceptio_core.curation.sample import sample_json, sha256_bytes
+from perceptio_core.atomic_io import bytes_digest
+from perceptio_core.curation.sample import sample_json
 from perceptio_core.curation.shards import read_shards, verify_read_back
 from perceptio_core.data.sources import read_sources
 from perceptio_core.world.synth import generate_world
@@ -164,7 +165,7 @@ def _png(path, w=64, h=48, seed=0):
     arr = np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8)
     Image.fromarray(arr).save(path)
     data = Path(path).read_bytes()
-    return data, sha256_bytes(data)
+    return data, bytes_digest(data)
 
 
 def _box(x0, y0, x1, y1):

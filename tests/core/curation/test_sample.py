@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from perceptio_core.data.masks import encode_mask
-from perceptio_core.curation.sample import Sample, from_wds, image_ext, make_key, sample_json, sha256_bytes, to_wds
+from perceptio_core.atomic_io import bytes_digest
+from perceptio_core.curation.sample import Sample, from_wds, image_ext, make_key, sample_json, to_wds
 
 
 def _png(seed=0, size=(12, 8)):
@@ -22,7 +23,7 @@ def _sample(**kw):
     img = _png()
     base = dict(
         key=make_key("refcoco+", "unc", "train", "r1", "s2"), source="refcoco+", split="train",
-        task="refer_seg", image_digest=sha256_bytes(img), image=img, prompt="Segment the cup.",
+        task="refer_seg", image_digest=bytes_digest(img), image=img, prompt="Segment the cup.",
         target="[SEG] A cup.", answer="A cup.", mask_rle=encode_mask(np.eye(8, 12, dtype=bool)),
         depth_tokens=[np.int64(3), 1, 2], upstream={"sources": "abc"}, meta={"ref_id": np.int32(1), "box": (1, 2)},
     )

@@ -39,7 +39,8 @@ GEN_SRC = textwrap.dedent(
     import numpy as np
     from PIL import Image
     from perceptio_core.data.masks import encode_mask
-    from perceptio_core.curation.sample import Sample, make_key, sha256_bytes
+    from perceptio_core.atomic_io import bytes_digest
+    from perceptio_core.curation.sample import Sample, make_key
 
     def make_samples(n, seed=0):
         rng = np.random.default_rng(seed)
@@ -52,7 +53,7 @@ GEN_SRC = textwrap.dedent(
             has_mask = i % 3 != 0
             yield Sample(
                 key=make_key("src", "train", i), source=("refcoco", "ade20k")[i % 2], split="train",
-                task="refer_seg", image_digest=sha256_bytes(img), image=img, prompt=f"p{i}",
+                task="refer_seg", image_digest=bytes_digest(img), image=img, prompt=f"p{i}",
                 target=f"t{i}", answer=f"a{i}",
                 mask_rle=encode_mask(rng.random((h, w)) > 0.5) if has_mask else None,
                 depth_tokens=rng.integers(0, 16, 9).tolist() if i % 4 else None,

@@ -9,7 +9,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from perceptio_core.curation.sample import Sample, make_key, sha256_bytes
+from perceptio_core.atomic_io import bytes_digest
+
+from perceptio_core.curation.sample import Sample, make_key
 from perceptio_core.curation.shards import read_shards, shard_paths, write_shards
 from perceptio_core.curation.wds_loader import EpochSampler, ShardIndex, ShardSampleDataset
 
@@ -23,7 +25,7 @@ def _samples(n: int):
         img = buf.getvalue()
         yield Sample(
             key=make_key("s", i), source="refcoco", split="val" if i % 5 == 4 else "train",
-            task="refer_seg" if i % 3 else "vqa_mc", image_digest=sha256_bytes(img), image=img,
+            task="refer_seg" if i % 3 else "vqa_mc", image_digest=bytes_digest(img), image=img,
             prompt=f"p{i}", target=f"t{i}", answer=f"a{i}",
             depth_tokens=list(range(i % 4)) or None, meta={"i": i},
         )  # fmt: skip

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from perceptio_core.config import DataConfig
-from perceptio_core.data.image_io import file_digest
+from perceptio_core.atomic_io import file_digest
 from perceptio_core.data.records import DatasetNotFoundError, ImageRecord, Sources
 from perceptio_core.data.masks import encode_mask, mask_to_uncompressed_rle
 from perceptio_core.data.sources import data_fingerprint, data_path, read_sources, resolve_paths

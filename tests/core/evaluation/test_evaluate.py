@@ -16,17 +16,18 @@ from perceptio_core.curation.curate import clean_expression as curate_clean_expr
 from perceptio_core.evaluation.evaluate import (
     DepthQuality,
     block_status,
-    evaluate_all,
     format_mc_prompt,
     hardblink_prompt,
     metrics_table,
     refer_prompt,
     run_evaluation,
     spread,
+    write_report,
     token_depth_choice,
     vqa_prompt,
 )
-from perceptio_core.data.image_io import MissingImageError, file_digest
+from perceptio_core.atomic_io import file_digest
+from perceptio_core.data.image_io import MissingImageError
 from perceptio_core.format.target import format_target
 from perceptio_core.format.prompts import HARDBLINK_QUESTION, render_prompt
 from perceptio_core.data.records import HardBlinkRecord, ImageRecord, RefRecord, Sources, VqaRecord
@@ -264,8 +265,10 @@ def test_limits_apply_per_split(world):
 def test_report_tables_and_pictures(world):
     src, tmp = world
     out = tmp / "report"
-    metrics = evaluate_all(FakePerceptio(src), src, EvaluateConfig(report_samples=1), base_predict=fake_base,
-                           num_tokens=N, codebook_size=K, report_dir=out)  # fmt: skip
+    ev = run_evaluation(FakePerceptio(src), src, EvaluateConfig(report_samples=1), base_predict=fake_base,
+                        num_tokens=N, codebook_size=K)  # fmt: skip
+    write_report(ev, out)
+    metrics = ev.metrics
     md = (out / "report.md").read_text()
     assert "| refcoco | val | ciou | " in md and "| refcoco | val | n | 2 | 2 |  |" in md
     assert "| hardblink | mean | accuracy | 0.750 |" in md

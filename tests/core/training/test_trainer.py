@@ -242,7 +242,8 @@ def _shards(d: Path, n: int = 12, K: int = 16, N: int = 9) -> Path:
 
     from perceptio_core.data.masks import encode_mask
     from perceptio_core.format.target import format_target
-    from perceptio_core.curation.sample import Sample, make_key, sha256_bytes
+    from perceptio_core.atomic_io import bytes_digest
+    from perceptio_core.curation.sample import Sample, make_key
     from perceptio_core.curation.shards import write_shards
 
     rng = np.random.default_rng(0)
@@ -258,7 +259,7 @@ def _shards(d: Path, n: int = 12, K: int = 16, N: int = 9) -> Path:
         mask[4:12, 3 + i % 5 : 15] = 1
         samples.append(Sample(
             key=make_key("t", i), source="refcoco", split="train", task="refer_seg" if has_seg else "depth_cot",
-            image_digest=sha256_bytes(img), image=img, prompt="Please segment the object described as: the red cube.",
+            image_digest=bytes_digest(img), image=img, prompt="Please segment the object described as: the red cube.",
             target=format_target(has_seg, codes, "The object is a red cube."), answer="The object is a red cube.",
             mask_rle=encode_mask(mask) if has_seg else None, depth_tokens=codes,
         ))  # fmt: skip
