@@ -4,24 +4,23 @@ standing in for Meta's released checkpoint."""
 from __future__ import annotations
 
 from perceptio_core.config import PerceptioConfig
-from perceptio_core.training.sam2_fit import FIGURE as SAM2_FIGURE
-from perceptio_core.training.sam2_fit import fit_sam2
+from perceptio_core.training import sam2_fit
 from tasks.common import load_sources, publish_training, scratch_dir
 from tasks.progress import Progress
 from tasks.runner import StageContext, StageOutput, StageSpec
 
 
-def sam2(ctx: StageContext) -> StageOutput:
+def fit_sam2(ctx: StageContext) -> StageOutput:
     sources = load_sources(ctx)
     out = scratch_dir(ctx)
     prog = Progress("fit SAM2", ctx.log)
-    metrics = fit_sam2(sources, ctx.cfg, out, resume=True, progress=prog,
+    metrics = sam2_fit.fit_sam2(sources, ctx.cfg, out, resume=True, progress=prog,
                        parents={n: r.key for n, r in ctx.upstream.items()})  # fmt: skip
     prog.close()
     figures = publish_training(ctx, out)
-    if (out / SAM2_FIGURE).is_file():
-        ctx.writer.add_file(out / SAM2_FIGURE, SAM2_FIGURE)
-        figures["held-out images: point prompt, true mask, SAM2 mask"] = SAM2_FIGURE
+    if (out / sam2_fit.FIGURE).is_file():
+        ctx.writer.add_file(out / sam2_fit.FIGURE, sam2_fit.FIGURE)
+        figures["held-out images: point prompt, true mask, SAM2 mask"] = sam2_fit.FIGURE
     ctx.log.info(
         "fit_sam2: point-prompt mIoU on held-out images %.3f (untrained %.3f, training images %.3f%s)",
         metrics["holdout_point_miou"], metrics["init_point_miou"], metrics["train_point_miou"],
@@ -39,7 +38,7 @@ FIT_SAM2 = StageSpec(
     name="fit_sam2",
     upstream=("sources",),
     sections=("model.sam2_variant", "sam2_fit"),
-    body=sam2,
+    body=fit_sam2,
     description="a small SAM2 pre-trained for promptable segmentation on the world's masks (offline default)",
     enabled=_sam2_enabled,
 )

@@ -38,6 +38,7 @@ from perceptio_core.model.internvl import (
     build_tiny_internvl,
     image_seq_length,
     internvl_pixel_values,
+    load_internvl,
     load_tokenizer,
     train_tokenizer,
     vision_image_size,
@@ -45,7 +46,7 @@ from perceptio_core.model.internvl import (
 from perceptio_core.curation.describe import describe_object, position_phrase
 from perceptio_core.model.losses import IGNORE, llm_loss, shift_for_next_token
 from perceptio_core.data.masks import mask_centroid
-from perceptio_core.format.prompts import clean_expression
+from perceptio_core.format.prompts import TEMPLATES, clean_expression, format_mc_prompt
 from perceptio_core.data.records import Sources
 from perceptio_core.data.refer import MaskError, ann_to_mask
 from perceptio_core.device import ProgressFn
@@ -53,6 +54,7 @@ from perceptio_core.training.trainer import TrainTask, run_training
 
 TOKENIZER_DIR = "tokenizer"
 GROUNDING_PROMPT = "Describe {expr} in one sentence."
+CAPTION_PROMPT = "Describe the image briefly."
 
 
 def grounding_examples(sources: Sources) -> list[tuple[str, str, str]]:
@@ -84,6 +86,30 @@ def grounding_examples(sources: Sources) -> list[tuple[str, str, str]]:
         answer = describe_object(r.category, r.attributes, position_phrase(*centre, img.width, img.height), None)
         seen[key] = (img.path, GROUNDING_PROMPT.format(expr=expr), answer)
     return [seen[k] for k in sorted(seen)]
+
+
+def base_examples(sources: Sources, grounding: bool = True) -> tuple[list[tuple[str, str, str]], list[str]]:
+    """``(examples, texts)`` of the base fit. ``examples``: ``(image path, prompt, answer)`` of the
+    world's captions (prompt :data:`CAPTION_PROMPT`), its TRAIN-split multiple-choice VQA
+    (evaluation splits are never trained on) and, with ``grounding``, the descriptions of the
+    training-split referred objects (:func:`grounding_examples`). ``texts``: what the tokenizer is
+    trained on besides them (every prompt template, referring expression, HardBLINK question and
+    ADE20k class name, so fine-tuning text is covered)."""
+    examples = []
+    for image_id, caption in sources.captions:
+        img = sources.coco_images.get(image_id)
+        if img is not None:
+            examples.append((img.path, CAPTION_PROMPT, caption))
+    for q in sources.vqa:
+        if q.split == "train":
+            examples.append((q.image_path, format_mc_prompt(q.question, q.options, q.hint), q.answer))
+    if grounding:
+        examples += grounding_examples(sources)
+    texts = [t for ts in TEMPLATES.values() for t in ts]
+    texts += sorted({r.sentence for r in sources.refs})
+    texts += sorted({h.question for h in sources.hardblink})
+    texts += sorted(sources.ade_classes.values()) if sources.ade_classes else []
+    return examples, texts
 
 
 def normalize_examples(examples: Iterable[Sequence[Any]]) -> list[tuple[str, str, str]]:
@@ -192,6 +218,15 @@ def image_reliance(
     result = {k: v / max(count, 1) for k, v in totals.items()}
     result["image_gain"] = result["shuffled_image_loss"] - result["image_loss"]
     return result
+
+
+def caption_reliance(model_dir: str | os.PathLike[str], examples: Sequence[tuple[str, str, str]]) -> dict[str, float]:
+    """:func:`image_reliance` of the base saved in ``model_dir`` on the captions among ``examples``
+    (one per image); ``{}`` when there are fewer than two captioned images."""
+    captions = list({path: (path, p, a) for path, p, a in examples if p == CAPTION_PROMPT}.values())
+    if len(captions) < 2:
+        return {}
+    return image_reliance(load_internvl(model_dir), load_tokenizer(model_dir), captions)
 
 
 class BaseFitTask(TrainTask):

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import math
 
-from perceptio_core.training.base_fit import GROUNDING_PROMPT, grounding_examples
-from perceptio_core.data.records import ImageRecord, RefRecord, Sources
+from perceptio_core.data.records import ImageRecord, RefRecord, Sources, VqaRecord
+from perceptio_core.format.prompts import TEMPLATES, format_mc_prompt
+from perceptio_core.training.base_fit import CAPTION_PROMPT, GROUNDING_PROMPT, base_examples, grounding_examples
 
 from perceptio_helpers import one_torch_thread  # noqa: F401
 
@@ -45,6 +46,22 @@ def _png(path, colour) -> str:
 
     Image.new("RGB", (32, 24), colour).save(path)
     return str(path)
+
+
+def test_base_examples_are_captions_train_vqa_and_descriptions_and_texts_cover_the_prompts():
+    images = {i: ImageRecord(i, f"{i}.jpg", f"/w/{i}.jpg", 90, 30, "coco", digest=f"{i:064x}") for i in (1, 2)}
+    vqa = [VqaRecord("q1", "/w/v1.jpg", "Which colour?", {"A": "red", "B": "blue"}, "A", split="train"),
+           VqaRecord("q2", "/w/v2.jpg", "Which shape?", {"A": "ball", "B": "cone"}, "B", split="dev")]
+    src = Sources(root="/w", coco_images=images, refs=[_ref(1, 11, "train", "left ball", 5.0)], vqa=vqa,
+                  captions=[(1, "A red ball."), (2, "Two cones."), (9, "no such image")])
+    ex, texts = base_examples(src, grounding=True)
+    assert ex == [
+        ("/w/1.jpg", CAPTION_PROMPT, "A red ball."), ("/w/2.jpg", CAPTION_PROMPT, "Two cones."),
+        ("/w/v1.jpg", format_mc_prompt("Which colour?", {"A": "red", "B": "blue"}), "A"),  # dev: never trained on
+        ("/w/1.jpg", GROUNDING_PROMPT.format(expr="left ball"), "A small red ball on the left side of the image."),
+    ]
+    assert base_examples(src, grounding=False)[0] == ex[:3]
+    assert set(texts) >= {t for ts in TEMPLATES.values() for t in ts} | {"left ball"}
 
 
 def test_image_reliance_is_zero_when_every_example_has_the_same_image(tmp_path):
