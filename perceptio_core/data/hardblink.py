@@ -13,14 +13,13 @@ An answer given as a bare letter (``"A"``) is normalised to ``"(A)"``.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from perceptio_core.data.image_io import ImageError, ImageValidator
-from perceptio_core.data.records import REASON_MALFORMED, DatasetNotFoundError, HardBlinkRecord, QuarantineEntry
+from perceptio_core.data.records import REASON_MALFORMED, HardBlinkRecord, QuarantineEntry, read_annotation_json
 
 ANNOTATIONS = "annotations.json"
 SOURCE = "hardblink"
@@ -74,12 +73,7 @@ def read_hardblink(
     when the annotation file is absent, ``ValueError`` when it is not a JSON list."""
     root = Path(hb_dir)
     ann = root / ANNOTATIONS
-    if not ann.is_file():
-        raise DatasetNotFoundError(f"HardBLINK annotations not found: {ann}")
-    try:
-        data = json.loads(ann.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{ann}: not valid JSON ({e})") from e
+    data = read_annotation_json(ann, "HardBLINK annotations")
     if not isinstance(data, list):
         raise ValueError(f"{ann}: expected a list of records, got {type(data).__name__}")
     validator = validator or ImageValidator()

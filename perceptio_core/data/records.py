@@ -1,8 +1,9 @@
 """Plain records the readers return and the later stages consume (SPEC §5).
 
 Every reader in ``perceptio_core`` (``refer.py``, ``ade20k.py``, ``hardblink.py``, ``vqa.py``) turns
-a dataset tree in its real on-disk format into these records; nothing here knows about files,
-Prefect or the artifact store. A record that cannot be used becomes a :class:`QuarantineEntry`
+a dataset tree in its real on-disk format into these records; nothing here knows about Prefect or
+the artifact store, and the only file it reads is an annotation JSON (:func:`read_annotation_json`,
+the one way every reader turns a missing or broken annotation file into a clear error). A record that cannot be used becomes a :class:`QuarantineEntry`
 naming the record and the reason, and the rest goes on. The reasons are the ``REASON_*`` constants
 below, alone or followed by ``": <detail>"``.
 """
@@ -10,7 +11,9 @@ below, alone or followed by ``": <detail>"``.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 # Quarantine reasons (a reason is one of these, alone or as "<reason>: <detail>").
@@ -25,6 +28,18 @@ REASON_EMPTY_SENTENCE = "empty sentence"
 REASON_EMPTY_CAPTION = "empty caption"
 REASON_CORRUPT_ANNOTATION = "corrupt annotation"
 REASON_MALFORMED = "malformed record"
+
+
+def read_annotation_json(path: str | os.PathLike[str], what: str) -> Any:
+    """The parsed JSON of an annotation file. A missing file raises :class:`DatasetNotFoundError`
+    ("<what> not found: <path>"), one that is not JSON a ``ValueError`` naming the path."""
+    p = Path(path)
+    if not p.is_file():
+        raise DatasetNotFoundError(f"{what} not found: {p}")
+    try:
+        return json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{p}: not valid JSON ({e})") from e
 
 
 class DatasetNotFoundError(FileNotFoundError):

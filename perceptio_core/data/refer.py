@@ -23,7 +23,6 @@ global, so a tampered refs file cannot run code.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import warnings
@@ -42,6 +41,7 @@ from perceptio_core.data.records import (
     REASON_MISSING_ANNOTATION,
     REASON_MISSING_IMAGE,
     REASON_ZERO_AREA,
+    read_annotation_json,
     DatasetNotFoundError,
     ImageRecord,
     QuarantineEntry,
@@ -206,12 +206,7 @@ def load_instances(path: str | os.PathLike[str]) -> dict[str, Any]:
     """A COCO instances JSON as a dict with ``images``, ``annotations``, ``categories``.
     Raises :class:`DatasetNotFoundError` for a missing file, ``ValueError`` for a bad one."""
     p = Path(path)
-    if not p.is_file():
-        raise DatasetNotFoundError(f"COCO instances file not found: {p}")
-    try:
-        data = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{p}: not valid JSON ({e})") from e
+    data = read_annotation_json(p, "COCO instances file")
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key), list):
             raise ValueError(f"{p}: no '{key}' list (not a COCO instances file)")

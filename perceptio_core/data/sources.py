@@ -35,7 +35,6 @@ without changing its size is not noticed: replace files rather than rewriting th
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +52,7 @@ from perceptio_core.data.records import (
     ImageRecord,
     QuarantineEntry,
     Sources,
+    read_annotation_json,
 )
 from perceptio_core.data.refer import REFER_SPLIT_BY, read_refer, refs_path
 from perceptio_core.data.vqa import read_mmbench_tsv
@@ -152,12 +152,7 @@ def read_captions(
     use. Quarantined (source "captions"): an image that is missing or corrupt (once per image, its
     captions dropped), a caption naming an unlisted image, an empty caption."""
     p = Path(path)
-    try:
-        data = json.loads(p.read_text())
-    except FileNotFoundError as e:
-        raise DatasetNotFoundError(f"COCO captions file not found: {p}") from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{p}: not valid JSON ({e})") from e
+    data = read_annotation_json(p, "COCO captions file")
     if not isinstance(data.get("images"), list) or not isinstance(data.get("annotations"), list):
         raise ValueError(f"{p}: no 'images' and 'annotations' lists (not a COCO captions file)")
     validator = validator or ImageValidator()
