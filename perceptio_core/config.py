@@ -204,7 +204,7 @@ class CurateConfig:
     ade_max_classes_per_image: int = 3  # largest present classes first
     # depth chain-of-thought (HardBLINK-style, SPEC §6)
     depth_cot_sources: list[str] = field(default_factory=lambda: ["coco"])  # "coco", "ade20k"
-    depth_cot_per_image: int = 6  # depth_cot ~23% of the samples; with 3 (13%) the model answered HardBLINK with object descriptions
+    depth_cot_per_image: int = 6  # point sets per image (docs/experiments.md: why 6)
     depth_cot_min_points: int = 2
     depth_cot_max_points: int = 5
     min_point_distance: float = 20.0  # pixels between any two marked points
@@ -298,8 +298,8 @@ class LossConfig:
 
     w_seg: float = 1.0  # paper value illegible: 1.0
     bce: float = 1.0  # SPEC §3
-    dice: float = 1.0  # SPEC §3: 0.25; 1.0 here: with 0.25 the tiny mask decoder learns nearly
-    # empty masks (default world: RefCOCO val cIoU 0.007 vs 0.225)
+    dice: float = 1.0  # SPEC §3: 0.25 (the paper profiles); 1.0 for the tiny mask decoder
+    # (docs/experiments.md)
     w_dtok: float = 1.0  # paper value illegible: 1.0
     w_marker: float = 1.0  # paper value illegible: 1.0
     w_token: float = 1.0  # paper value illegible: 1.0
@@ -372,10 +372,10 @@ class Sam2FitConfig(TrainLoopConfig):
     object masks, standing in for Meta's released checkpoint. Unused when ``model.sam2_checkpoint``
     names one."""
 
-    steps: int = 2500  # phase 1 (high-res features off): prompt-following emerges after ~1200 steps
+    steps: int = 2500  # phase 1: the mask decoder without its high-resolution features
     refine_steps: int = 1000  # phase 2 (high-res features on, from phase 1); 0: phase 1 only
     batch_size: int = 8
-    lr: float = 2e-3  # 5e-3 diverges to empty masks
+    lr: float = 2e-3
     weight_decay: float = 0.01
     max_points: int = 3  # 1..max_points positive points per example
     box_prob: float = 0.3  # share of examples that also get their box
@@ -401,7 +401,7 @@ class EvaluateConfig:
     vqa: bool = True  # multiple-choice VQA (MMBench-style)
     refer_datasets: list[str] = field(default_factory=lambda: ["refcoco", "refcoco+", "refcocog"])
     refer_splits: list[str] = field(default_factory=lambda: ["val", "testA", "testB", "test"])  # those present
-    refer_limit: int = 25  # expressions per dataset and split (10 left RefCOCO val cIoU +-0.1 run to run)
+    refer_limit: int = 25  # expressions per dataset and split, 0: all
     hardblink_limit: int = 0  # questions per point count, 0: all (the public set: 124; the world: 24)
     vqa_limit: int = 60  # questions per split (train splits are never evaluated)
     unconstrained_limit: int = 12  # refer + HardBLINK prompts decoded again without the constraint
