@@ -6,18 +6,35 @@ from __future__ import annotations
 from pathlib import Path
 
 from perceptio_core.config import PerceptioConfig, canonical_json
-from perceptio_core.data.sources import data_fingerprint, read_sources
+from perceptio_core.data import sources as data_sources
 from perceptio_core.world.synth import generate_world
 from storage import code_digest
 from storage.keys import digest_text
-from tasks.runner import REPO_ROOT, RunContext, StageContext, StageOutput, StageSpec
+from tasks.runner import (
+    UNVERSIONED,
+    RunContext,
+    StageContext,
+    StageOutput,
+    StageSpec,
+    _is_package_init,
+    _module_file,
+    project_imports_closure,
+)
 
-SYNTH_CODE = ("perceptio_core.world.synth", "perceptio_core.world.render", "perceptio_core.data.refer")
+SYNTH_ENTRY = "perceptio_core.world.synth"
+
+
+def synth_code_modules() -> list[str]:
+    """The modules whose source versions the synthetic world: the generator and every project module
+    it reaches by import, less the config schema and package inits, as for a stage's code version
+    (the synth config's values are keyed directly)."""
+    found = project_imports_closure([SYNTH_ENTRY])
+    return sorted(m for m in found - UNVERSIONED if not _is_package_init(m))
 
 
 def _synth_digest(cfg: PerceptioConfig) -> str:
-    files = [REPO_ROOT / (m.replace(".", "/") + ".py") for m in SYNTH_CODE]
-    return digest_text(canonical_json(cfg.synth), code_digest([f for f in files if f.exists()]))
+    files = [p for m in synth_code_modules() if (p := _module_file(m)) is not None]
+    return digest_text(canonical_json(cfg.synth), code_digest(files))
 
 
 def world_dir(cfg: PerceptioConfig, workdir: Path) -> Path:
@@ -38,7 +55,7 @@ def fingerprint(cfg: PerceptioConfig, workdir: Path) -> str:
     """Key material for the inputs: the synthetic world's config and generator code, or a content
     digest of a real data root's annotation files and image listings."""
     if cfg.data.root:
-        return "data:" + data_fingerprint(data_root(cfg, workdir), cfg.data)
+        return "data:" + data_sources.data_fingerprint(data_root(cfg, workdir), cfg.data)
     return "synth:" + _synth_digest(cfg)
 
 
@@ -48,10 +65,11 @@ def prepare(run: RunContext) -> None:
         generate_world(world_dir(run.cfg, run.workdir), run.cfg.synth, progress=True)
 
 
-def read(ctx: StageContext) -> StageOutput:
+def read_sources(ctx: StageContext) -> StageOutput:
     root = data_root(ctx.cfg, ctx.run.workdir)
     ctx.log.info("reading sources under %s", root)
-    sources = read_sources(root, ctx.cfg.data, cache_dir=ctx.run.workdir / "cache", progress=True)
+    sources = data_sources.read_sources(root, ctx.cfg.data, cache_dir=ctx.run.workdir / "cache",
+                                        progress=True)
     with ctx.writer.atomic("sources.json", "w") as f:
         f.write(sources.to_json())
     counts = sources.counts()
@@ -67,7 +85,7 @@ SPEC = StageSpec(
     name="sources",
     upstream=(),
     sections=("data",),
-    body=read,
+    body=read_sources,
     description="resolve and validate the datasets (or the synthetic world)",
     fingerprint=fingerprint,
     prepare=prepare,

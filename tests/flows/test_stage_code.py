@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from tasks.runner import UNVERSIONED, project_imports_closure
+from perceptio_core.config import load_config
+from tasks import sources
+from tasks.runner import UNVERSIONED, _is_package_init, _module_file, project_imports_closure
 from tasks.stages import BY_NAME, STAGES
 
 
@@ -34,3 +36,20 @@ def test_closure_follows_imports_transitively():
     found = project_imports_closure(["tasks.curate"])
     assert {"tasks.common", "perceptio_core.curation.curate", "perceptio_core.curation.shards", "perceptio_core.data.records"} <= found
     assert not any(m.startswith(("storage", "torch", "numpy")) for m in found)
+
+
+def test_the_world_is_versioned_by_every_module_its_generator_reaches(tmp_path, monkeypatch):
+    mods = set(sources.synth_code_modules())
+    assert {"perceptio_core.world.synth", "perceptio_core.world.scenes", "perceptio_core.world.expressions",
+            "perceptio_core.world.writers", "perceptio_core.world.render", "perceptio_core.data.markers",
+            "perceptio_core.data.masks", "perceptio_core.format.prompts"} <= mods
+    assert not mods & UNVERSIONED and not any(_is_package_init(m) for m in mods)
+    # one more byte in a module reached only through the writers: the world moves to another folder
+    cfg = load_config("smoke")
+    before = sources.world_dir(cfg, tmp_path)
+    edited = tmp_path / "data" / "markers.py"  # same "data/markers.py" name in the digest
+    edited.parent.mkdir()
+    edited.write_bytes(_module_file("perceptio_core.data.markers").read_bytes() + b"\n")
+    monkeypatch.setattr(sources, "_module_file",
+                        lambda m: edited if m == "perceptio_core.data.markers" else _module_file(m))
+    assert sources.world_dir(cfg, tmp_path) != before

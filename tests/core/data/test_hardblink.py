@@ -11,7 +11,7 @@ import pytest
 
 from perceptio_core.data.hardblink import read_hardblink
 from perceptio_core.data.records import DatasetNotFoundError
-from perceptio_core.world.synth import HARDBLINK_QUESTION
+from perceptio_core.format.prompts import HARDBLINK_QUESTION
 
 
 def test_world_hardblink(tiny_world):

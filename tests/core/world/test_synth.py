@@ -20,15 +20,11 @@ from pycocotools.coco import COCO
 from perceptio_core.config import ConfigError, SynthConfig
 from perceptio_core.data.refer import ann_to_mask
 from perceptio_core.data.safe_pickle import safe_load
-from perceptio_core.world.synth import (
-    ADE_CLASSES,
-    COLOURS,
-    HARDBLINK_QUESTION,
-    SHAPE_WORDS,
-    WorldError,
-    generate_world,
-    hardblink_min_separation,
-)
+from perceptio_core.format.prompts import HARDBLINK_QUESTION
+from perceptio_core.world.expressions import SHAPE_WORDS
+from perceptio_core.world.scenes import COLOURS
+from perceptio_core.world.synth import WorldError, generate_world
+from perceptio_core.world.writers import ADE_CLASSES, hardblink_min_separation
 
 REFER_KEYS = {"sent_ids", "file_name", "ann_id", "ref_id", "image_id", "split", "sentences",
               "category_id"}
