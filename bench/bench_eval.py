@@ -16,8 +16,9 @@ Prints a summary and writes ``bench/results/eval.json``:
   predictor (``overhead_samples_per_s``: ground-truth decoding, metrics, parsing, depth metrics).
 
 The model is the tiny random one of the tests (the default ``TinyVLMConfig``, tiny-128 SAM2) with a
-stand-in depth tokenizer of the real block size (N = 100 codes, K = 128), so the block costs what
-it costs at N = 100. Usage: ``python bench/bench_eval.py [--reps 3] [--max-new-tokens 120] [--device cpu]``.
+stand-in depth codec of the real block size (``--grid 10``: N = 100 codes, ``--codebook-size 128``),
+so the block costs what it costs at N = 100. Usage:
+``python bench/bench_eval.py [--reps 3] [--max-new-tokens 120] [--device cpu] [--grid 10] [--codebook-size 128]``.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests" / "core"))  # the model engineer's tiny builders
+sys.path.insert(0, str(ROOT / "tests"))  # perceptio_helpers: the tiny builders of the tests
 
 import torch  # noqa: E402
 
@@ -48,10 +49,11 @@ from perceptio_core.data.sources import read_sources  # noqa: E402
 from perceptio_core.world.synth import generate_world  # noqa: E402
 
 
-def build_model(device: str, codebook_size: int, num_tokens: int):
+def build_model(device: str, codebook_size: int, grid: int):
+    """The tiny model over a stand-in depth codec of K = ``codebook_size`` codes on a grid x grid
+    lattice (N = grid^2): the model's K and N are that codec's."""
     from perceptio_helpers import StandInDepthTokenizer, build_tiny
 
-    grid = int(round(num_tokens ** 0.5))
     dt = StandInDepthTokenizer(codebook_size=codebook_size, grid=grid, code_dim=8, input_size=8 * grid)
     model = build_tiny(depth_tokenizer=dt).eval()
     g = torch.Generator().manual_seed(0)
@@ -83,14 +85,14 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=120)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--codebook-size", type=int, default=128)
-    ap.add_argument("--num-tokens", type=int, default=100)
+    ap.add_argument("--grid", type=int, default=10, help="the stand-in codec's grid side: N = grid^2")
     ap.add_argument("--eval-refer-limit", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "eval.json"))
     args = ap.parse_args()
     torch.manual_seed(0)
 
     t0 = time.perf_counter()
-    model = build_model(args.device, args.codebook_size, args.num_tokens)
+    model = build_model(args.device, args.codebook_size, args.grid)
     build_s = time.perf_counter() - t0
     rng = np.random.default_rng(0)
     image = rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)
@@ -117,14 +119,14 @@ def main() -> None:
                              unconstrained_limit=0, max_new_tokens=mx)  # fmt: skip
         predict = model_predictor(model, max_new_tokens=mx)
         t0 = time.perf_counter()
-        ev = run_evaluation(predict, src, cfg, num_tokens=model.num_depth_tokens, codebook_size=model.codebook_size)
+        ev = run_evaluation(predict, src, cfg, depth_spec=model.depth_spec)
         model_s = time.perf_counter() - t0
         n_model = int(sum(v for k, v in ev.metrics.items() if k.endswith(".n") and not k.startswith(("depth.",
                                                                                                        "perception"))))
         fake = lambda image, prompt: SimpleNamespace(text="(A)", mask=None, depth_map=None, depth_indices=None)
         full = EvaluateConfig(refer_limit=0, hardblink_limit=0, vqa_limit=0, unconstrained_limit=0)
         t0 = time.perf_counter()
-        ev_fake = run_evaluation(fake, src, full)
+        ev_fake = run_evaluation(fake, src, full, depth_spec=model.depth_spec)
         fake_s = time.perf_counter() - t0
         n_fake = int(sum(v for k, v in ev_fake.metrics.items() if k.endswith(".n") and not k.startswith(
             ("depth.", "perception"))))

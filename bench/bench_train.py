@@ -47,7 +47,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests" / "core"))  # the stand-in depth tokenizer of the model tests
+sys.path.insert(0, str(ROOT / "tests"))  # perceptio_helpers: the stand-in depth codec of the tests
 
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -144,7 +144,7 @@ class BenchTask(FinetuneTask):
         from perceptio_core.model.perceptio_model import PerceptioModel
 
         model = PerceptioModel.build(
-            self.cfg.model, self.cfg.loss, self._load_depth_tokenizer(), tokenizer=self._tokenizer,
+            self.cfg.model, self.cfg.loss, self.load_depth_tokenizer(), tokenizer=self._tokenizer,
             base_model=self._base_model, seed=0,
         )  # fmt: skip
         self._collate = model.collator()
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
     big = args.shape == "internvl2.5-1b"
     cuda = torch.cuda.is_available() and args.device in ("auto", "cuda")
     device = torch.device("cuda" if cuda else "cpu")
-    K, N = 128, 100
+    codec = StandInDepthTokenizer(codebook_size=128, grid=10, code_dim=32, input_size=80)  # the paper's K, N = 100
     total = args.warmup + args.steps
     sets = [
         f"run.device={'cuda' if cuda else 'cpu'}", f"finetune.steps={total}",
@@ -190,11 +190,10 @@ def main(argv: list[str] | None = None) -> dict:
         tmp = Path(tmp)
         n = args.batch_size * args.grad_accum * (total + 1)  # one epoch: no epoch restart measured
         side = (640, 480) if big and not args.smoke else (128, 96)
-        data = make_shards(tmp / "shards", n, side[0], side[1], K, N)
+        data = make_shards(tmp / "shards", n, side[0], side[1], codec.codebook_size, codec.num_tokens)
         tok = train_tokenizer(CORPUS, cfg.model.tiny.tokenizer_vocab_size)
         base, n_lm, n_vis = build_base(args.shape, tok, device, args.smoke)
-        dt = StandInDepthTokenizer(codebook_size=K, grid=10, code_dim=32, input_size=80)
-        task = BenchTask(cfg, data, depth_tokenizer=dt, base_model=base, tokenizer=tok)
+        task = BenchTask(cfg, data, depth_tokenizer=codec, base_model=base, tokenizer=tok)
         trainer = Trainer(task, cfg.finetune, tmp / "run", device=cfg.run.device)
         t0 = time.perf_counter()
         trainer.setup()

@@ -180,7 +180,7 @@ def perceptio_pipeline(
     depth = plan.step("teacher_depth", world, fitted)
     codebook = plan.step("train_vqvae", world, depth)
     tokens = plan.step("tokenize_depth", depth, codebook)
-    samples = plan.step("curate", world, depth, tokens)
+    samples = plan.step("curate", world, depth, codebook, tokens)
     base = plan.step("base", world)
     segmenter = plan.step("fit_sam2", world)
     model = plan.step("finetune", base, segmenter, samples, depth, codebook)

@@ -39,7 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", required=True, help="finetune: curated shard dir; base: examples JSON")
     p.add_argument("--out", required=True, help="output / checkpoint directory (shared by all processes)")
     p.add_argument("--base", default=None, help="finetune: base model dir (save_pretrained InternVL + tokenizer)")
-    p.add_argument("--vqvae", default=None, help="finetune: the train_vqvae artifact dir (depth tokenizer)")
+    p.add_argument("--vqvae", default=None,
+                   help="finetune: the train_vqvae artifact dir (the depth tokenizer; K and N are read from it)")
     p.add_argument("--depth-maps", default=None, help="finetune: the teacher_depth artifact dir (for L_rec)")
     p.add_argument("--sam2", default=None,
                    help="finetune: a SAM2 checkpoint in Meta's format to start from and embed "
@@ -79,11 +80,11 @@ def main(argv: list[str] | None = None) -> int:
             examples, cfg, args.out, resume=not args.no_resume, tokenizer_texts=texts, grad_dump_dir=args.dump_grads
         )
     else:
-        from perceptio_core.training.finetune import train
+        from perceptio_core.training.finetune import finetune
 
         if args.vqvae is None:
-            raise SystemExit("--stage finetune needs --vqvae (the depth tokenizer directory)")
-        metrics = train(
+            raise SystemExit("--stage finetune needs --vqvae (the train_vqvae artifact: the depth codec, K and N)")
+        metrics = finetune(
             cfg, args.data, args.out, base_dir=args.base, depth_tokenizer=args.vqvae,
             depth_maps_dir=args.depth_maps, sam2_checkpoint=args.sam2, resume=not args.no_resume, grad_dump_dir=args.dump_grads,
         )  # fmt: skip

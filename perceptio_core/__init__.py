@@ -29,6 +29,7 @@ _EXPORTS: dict[str, str] = {
     # depth (SPEC §2)
     "load_teacher": "depth.teacher", "fit_teacher": "depth.teacher", "predict_depth": "depth.teacher",
     "VQVAE": "depth.vqvae", "train_vqvae": "depth.vqvae", "DepthTokenizer": "depth.tokenizer", "DepthMaps": "depth.maps",
+    "DepthCodec": "depth.codec", "DepthCodecSpec": "depth.codec",
     # model, loss, training (SPEC §1, §3, §4)
     "PerceptioModel": "model.perceptio_model", "generate": "model.generation", "fit_base": "training.base_fit",
     "Trainer": "training.trainer", "run_training": "training.trainer",

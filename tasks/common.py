@@ -20,10 +20,14 @@ def load_sources(ctx: StageContext) -> Sources:
 
 
 def read_tokens(folder: str | Path) -> dict[str, np.ndarray]:
-    """The tokenize_depth artifact as {image digest: [N] int array}."""
+    """The tokenize_depth artifact as {image digest: [N] int array} (``tokens.npy`` [n, N] and
+    ``digests.json``, one digest per row: other lengths raise ``ValueError`` naming the folder)."""
     folder = Path(folder)
     digests = json.loads((folder / "digests.json").read_text())
     tokens = np.load(folder / "tokens.npy")
+    if tokens.ndim != 2 or len(tokens) != len(digests):
+        raise ValueError(f"{folder}: tokens.npy {tuple(tokens.shape)} is not one row per digest of digests.json "
+                         f"({len(digests)})")
     return dict(zip(digests, tokens))
 
 

@@ -1,5 +1,7 @@
 """Stage ``curate``: every source into one sample schema, written as WebDataset shards with a
-parquet manifest and a quarantine table (SPEC §5; ``perceptio_core/curation/curate.py``)."""
+parquet manifest and a quarantine table (SPEC §5; ``perceptio_core/curation/curate.py``). The depth
+tokens (``tokenize_depth``) are checked against the N and K of the codebook (``train_vqvae``'s
+``config.json``) before anything is written."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import pyarrow.parquet as pq
 
 from perceptio_core.curation.curate import curate as curate_samples
 from perceptio_core.data.records import QuarantineEntry
+from perceptio_core.depth.codec import DepthCodecSpec
 from perceptio_core.depth.maps import DepthMaps
 from perceptio_core.curation.shards import verify_read_back
 from perceptio_core.data.sources import data_path
@@ -22,12 +25,16 @@ def _conversations(root: str, rel: str | None) -> str | None:
 
 def curate(ctx: StageContext) -> StageOutput:
     sources = load_sources(ctx)
-    tokens = read_tokens(ctx.upstream_dir("tokenize_depth"))
+    tokens_dir = ctx.upstream_dir("tokenize_depth")
+    tokens = read_tokens(tokens_dir)
+    codebook = DepthCodecSpec.from_pretrained(ctx.upstream_dir("train_vqvae"))  # K and N, no weights
     maps = DepthMaps(ctx.upstream_dir("teacher_depth"))
     upstream = {name: ref.key for name, ref in ctx.upstream.items()}
     out = ctx.writer.staging
     res = curate_samples(
         sources, tokens, maps, ctx.cfg.curate, upstream, out,
+        num_tokens=codebook.num_tokens, codebook_size=codebook.codebook_size,
+        tokens_source=f"{tokens_dir / 'tokens.npy'} (tokenize_depth), against the codebook {codebook.source}",
         ade_class_names=sources.ade_classes or None,
         llava_json=_conversations(sources.root, ctx.cfg.data.llava_json),
         glamm_json=_conversations(sources.root, ctx.cfg.data.glamm_json),
@@ -58,7 +65,7 @@ def curate(ctx: StageContext) -> StageOutput:
 
 SPEC = StageSpec(
     name="curate",
-    upstream=("sources", "teacher_depth", "tokenize_depth"),
+    upstream=("sources", "teacher_depth", "train_vqvae", "tokenize_depth"),
     sections=("curate", "data.llava_json", "data.glamm_json"),
     body=curate,
     description="joint perception samples (RefCOCO/+/g, ADE20k, depth CoT) as WebDataset shards",

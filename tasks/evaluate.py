@@ -28,7 +28,7 @@ def evaluate(ctx: StageContext) -> StageOutput:
     ev = run_evaluation(
         sources=sources, cfg=cfg.evaluate, **preds,
         teacher_maps=DepthMaps(ctx.upstream_dir("teacher_depth")),
-        num_tokens=model.num_depth_tokens, codebook_size=model.codebook_size, progress=prog,
+        depth_spec=model.depth_spec, progress=prog,
     )
     prog.close()
     report_dir = ctx.run.workdir / "cache" / f"evaluate-{ctx.key}"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from perceptio_core.training.finetune import train as finetune_train
+from perceptio_core.training import finetune as finetune_fit
 from perceptio_core.training.sam2_fit import CHECKPOINT
 from tasks.common import publish_training, scratch_dir
 from tasks.progress import Progress
@@ -14,7 +14,7 @@ def finetune(ctx: StageContext) -> StageOutput:
     base_dir = ctx.upstream_dir("base") / "model" if "base" in ctx.upstream else None
     sam2_ckpt = ctx.upstream_dir("fit_sam2") / "model" / CHECKPOINT if "fit_sam2" in ctx.upstream else None
     prog = Progress("finetune", ctx.log)
-    metrics = finetune_train(
+    metrics = finetune_fit.finetune(
         ctx.cfg, ctx.upstream_dir("curate"), out,
         base_dir=base_dir,
         depth_tokenizer=ctx.upstream_dir("train_vqvae"),

@@ -41,11 +41,11 @@ def one_torch_thread():
 
 
 class StandInDepthTokenizer(nn.Module):
-    """A small frozen stand-in with the DepthTokenizer interface (``encode``, ``decode``,
-    ``soft_decode``; ``codebook_size``, ``num_tokens``, ``map_size``) as an ``nn.Module``: K codes of
-    dimension D on a g x g grid, decoded by a fixed 1x1 convolution to map_size x map_size. Other
-    test modules use it where the real tokenizer's training is beside the point; these tests use
-    :func:`tiny_depth_tokenizer` (the real class)."""
+    """A small frozen stand-in :class:`~perceptio_core.depth.codec.DepthCodec` (``encode``,
+    ``decode``, ``soft_decode``; ``codebook_size``, ``num_tokens``, ``grid``, ``map_size``) as an
+    ``nn.Module``: K codes of dimension D on a g x g grid, decoded by a fixed 1x1 convolution to
+    map_size x map_size. Test modules use it where the real tokenizer's training is beside the
+    point; the model tests use :func:`tiny_depth_tokenizer` (the real class)."""
 
     def __init__(self, codebook_size: int = 16, grid: int = 3, code_dim: int = 8, input_size: int = 12):
         super().__init__()
@@ -127,8 +127,9 @@ def png_bytes(h: int = 40, w: int = 48, seed: int = 0) -> bytes:
     return buf.getvalue()
 
 
-def examples(num_tokens: int = 9, codebook_size: int = 16) -> list[TrainExample]:
-    """Two examples: one with mask, block and teacher map; one with block only (no mask)."""
+def examples(num_tokens: int, codebook_size: int) -> list[TrainExample]:
+    """Two examples with blocks of N = ``num_tokens`` codes below K = ``codebook_size`` (the model's
+    codec's): one with mask, block and teacher map; one with block only (no mask)."""
     rng = np.random.default_rng(1)
     codes = rng.integers(0, codebook_size, num_tokens).tolist()
     mask = np.zeros((40, 48), dtype=np.uint8)

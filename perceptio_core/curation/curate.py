@@ -47,7 +47,9 @@ What each source gives (the stream's order is this list's, then record order):
 Descriptions say how near an object is only when a teacher map is given (depth code indices carry
 no order). Every drop is counted by reason in :class:`CurateStats` and, through its ``on_drop`` hook,
 written to the quarantine table. Records outside the selected splits or over the ADE per-image cap are counted
-as ``skipped`` (not bad data, not quarantined).
+as ``skipped`` (not bad data, not quarantined). Before any of that, :func:`curate` checks the depth
+tokens against the N and K of the codebook they were made with (:func:`check_depth_tokens`):
+tokens of another codebook stop the run with an error naming them; they are never dropped one by one.
 """
 
 from __future__ import annotations
@@ -180,6 +182,33 @@ def _tokens(store: Any, digest: str) -> tuple[list[int] | None, str | None]:
     if a.size == 0 or not np.issubdtype(a.dtype, np.integer) or (a < 0).any():
         return None, REASON_BAD_DEPTH_TOKENS
     return a.reshape(-1).tolist(), None  # a [g, g] grid is read row-major, as SPEC §1 orders it
+
+
+class DepthTokensMismatch(ValueError):
+    """Depth tokens that do not fit the depth codebook: not N codes per image, or codes outside
+    [0, K) (tokens of another codebook). The message names where the tokens came from."""
+
+
+def check_depth_tokens(depth_tokens: Mapping[str, np.ndarray], num_tokens: int, codebook_size: int,
+                       source: str) -> None:
+    """Every image's depth tokens are ``num_tokens`` (N) integer codes in [0, ``codebook_size``)
+    (K), as a [N] or [g, g] array; N and K are the codebook artifact's. Raises
+    :class:`DepthTokensMismatch` naming ``source``, how many images fail and the first of them."""
+    bad: list[tuple[str, str]] = []
+    for digest, arr in depth_tokens.items():
+        a = np.asarray(arr)
+        if not np.issubdtype(a.dtype, np.integer):
+            bad.append((digest, f"dtype {a.dtype}"))
+        elif a.size != num_tokens:
+            bad.append((digest, f"{a.size} codes"))
+        elif a.size and (int(a.min()) < 0 or int(a.max()) >= codebook_size):
+            bad.append((digest, f"codes in [{int(a.min())}, {int(a.max())}]"))
+    if bad:
+        digest, what = bad[0]
+        raise DepthTokensMismatch(
+            f"{source}: the depth tokens of {len(bad)} of {len(depth_tokens)} images do not fit the codebook "
+            f"(N = {num_tokens} codes in [0, {codebook_size}) each); image {digest} has {what}"
+        )
 
 
 def _read_bytes(path: str | os.PathLike[str]) -> bytes | None:
@@ -687,6 +716,9 @@ def curate(
     ade_class_names: Mapping[int, str] | None = None,
     llava_json: str | None = None,
     glamm_json: str | None = None,
+    num_tokens: int,
+    codebook_size: int,
+    tokens_source: str,
     prefix: str = "samples",
     verify_resume: bool = True,
 ) -> CurateResult:
@@ -694,7 +726,10 @@ def curate(
     ``quarantine.parquet`` (the readers' quarantine then every curation drop) and, last,
     ``manifest.parquet``. Resumes a killed run in the same directory (see
     :class:`~perceptio_core.curation.shards.ShardWriter`); the result is byte-identical to an uninterrupted
-    run. Arguments as :func:`iter_samples`."""
+    run. Arguments as :func:`iter_samples`; first, :func:`check_depth_tokens` refuses
+    ``depth_tokens`` (named ``tokens_source`` in the error) unless each image has ``num_tokens`` (N)
+    codes below ``codebook_size`` (K), the codebook artifact's."""
+    check_depth_tokens(depth_tokens, num_tokens, codebook_size, tokens_source)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "manifest.parquet").unlink(missing_ok=True)

@@ -1,6 +1,10 @@
 """The depth tokenizer shared by training and inference (SPEC §2 "Tokenize", §3 L_rec).
 
-:class:`DepthTokenizer` wraps a trained, frozen :class:`~perceptio_core.depth.vqvae.VQVAE`:
+:class:`DepthTokenizer` wraps a trained, frozen :class:`~perceptio_core.depth.vqvae.VQVAE` (an
+``nn.Module`` whose only submodule is that VQ-VAE, so it moves with ``.to`` and stays in eval mode).
+It is a :class:`~perceptio_core.depth.codec.DepthCodec`: its ``codebook_size`` (K), ``num_tokens``
+(N), ``grid`` and ``map_size`` come from the VQ-VAE's config, which ``from_pretrained`` reads from
+the codebook artifact, and every later stage takes K and N from it.
 
 * ``encode(maps)``: depth maps -> N = grid x grid code indices per map, row-major (SPEC §1: N = 100).
 * ``decode(indices)``: indices -> maps (the quantised reconstruction).
@@ -28,19 +32,21 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from perceptio_core.device import resolve_device
 from perceptio_core.depth.vqvae import VQVAE
 
 
-class DepthTokenizer:
+class DepthTokenizer(nn.Module):
     """Frozen VQ-VAE tokenizer: maps [B, H, W] <-> indices [B, N] (N = grid * grid, row-major).
 
     Input maps are [0, 1] teacher maps (SPEC §2 normalisation) of any size; they are resized
     bilinearly to the VQ-VAE's ``input_size`` S before encoding. Decoded maps are [B, S, S].
+    A :class:`~perceptio_core.depth.codec.DepthCodec`.
     """
 
     def __init__(self, vqvae: VQVAE):
+        super().__init__()
         self.vqvae = vqvae.eval()
         for p in self.vqvae.parameters():
             p.requires_grad_(False)
@@ -51,11 +57,16 @@ class DepthTokenizer:
         self.codebook_size = cfg.codebook_size
         self.code_dim = cfg.code_dim
         self.map_size = cfg.input_size
+        self.eval()
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> DepthTokenizer:
         """Load the VQ-VAE saved by ``VQVAE.save_pretrained`` (config.json + model.safetensors)."""
         return cls(VQVAE.from_pretrained(directory, device=device))
+
+    def train(self, mode: bool = True) -> DepthTokenizer:
+        """Always eval: the tokenizer is frozen (a parent's ``.train()`` leaves it in eval mode)."""
+        return super().train(False)
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Write the underlying VQ-VAE (config.json + model.safetensors)."""
@@ -69,10 +80,6 @@ class DepthTokenizer:
     def codebook(self) -> torch.Tensor:
         """The frozen codebook [K, D]."""
         return self.vqvae.codebook
-
-    def to(self, device: str | torch.device) -> DepthTokenizer:
-        self.vqvae.to(resolve_device(device))
-        return self
 
     def _maps(self, maps: np.ndarray | torch.Tensor) -> torch.Tensor:
         t = torch.as_tensor(maps) if not isinstance(maps, torch.Tensor) else maps

@@ -67,6 +67,7 @@ import numpy as np
 from perceptio_core.evaluation.answers import label_of, parse_choice, parse_mc_answer
 from perceptio_core.config import EvaluateConfig
 from perceptio_core.device import ProgressFn
+from perceptio_core.depth.codec import DepthCodecSpec
 from perceptio_core.depth.metrics import MAP_EPS, map_metrics, pair_order_accuracy, resize_map, teacher_vs_true_metrics
 from perceptio_core.data.image_io import ImageError, image_digest, load_image
 from perceptio_core.evaluation.metrics import IoUAccumulator, resize_mask
@@ -150,10 +151,13 @@ class TextOnlyLM:
         return SimpleNamespace(hidden=hidden, logits=logits, past_key_values=cache)
 
 
-def base_predictor(base_model: Any, tokenizer: Any, *, max_new_tokens: int = 160, num_beams: int = 1) -> Predict:
+def base_predictor(base_model: Any, tokenizer: Any, depth_spec: DepthCodecSpec, *, max_new_tokens: int = 160,
+                   num_beams: int = 1) -> Predict:
     """``predict(image, prompt)`` for the base InternVL (text only): the prompt encoded as in
     training (:func:`perceptio_core.model.batching.encode_prompt`), greedy (or beam) decoding with the KV
-    cache, no constraint. The prediction has ``mask``, ``depth_map`` and ``depth_indices`` None."""
+    cache, no constraint. Its text is read by the parser the Perceptio model's is, with the K and N
+    of ``depth_spec`` (the compared model's codec), so both answers are cut out the same way. The
+    prediction has ``mask``, ``depth_map`` and ``depth_indices`` None."""
     import torch
 
     from perceptio_core.model.batching import encode_prompt
@@ -175,7 +179,7 @@ def base_predictor(base_model: Any, tokenizer: Any, *, max_new_tokens: int = 160
                               num_beams=num_beams)  # fmt: skip
         ids = [t for t in ids if t not in stops]
         raw = tokenizer.decode(ids, skip_special_tokens=False)
-        parsed = parse_generation(raw)
+        parsed = parse_generation(raw, depth_spec.num_tokens, depth_spec.codebook_size)
         return SimpleNamespace(text=parsed.answer, raw_text=raw, token_ids=ids, status=parsed.status,
                                mask=None, depth_map=None, depth_indices=None)  # fmt: skip
 
@@ -192,8 +196,15 @@ def make_predictors(
     ``cfg``: ``{"predict", "predict_unconstrained", "base_predict"}`` (keyword arguments of
     :func:`run_evaluation`). ``predict`` decodes with ``cfg.constrained``; ``predict_unconstrained``
     without the constraint (None when ``unconstrained_limit`` is 0); ``base_predict`` wraps
-    ``base_model`` (None without one or when ``cfg.compare_base`` is off)."""
+    ``base_model`` (None without one or when ``cfg.compare_base`` is off). K and N are the model's
+    (``model.depth_spec``); ``cfg.max_new_tokens`` must hold its perception block ([SEG], the two
+    markers and N codes), else ``ValueError``."""
     cfg = cfg or EvaluateConfig()
+    spec = model.depth_spec
+    block = spec.num_tokens + 3
+    if cfg.max_new_tokens <= block:
+        raise ValueError(f"evaluate.max_new_tokens = {cfg.max_new_tokens} leaves no room for an answer after the "
+                         f"perception block of this model ({block} tokens: [SEG], 2 markers, N = {spec.num_tokens})")
     kw = dict(max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams)
     return {
         "predict": model_predictor(model, constrained=cfg.constrained, **kw),
@@ -202,7 +213,7 @@ def make_predictors(
             if cfg.unconstrained_limit > 0 else None
         ),
         "base_predict": (
-            base_predictor(base_model, base_tokenizer, **kw)
+            base_predictor(base_model, base_tokenizer, spec, **kw)
             if base_model is not None and cfg.compare_base else None
         ),
     }
@@ -433,15 +444,15 @@ def token_depth_choice(depth_map: np.ndarray | None, points: Sequence[tuple[floa
 # --------------------------------------------------------------------------------------------
 
 
-def block_status(pred: Any, expect_seg: bool, num_tokens: int | None = None,
-                 codebook_size: int | None = None) -> str:
+def block_status(pred: Any, expect_seg: bool, depth_spec: DepthCodecSpec) -> str:
     """The :class:`ParseStatus` value of a prediction's perception output for a task that expects
-    ``[SEG]`` (refer) or not (HardBLINK's depth-only target): ``raw_text`` re-parsed when N and K
-    are given, else the prediction's ``status`` (``no_seg`` is ``ok`` when no ``[SEG]`` is
-    expected), else inferred from ``depth_indices`` and ``mask``."""
+    ``[SEG]`` (refer) or not (HardBLINK's depth-only target): its ``raw_text`` parsed with the K and
+    N of ``depth_spec``; a prediction without ``raw_text`` gives its ``status`` (``no_seg`` is ``ok``
+    when no ``[SEG]`` is expected), and one without either is judged by ``depth_indices`` and
+    ``mask``."""
     raw = getattr(pred, "raw_text", None)
-    if raw is not None and num_tokens and codebook_size:
-        return parse_generation(raw, num_tokens, codebook_size, expect_seg=expect_seg).status.value
+    if raw is not None:
+        return parse_generation(raw, depth_spec.num_tokens, depth_spec.codebook_size, expect_seg=expect_seg).status.value
     st = getattr(pred, "status", None)
     if st is not None:
         st = st.value if isinstance(st, ParseStatus) else str(st)
@@ -482,8 +493,7 @@ def run_evaluation(
     base_predict: Predict | None = None,
     predict_unconstrained: Predict | None = None,
     teacher_maps: Any = None,
-    num_tokens: int | None = None,
-    codebook_size: int | None = None,
+    depth_spec: DepthCodecSpec,
     progress: ProgressFn | None = None,
 ) -> Evaluation:
     """Run every benchmark of SPEC §6 on ``sources`` (module docstring).
@@ -497,8 +507,8 @@ def run_evaluation(
             ``perception_block.wellformed_unconstrained``.
         teacher_maps: image digest -> teacher [0, 1] map (a dict or a ``DepthMaps``), for
             ``depth.teacher.*``.
-        num_tokens, codebook_size: N and K, to re-parse ``raw_text`` for the block status (else the
-            predictions' own ``status`` is used).
+        depth_spec: the evaluated model's depth codec numbers (``model.depth_spec``): the N and K
+            its generations are parsed with for the block status (:func:`block_status`).
         progress: ``progress(done, total, info)`` after every generation.
     """
     cfg = cfg or EvaluateConfig()
@@ -552,7 +562,7 @@ def run_evaluation(
                 iou = acc.add(pm, gt)
                 key = f"{ds}/{split}/r{r.ref_id}/s{r.sent_id}"
                 if is_main:
-                    st = block_status(p, True, num_tokens, codebook_size)
+                    st = block_status(p, True, depth_spec)
                     statuses[st] += 1
                     dmap = getattr(p, "depth_map", None)
                     depth.add(dmap, _lookup(teacher_maps, im.digest), _true_depth(im.depth_path, depth_cache))
@@ -579,7 +589,7 @@ def run_evaluation(
                 right_n += right
                 key = f"hardblink/{r.qid}"
                 if is_main:
-                    st = block_status(p, False, num_tokens, codebook_size)
+                    st = block_status(p, False, depth_spec)
                     statuses[st] += 1
                     dmap = getattr(p, "depth_map", None)
                     size = _image_hw(r.image_path)
@@ -640,11 +650,11 @@ def run_evaluation(
             if kind == "refer":
                 p = run(predict_unconstrained, PERCEPTIO + "-unconstrained", it.image.path,
                         refer_prompt(it.record.sentence), benchmark=it.dataset, split=it.split)
-                loose[block_status(p, True, num_tokens, codebook_size)] += 1
+                loose[block_status(p, True, depth_spec)] += 1
             else:
                 p = run(predict_unconstrained, PERCEPTIO + "-unconstrained", it.image_path,
                         hardblink_prompt(it.question), benchmark="hardblink", split=str(it.n_points))
-                loose[block_status(p, False, num_tokens, codebook_size)] += 1
+                loose[block_status(p, False, depth_spec)] += 1
         ev.metrics["perception_block.wellformed_unconstrained"] = loose[ParseStatus.OK.value] / len(unconstrained)
         ev.metrics["perception_block.n_unconstrained"] = float(len(unconstrained))
         ev.block_status["unconstrained"] = dict(loose)

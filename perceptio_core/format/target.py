@@ -28,13 +28,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from perceptio_core.format.tokens import (
-    D_END,
-    D_START,
-    DEFAULT_NUM_DEPTH_TOKENS,
-    SEG,
-    depth_token,
-)
+from perceptio_core.format.tokens import D_END, D_START, SEG, depth_token
 
 
 class ParseStatus(str, enum.Enum):
@@ -112,13 +106,14 @@ def _strip_tokens(*pieces: str) -> str:
 
 def parse_generation(
     text: str,
-    num_tokens: int = DEFAULT_NUM_DEPTH_TOKENS,
-    codebook_size: int = 128,
+    num_tokens: int,
+    codebook_size: int,
     expect_seg: bool = True,
 ) -> Parsed:
     """Parse a generated (or target) text into its parts.
 
-    ``num_tokens`` is N, ``codebook_size`` is K. With ``expect_seg=False`` (depth-only tasks) a
+    ``num_tokens`` is N, ``codebook_size`` is K: the depth codec's (a model's ``num_depth_tokens``
+    and ``codebook_size``), never assumed here. With ``expect_seg=False`` (depth-only tasks) a
     well-formed block without ``[SEG]`` is ``ok`` instead of ``no_seg``. The block is the first
     ``<d_start>`` and the first ``<d_end>`` after it; everything between them must be codes
     ``<d_k>`` with ``0 <= k < K`` (whitespace allowed), exactly N of them.

@@ -1,7 +1,8 @@
 """The perception tokens of the output sequence (SPEC §1): ``[SEG] <d_start> <d_k> x N <d_end>``.
 
 One place defines their spelling, so the formatter, the tokenizer extension, the model, constrained
-decoding and the evaluators can never disagree. The vocabulary grows by K + 3.
+decoding and the evaluators can never disagree. The vocabulary grows by K + 3. K and N are the depth
+codec's (:mod:`perceptio_core.depth.codec`); nothing here assumes them.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 SEG = "[SEG]"
 D_START = "<d_start>"
 D_END = "<d_end>"
-DEFAULT_NUM_DEPTH_TOKENS = 100  # N: a 10 x 10 latent grid, row-major
 
 
 def depth_token(k: int) -> str:

@@ -31,12 +31,11 @@ put the right token at each place. Its gradient is the sign of (E_b - N) times d
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 
 from perceptio_core.config import LossConfig
+from perceptio_core.depth.codec import DepthCodec
 
 IGNORE = -100
 LOSS_KEYS = ("loss", "llm", "seg_bce", "seg_dice", "marker", "token", "count", "rec")
@@ -200,7 +199,7 @@ def rec_loss(
     ends: torch.Tensor,
     code_ids: torch.Tensor,
     num_tokens: int,
-    depth_tokenizer: Any,
+    depth_tokenizer: DepthCodec,
     teacher_maps: torch.Tensor,
     has_map: torch.Tensor,
     tau: float = 1.0,
@@ -210,7 +209,7 @@ def rec_loss(
     For each sample with both markers and a teacher map: the code logits inside the span
     (:func:`span_code_logits`, [n, N, K]) go through ``depth_tokenizer.soft_decode(code_logits,
     tau)`` (softmax(logits / tau) over the K codes, expected codebook vector, frozen VQ-VAE decoder;
-    :class:`perceptio_core.depth.tokenizer.DepthTokenizer`) to maps
+    a :class:`perceptio_core.depth.codec.DepthCodec`) to maps
     [n, H, W]; the teacher maps [B, H', W'] are resized (bilinear) to H x W when they differ; the
     loss is the mean squared error over all their pixels. Gradients reach the LLM through the
     softmax only (the tokenizer is frozen).

@@ -10,9 +10,11 @@ Parts:
   token's own position** (the output of the final norm, the state the LM head reads there).
 * ``sam2``: :class:`perceptio_core.model.sam2_decoder.SAM2Segmenter`: frozen image encoder, prompt
   encoder, fine-tuned mask decoder.
-* ``depth_tokenizer``: the frozen :class:`perceptio_core.depth.tokenizer.DepthTokenizer`
-  (``encode``/``decode``/``soft_decode``; its VQ-VAE registered as ``depth_vqvae``); its K and N
-  set the perception vocabulary.
+* ``depth_tokenizer``: the frozen depth codec, an ``nn.Module``
+  :class:`~perceptio_core.depth.codec.DepthCodec` (``encode``/``decode``/``soft_decode``; in the
+  pipeline the :class:`perceptio_core.depth.tokenizer.DepthTokenizer` of the ``train_vqvae``
+  artifact). It is the model's only source of K and N (``codebook_size``, ``num_depth_tokens``,
+  ``depth_spec``): they set the perception vocabulary, the losses and constrained decoding.
 
 Training: ``forward(batch) -> {"loss", "llm", "seg_bce", "seg_dice", "marker", "token", "count",
 "rec"}`` on a batch from :class:`perceptio_core.model.batching.PerceptioCollator`; ``loss`` carries the
@@ -23,7 +25,9 @@ logits would dominate memory), and SAM2 runs only on the samples that have a mas
 
 Saving (:meth:`PerceptioModel.save_pretrained`) writes, never pickling:
 
-    config.json            model and loss configs, K, N, the perception token ids, file list
+    config.json            model and loss configs, the depth codec's numbers (``depth_codec``: K, grid,
+                           N, map size; checked against the codec on loading), the perception
+                           token ids, file list
     adapter/               the PEFT adapter (adapter_config.json + adapter_model.safetensors; it holds
                            the LoRA weights and the trained new-token rows)
     heads.safetensors      seg_projection.*, sam2.sam_mask_decoder.* (and sam2.image_encoder.* when
@@ -33,7 +37,7 @@ Saving (:meth:`PerceptioModel.save_pretrained`) writes, never pickling:
     base/                  the base InternVL (config + safetensors), only when ``model.base`` is unset
                            (a freshly built tiny base exists nowhere else)
     tokenizer/             the extended tokenizer
-    depth_tokenizer/       the depth tokenizer, when it can ``save_pretrained``
+    depth_tokenizer/       the depth tokenizer (the VQ-VAE), when it is a ``DepthTokenizer``
 """
 
 from __future__ import annotations
@@ -49,8 +53,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import InternVLForConditionalGeneration, PreTrainedTokenizerBase
 
-from perceptio_core.model.batching import PerceptioCollator
 from perceptio_core.config import LossConfig, ModelConfig, _build, to_dict
+from perceptio_core.depth.codec import DepthCodec, DepthCodecSpec
+from perceptio_core.depth.tokenizer import DepthTokenizer
+from perceptio_core.model.batching import PerceptioCollator
 from perceptio_core.model.internvl import (
     PerceptionTokenIds,
     add_perception_tokens,
@@ -84,41 +90,17 @@ FORMAT_VERSION = 1
 
 
 # --------------------------------------------------------------------------------------------
-# The depth tokenizer seen from here
+# The depth codec seen from here
 # --------------------------------------------------------------------------------------------
 
 
-def depth_codebook_size(depth_tokenizer: Any) -> int:
-    """K of a depth tokenizer (``codebook_size`` attribute or ``config.codebook_size``)."""
-    return int(_depth_attr(depth_tokenizer, "codebook_size"))
-
-
-def depth_num_tokens(depth_tokenizer: Any) -> int:
-    """N of a depth tokenizer (``num_tokens`` attribute or ``config.num_tokens``)."""
-    return int(_depth_attr(depth_tokenizer, "num_tokens"))
-
-
-def depth_input_size(depth_tokenizer: Any) -> int:
-    """The map side the VQ-VAE takes and gives back (``map_size``, or ``input_size``)."""
-    return int(_depth_attr(depth_tokenizer, "map_size", "input_size"))
-
-
-def _depth_attr(depth_tokenizer: Any, *names: str) -> Any:
-    for name in names:
-        for holder in (depth_tokenizer, getattr(depth_tokenizer, "config", None)):
-            value = getattr(holder, name, None) if holder is not None else None
-            if value is not None:
-                return value() if callable(value) else value
-    raise AttributeError(f"depth tokenizer {type(depth_tokenizer).__name__} exposes none of {names}")
-
-
-def depth_module(depth_tokenizer: Any) -> nn.Module | None:
-    """The ``nn.Module`` holding a depth tokenizer's weights: the tokenizer itself when it is one,
-    else its ``vqvae`` (:class:`perceptio_core.depth.tokenizer.DepthTokenizer` is a plain wrapper)."""
-    if isinstance(depth_tokenizer, nn.Module):
-        return depth_tokenizer
-    inner = getattr(depth_tokenizer, "vqvae", None)
-    return inner if isinstance(inner, nn.Module) else None
+def check_depth_codec(depth_tokenizer: Any) -> DepthCodecSpec:
+    """The K, grid and map size of ``depth_tokenizer``, which must be an ``nn.Module`` (so its
+    frozen weights move with the model) and a :class:`~perceptio_core.depth.codec.DepthCodec`;
+    ``TypeError`` otherwise."""
+    if not isinstance(depth_tokenizer, nn.Module):
+        raise TypeError(f"the depth tokenizer must be an nn.Module DepthCodec, got {type(depth_tokenizer).__name__}")
+    return DepthCodecSpec.of(depth_tokenizer)
 
 
 def _freeze(module: nn.Module) -> None:
@@ -157,7 +139,7 @@ class PerceptioModel(nn.Module):
         vlm: nn.Module,
         tokenizer: PreTrainedTokenizerBase,
         sam2: SAM2Segmenter,
-        depth_tokenizer: Any,
+        depth_tokenizer: DepthCodec,
         model_cfg: ModelConfig,
         loss_cfg: LossConfig,
     ) -> None:
@@ -166,24 +148,16 @@ class PerceptioModel(nn.Module):
         self.tokenizer = tokenizer
         self.model_cfg = model_cfg
         self.loss_cfg = loss_cfg
-        self.codebook_size = depth_codebook_size(depth_tokenizer)
-        self.num_depth_tokens = depth_num_tokens(depth_tokenizer)
+        self.depth_spec: DepthCodecSpec = check_depth_codec(depth_tokenizer)
         self.token_ids: PerceptionTokenIds = perception_token_ids(tokenizer, self.codebook_size)
         base = self.base_model
         d = int(base.config.text_config.hidden_size)
         self.hidden_size = d
         self.seg_projection = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, sam2.embed_dim))
         self.sam2 = sam2
-        # The frozen VQ-VAE is registered as a submodule (so ``.to(device)`` moves it and eval mode
-        # sticks); a plain-object tokenizer (DepthTokenizer) is kept beside it as an attribute.
-        inner = depth_module(depth_tokenizer)
-        if isinstance(depth_tokenizer, nn.Module):
-            self.depth_tokenizer = depth_tokenizer
-        else:
-            self.depth_vqvae = inner
-            self.depth_tokenizer = depth_tokenizer
-        if inner is not None:
-            _freeze(inner)
+        # a submodule: ``.to(device)`` moves it; frozen and kept in eval mode (see ``train``)
+        self.depth_tokenizer = depth_tokenizer
+        _freeze(depth_tokenizer)
         self.register_buffer("code_ids", self.token_ids.codes_tensor(), persistent=False)
 
     # ---------------------------------------------------------------- construction
@@ -193,7 +167,7 @@ class PerceptioModel(nn.Module):
         cls,
         model_cfg: ModelConfig,
         loss_cfg: LossConfig,
-        depth_tokenizer: Any,
+        depth_tokenizer: DepthCodec,
         tokenizer: PreTrainedTokenizerBase | None = None,
         base_model: InternVLForConditionalGeneration | None = None,
         seed: int = 0,
@@ -203,7 +177,9 @@ class PerceptioModel(nn.Module):
         The tokenizer is ``tokenizer``, else loaded from ``model_cfg.tokenizer`` or ``model_cfg.base``
         (a tiny base needs one passed: see :func:`perceptio_core.model.internvl.train_tokenizer`). The base
         is ``base_model``, else ``model_cfg.base`` loaded, else a tiny InternVL built from
-        ``model_cfg.tiny``. The K + 3 perception tokens are added and their rows (embeddings and LM
+        ``model_cfg.tiny``. ``depth_tokenizer`` is the frozen depth codec (an ``nn.Module``
+        :class:`~perceptio_core.depth.codec.DepthCodec`, e.g. the ``train_vqvae`` artifact through
+        ``DepthTokenizer.from_pretrained``): its K and N are the model's. The K + 3 perception tokens are added and their rows (embeddings and LM
         head) set to the mean of the rows of the pre-existing vocabulary; then LoRA is applied and
         the SAM2 parts are built (loading ``model_cfg.sam2_checkpoint`` when set). ``seed`` seeds
         every fresh initialisation (tiny base, LoRA A matrices, SAM2 without checkpoint, [SEG]
@@ -214,7 +190,7 @@ class PerceptioModel(nn.Module):
             if source is None:
                 raise ValueError("a tiny base (model.base unset) needs a tokenizer: pass one (train_tokenizer)")
             tokenizer = load_tokenizer(source)
-        k = depth_codebook_size(depth_tokenizer)
+        k = check_depth_codec(depth_tokenizer).codebook_size
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # every fresh initialisation below, LoRA's included
             if base_model is None:
@@ -241,6 +217,16 @@ class PerceptioModel(nn.Module):
     # ---------------------------------------------------------------- accessors
 
     @property
+    def codebook_size(self) -> int:
+        """K, the depth codec's."""
+        return self.depth_spec.codebook_size
+
+    @property
+    def num_depth_tokens(self) -> int:
+        """N, the depth codec's."""
+        return self.depth_spec.num_tokens
+
+    @property
     def base_model(self) -> InternVLForConditionalGeneration:
         """The InternVL model inside the PEFT wrapper (LoRA layers injected in place)."""
         get = getattr(self.vlm, "get_base_model", None)
@@ -264,7 +250,7 @@ class PerceptioModel(nn.Module):
             image_size=self.image_size,
             image_seq_length=self.image_seq_length,
             sam2_image_size=self.sam2.image_size,
-            depth_size=depth_input_size(self.depth_tokenizer),
+            depth_size=self.depth_spec.map_size,
             max_length=max_length or self.model_cfg.max_length,
         )
 
@@ -274,11 +260,10 @@ class PerceptioModel(nn.Module):
         return {n: p for n, p in self.named_parameters() if p.requires_grad}
 
     def train(self, mode: bool = True) -> PerceptioModel:
-        """Frozen parts (depth tokenizer, SAM2 encoder) stay in eval mode."""
+        """Frozen parts (the depth tokenizer here, SAM2's encoders in ``SAM2Segmenter.train``) stay in
+        eval mode."""
         super().train(mode)
-        inner = depth_module(self.depth_tokenizer)
-        if inner is not None:
-            inner.eval()
+        self.depth_tokenizer.eval()
         return self
 
     # ---------------------------------------------------------------- language model
@@ -420,7 +405,7 @@ class PerceptioModel(nn.Module):
             _plain_base(self.vlm).save_pretrained(str(out / "base"))
             files.append("base")
         self.tokenizer.save_pretrained(str(out / "tokenizer"))
-        if hasattr(self.depth_tokenizer, "save_pretrained"):
+        if isinstance(self.depth_tokenizer, DepthTokenizer):  # another codec (a test stand-in) is not stored
             self.depth_tokenizer.save_pretrained(str(out / "depth_tokenizer"))
             files.append("depth_tokenizer")
         tid = self.token_ids
@@ -429,8 +414,7 @@ class PerceptioModel(nn.Module):
             "format_version": FORMAT_VERSION,
             "model": to_dict(self.model_cfg),
             "loss": to_dict(self.loss_cfg),
-            "codebook_size": self.codebook_size,
-            "num_depth_tokens": self.num_depth_tokens,
+            "depth_codec": self.depth_spec.to_dict(),
             "token_ids": {"seg": tid.seg, "d_start": tid.d_start, "d_end": tid.d_end, "codes": list(tid.codes)},
             "hidden_size": self.hidden_size,
             "sam2_embed_dim": self.sam2.embed_dim,
@@ -468,8 +452,10 @@ class PerceptioModel(nn.Module):
             path: the directory.
             base: the base InternVL (path, hub id or model) when it is not stored in ``path/base``;
                 default: the ``model.base`` recorded in ``config.json``.
-            depth_tokenizer: the frozen depth tokenizer; default: ``path/depth_tokenizer``
-                through ``DepthTokenizer.from_pretrained``.
+            depth_tokenizer: the frozen depth codec; default: ``path/depth_tokenizer`` through
+                ``DepthTokenizer.from_pretrained`` (a model trained with another codec stored none:
+                then it must be given). Its K, grid and map size must be the ones recorded in
+                ``config.json`` (``depth_codec``), else ``ValueError``.
             sam2_checkpoint: Meta's SAM2 checkpoint when the saved model used one and it has moved.
             trainable: keep LoRA / token rows / heads trainable (to continue fine-tuning).
         """
@@ -482,11 +468,15 @@ class PerceptioModel(nn.Module):
         loss_cfg: LossConfig = _build(LossConfig, meta["loss"], "loss")
         if sam2_checkpoint is not None:
             model_cfg.sam2_checkpoint = str(sam2_checkpoint)
-        tokenizer = load_tokenizer(root / "tokenizer")
+        saved_codec = DepthCodecSpec.from_dict(meta["depth_codec"], source=f"{root / 'config.json'} (depth_codec)")
         if depth_tokenizer is None:
-            from perceptio_core.depth.tokenizer import DepthTokenizer
-
+            if "depth_tokenizer" not in meta["files"]:
+                raise ValueError(f"{root}: saved without its depth tokenizer (trained with a codec that is not "
+                                 f"a DepthTokenizer); pass depth_tokenizer= a codec with K = "
+                                 f"{saved_codec.codebook_size}, N = {saved_codec.num_tokens}")
             depth_tokenizer = DepthTokenizer.from_pretrained(root / "depth_tokenizer")
+        saved_codec.check_matches(check_depth_codec(depth_tokenizer))
+        tokenizer = load_tokenizer(root / "tokenizer")
         if isinstance(base, nn.Module):
             base_model = base
         elif base is not None:
@@ -497,7 +487,7 @@ class PerceptioModel(nn.Module):
             base_model = load_internvl(model_cfg.base, model_cfg.dtype)
         else:
             raise ValueError(f"{root}: no base stored and none recorded or given")
-        ids = perception_token_ids(tokenizer, int(meta["codebook_size"]))
+        ids = perception_token_ids(tokenizer, saved_codec.codebook_size)
         heads = load_file(str(root / "heads.safetensors"))
         rows = max(len(tokenizer), base_model.get_input_embeddings().weight.shape[0])
         if base_model.get_input_embeddings().weight.shape[0] < rows:
@@ -573,7 +563,5 @@ def _load_exact(module: nn.Module, state: dict[str, torch.Tensor], strict: bool)
 __all__ = [
     "LMOutput",
     "PerceptioModel",
-    "depth_codebook_size",
-    "depth_input_size",
-    "depth_num_tokens",
+    "check_depth_codec",
 ]

@@ -10,9 +10,11 @@ Data: the curated shard directory (``manifest.parquet`` + ``.tar`` shards) read 
 (:mod:`perceptio_core.curation.wds_loader`), rows of ``finetune.splits`` / ``finetune.tasks``; in the loader
 workers each :class:`~perceptio_core.curation.sample.Sample` becomes a
 :class:`~perceptio_core.model.batching.TrainExample` with its image's teacher depth map (looked up by
-``image_digest`` in the ``teacher_depth`` artifact, for L_rec), then the model's collate.
+``image_digest`` in the ``teacher_depth`` artifact, for L_rec), then the model's collate. A sample's
+depth tokens must be N codes below K of the depth codec (the ``train_vqvae`` artifact), the one
+source of K and N; the saved model records them (``config.json``, ``depth_codec``).
 
-Entry points: :func:`train` (the Prefect task, in-process) and ``flows.train_script``
+Entry points: :func:`finetune` (the Prefect task, in-process) and ``flows.train_script``
 (``accelerate launch``); both run the same :class:`FinetuneTask` through the same loop.
 """
 
@@ -30,9 +32,10 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from perceptio_core.atomic_io import file_digest
-from perceptio_core.model.batching import TrainExample, example_from_sample
 from perceptio_core.config import PerceptioConfig, to_dict
 from perceptio_core.curation.sample import Sample
+from perceptio_core.depth.codec import DepthCodec, DepthCodecSpec
+from perceptio_core.model.batching import TrainExample, example_from_sample
 from perceptio_core.device import ProgressFn
 from perceptio_core.training.trainer import TrainTask, run_training
 from perceptio_core.curation.wds_loader import MANIFEST, ShardIndex, ShardSampleDataset
@@ -42,9 +45,11 @@ class SampleToExample:
     """Picklable transform ``Sample -> TrainExample`` run in loader workers; the teacher depth
     maps (a ``teacher_depth`` artifact folder, opened lazily per process, memory-mapped) give
     ``depth_map``; without a folder, or for an image it lacks, ``depth_map`` is None (L_rec is 0
-    for that sample)."""
+    for that sample). A sample whose depth tokens are not N codes in [0, K) of ``depth_spec``
+    raises ``ValueError`` naming it (shards curated against another codebook)."""
 
-    def __init__(self, depth_maps_dir: str | os.PathLike[str] | None = None) -> None:
+    def __init__(self, depth_spec: DepthCodecSpec, depth_maps_dir: str | os.PathLike[str] | None = None) -> None:
+        self.depth_spec = depth_spec
         self.depth_maps_dir = str(depth_maps_dir) if depth_maps_dir is not None else None
         self._maps: Any = None
 
@@ -58,10 +63,18 @@ class SampleToExample:
         return self._maps.get(digest) if digest in self._maps else None
 
     def __call__(self, sample: Sample) -> TrainExample:
+        codes = sample.depth_tokens
+        spec = self.depth_spec
+        if codes is not None and (len(codes) != spec.num_tokens or min(codes) < 0 or max(codes) >= spec.codebook_size):
+            raise ValueError(
+                f"sample {sample.key}: {len(codes)} depth tokens in [{min(codes, default=0)}, {max(codes, default=0)}]; "
+                f"the depth codec ({spec.source}) has N = {spec.num_tokens}, K = {spec.codebook_size}: the shards "
+                "were curated against another codebook"
+            )
         return example_from_sample(sample, depth_map=self._lookup(sample.image_digest))
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"depth_maps_dir": self.depth_maps_dir, "_maps": None}
+        return {"depth_spec": self.depth_spec, "depth_maps_dir": self.depth_maps_dir, "_maps": None}
 
 
 def _dir_digest(path: str | os.PathLike[str] | None, names: tuple[str, ...]) -> str | None:
@@ -95,8 +108,9 @@ class FinetuneTask(TrainTask):
         data_dir: curated shards (``manifest.parquet`` + shards).
         base_dir: a ``save_pretrained`` InternVL directory with its tokenizer (the ``base`` stage's
             ``<out>/model``); None: ``cfg.model.base`` (a released InternVL2.5) is loaded.
-        depth_tokenizer: the frozen depth tokenizer, or the ``train_vqvae`` artifact directory
-            (``DepthTokenizer.from_pretrained``).
+        depth_tokenizer: the frozen depth codec (an ``nn.Module``
+            :class:`~perceptio_core.depth.codec.DepthCodec`), or the ``train_vqvae`` artifact
+            directory (``DepthTokenizer.from_pretrained``): the source of K and N.
         depth_maps_dir: the ``teacher_depth`` artifact folder (teacher maps for L_rec), or None.
         sam2_checkpoint: a SAM2 checkpoint in Meta's format to start from in place of
             ``cfg.model.sam2_checkpoint`` (the ``fit_sam2`` artifact's ``model/sam2.pt``). It is loaded
@@ -112,7 +126,7 @@ class FinetuneTask(TrainTask):
         data_dir: str | os.PathLike[str],
         *,
         base_dir: str | os.PathLike[str] | None = None,
-        depth_tokenizer: nn.Module | str | os.PathLike[str],
+        depth_tokenizer: DepthCodec | str | os.PathLike[str],
         depth_maps_dir: str | os.PathLike[str] | None = None,
         sam2_checkpoint: str | os.PathLike[str] | None = None,
     ) -> None:
@@ -121,11 +135,15 @@ class FinetuneTask(TrainTask):
         self.data_dir = Path(data_dir)
         self.base_dir = Path(base_dir) if base_dir is not None else None
         self.depth_tokenizer = depth_tokenizer
+        # K, N without loading the weights (an artifact's config.json), for the data check
+        self.depth_spec = (DepthCodecSpec.of(depth_tokenizer) if isinstance(depth_tokenizer, nn.Module)
+                           else DepthCodecSpec.from_pretrained(depth_tokenizer))  # fmt: skip
         self.depth_maps_dir = depth_maps_dir
         self._index: ShardIndex | None = None
         self._collate: Any = None
 
-    def _load_depth_tokenizer(self) -> nn.Module:
+    def load_depth_tokenizer(self) -> DepthCodec:
+        """The depth codec: the one given, or the artifact's ``DepthTokenizer``."""
         if isinstance(self.depth_tokenizer, nn.Module):
             return self.depth_tokenizer
         from perceptio_core.depth.tokenizer import DepthTokenizer
@@ -146,7 +164,7 @@ class FinetuneTask(TrainTask):
         elif mc.base is None:
             raise ValueError("finetune needs a base: pass base_dir (the base stage's model) or set model.base")
         model = PerceptioModel.build(
-            mc, self.cfg.loss, self._load_depth_tokenizer(), tokenizer=tokenizer, base_model=base_model,
+            mc, self.cfg.loss, self.load_depth_tokenizer(), tokenizer=tokenizer, base_model=base_model,
             seed=self.cfg.finetune.seed,
         )  # fmt: skip
         if self.sam2_checkpoint is not None:  # embedded, not referenced (see the class docstring)
@@ -163,7 +181,7 @@ class FinetuneTask(TrainTask):
         return self._index
 
     def build_dataset(self) -> Dataset:
-        return ShardSampleDataset(self._shard_index(), transform=SampleToExample(self.depth_maps_dir))
+        return ShardSampleDataset(self._shard_index(), transform=SampleToExample(self.depth_spec, self.depth_maps_dir))
 
     def shard_sizes(self) -> list[int]:
         return self._shard_index().shard_sizes()
@@ -187,18 +205,19 @@ class FinetuneTask(TrainTask):
             "data": _dir_digest(self.data_dir, (MANIFEST,)),
             "base": _dir_digest(self.base_dir, ("config.json", "tokenizer.json")),
             "depth_tokenizer": type(dt).__name__ if isinstance(dt, nn.Module) else _dir_digest(dt, ("config.json",)),
+            "depth_codec": self.depth_spec.to_dict(),
             "depth_maps": _maps_digest(self.depth_maps_dir),
             "sam2": file_digest(self.sam2_checkpoint)[:16] if self.sam2_checkpoint else None,
         }
 
 
-def train(
+def finetune(
     cfg: PerceptioConfig,
     data_dir: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
     *,
     base_dir: str | os.PathLike[str] | None = None,
-    depth_tokenizer: nn.Module | str | os.PathLike[str],
+    depth_tokenizer: DepthCodec | str | os.PathLike[str],
     depth_maps_dir: str | os.PathLike[str] | None = None,
     sam2_checkpoint: str | os.PathLike[str] | None = None,
     resume: bool = True,
@@ -206,7 +225,8 @@ def train(
     parents: dict[str, str] | None = None,
     grad_dump_dir: str | os.PathLike[str] | None = None,
 ) -> dict[str, float]:
-    """Fine-tune Perceptio (SPEC §4) on the shards in ``data_dir`` with ``cfg.finetune``.
+    """Fine-tune Perceptio (SPEC §4) on the shards in ``data_dir`` with ``cfg.finetune``, the depth
+    codec ``depth_tokenizer`` (see :class:`FinetuneTask`) giving K and N.
 
     ``out_dir``: a durable scratch directory; a rerun with ``resume`` continues from its latest
     checkpoint (same data order, same final weights). The final model
@@ -226,4 +246,4 @@ def train(
     )  # fmt: skip
 
 
-__all__ = ["FinetuneTask", "SampleToExample", "train"]
+__all__ = ["FinetuneTask", "SampleToExample", "finetune"]

@@ -17,6 +17,8 @@ from perceptio_core.curation.curate import (
     REASON_NO_DEPTH_TOKENS,
     REASON_NO_IMAGE_FIELD,
     CurateStats,
+    DepthTokensMismatch,
+    check_depth_tokens,
     curate,
     iter_samples,
 )
@@ -38,6 +40,7 @@ from perceptio_core.world.synth import generate_world
 
 K, N, S = 16, 9, 16
 UPSTREAM = {"sources": "src-key", "tokenize_depth": "tok-key"}
+CODEBOOK = dict(num_tokens=N, codebook_size=K, tokens_source="tok/tokens.npy")  # the codebook's N and K
 
 
 # ------------------------------------------------------------------------------------------
@@ -113,10 +116,32 @@ def test_missing_depth_tokens_are_dropped_and_counted(world):
     assert stats.dropped[REASON_NO_DEPTH_TOKENS] > 0
 
 
+@pytest.mark.parametrize("num_tokens, codebook_size, what", [
+    (16, K, "9 codes"),  # tokens of a 3 x 3 grid against a 4 x 4 codebook
+    (N, 8, "codes in"),  # codes up to 15 against K = 8
+])
+def test_tokens_of_another_codebook_are_refused(world, tmp_path, num_tokens, codebook_size, what):
+    src, tokens, maps = world
+    with pytest.raises(DepthTokensMismatch, match=rf"tok/tokens\.npy: the depth tokens of \d+ of {len(tokens)} "
+                                                  rf"images .*N = {num_tokens} codes in \[0, {codebook_size}\).*{what}"):
+        curate(src, tokens, maps, CurateConfig(), UPSTREAM, tmp_path / "c", num_tokens=num_tokens,
+               codebook_size=codebook_size, tokens_source="tok/tokens.npy")
+    assert not (tmp_path / "c").exists()  # refused before anything is written
+
+
+def test_check_depth_tokens_names_the_first_misfit(world):
+    _, tokens, _ = world
+    one_bad = dict(tokens)
+    one_bad[next(iter(tokens))] = np.append(tokens[next(iter(tokens))], 0)
+    with pytest.raises(DepthTokensMismatch, match=f"1 of {len(tokens)} images.*10 codes"):
+        check_depth_tokens(one_bad, N, K, "tok/tokens.npy")
+    check_depth_tokens(tokens, N, K, "tok/tokens.npy")  # the right codebook: no error
+
+
 def test_curate_writes_shards_manifest_quarantine_and_resumes(world, tmp_path):
     src, tokens, maps = world
     cfg = CurateConfig(shard_max_samples=40)
-    ref = curate(src, tokens, maps, cfg, UPSTREAM, tmp_path / "a")
+    ref = curate(src, tokens, maps, cfg, UPSTREAM, tmp_path / "a", **CODEBOOK)
     rows = pq.read_table(ref.manifest).to_pylist()
     back = list(read_shards(ref.shard_paths()))
     expected, _ = _run(src, tokens, maps, cfg)
@@ -144,9 +169,9 @@ def test_curate_writes_shards_manifest_quarantine_and_resumes(world, tmp_path):
             return super().get(key, default)
 
     with pytest.raises(Killed):
-        curate(src, KillingTokens(tokens, 40), maps, cfg, UPSTREAM, tmp_path / "b")
+        curate(src, KillingTokens(tokens, 40), maps, cfg, UPSTREAM, tmp_path / "b", **CODEBOOK)
     assert not (tmp_path / "b" / "manifest.parquet").exists()
-    res = curate(src, tokens, maps, cfg, UPSTREAM, tmp_path / "b")
+    res = curate(src, tokens, maps, cfg, UPSTREAM, tmp_path / "b", **CODEBOOK)
     assert res.n_resumed > 0 and res.stats == ref.stats
 
     def digests(d):

@@ -33,8 +33,10 @@ from perceptio_core.format.prompts import HARDBLINK_QUESTION, render_prompt
 from perceptio_core.data.records import HardBlinkRecord, ImageRecord, RefRecord, Sources, VqaRecord
 from perceptio_core.data.refer import ann_to_mask
 from perceptio_core.data.sources import read_sources
+from perceptio_core.depth.codec import DepthCodecSpec
 
-N, K = 4, 8  # depth tokens per block, codebook size (fake)
+SPEC = DepthCodecSpec(codebook_size=8, grid=2, map_size=16)  # the evaluated model's codec (fake)
+N, K = SPEC.num_tokens, SPEC.codebook_size  # 4 depth tokens per block, 8 codes
 W, H = 40, 30
 
 
@@ -164,7 +166,7 @@ def test_all_benchmarks_hand_computed(world):
     seen = []
     cfg = EvaluateConfig(unconstrained_limit=2, report_samples=1)
     ev = run_evaluation(fake, src, cfg, base_predict=fake_base, predict_unconstrained=loose,
-                        teacher_maps={teacher_digest: fake.teacher}, num_tokens=N, codebook_size=K,
+                        teacher_maps={teacher_digest: fake.teacher}, depth_spec=SPEC,
                         progress=lambda d, t, info: seen.append((d, t, info["model"])))  # fmt: skip
     m = ev.metrics
     big, tiny = _gt(src, 1).sum(), _gt(src, 2).sum()
@@ -233,13 +235,16 @@ def test_depth_quality_flat_map_when_no_block():
 
 def test_block_status_sources():
     ok = _block(True)
-    assert block_status(SimpleNamespace(raw_text=ok), True, N, K) == "ok"
-    assert block_status(SimpleNamespace(raw_text=_block(False)), True, N, K) == "no_seg"
-    assert block_status(SimpleNamespace(raw_text=_block(False)), False, N, K) == "ok"
-    assert block_status(SimpleNamespace(status="no_seg"), False) == "ok"
-    assert block_status(SimpleNamespace(status="wrong_count"), True) == "wrong_count"
-    assert block_status(SimpleNamespace(depth_indices=[1], mask=None), True) == "no_seg"
-    assert block_status(SimpleNamespace(depth_indices=None), False) == "no_block"
+    assert block_status(SimpleNamespace(raw_text=ok), True, SPEC) == "ok"
+    assert block_status(SimpleNamespace(raw_text=_block(False)), True, SPEC) == "no_seg"
+    assert block_status(SimpleNamespace(raw_text=_block(False)), False, SPEC) == "ok"
+    # N and K are the given codec's: the same block is the wrong length for N = 9, out of range for K = 2
+    assert block_status(SimpleNamespace(raw_text=ok), True, DepthCodecSpec(8, 3, 16)) == "wrong_count"
+    assert block_status(SimpleNamespace(raw_text=ok), True, DepthCodecSpec(2, 2, 16)) == "bad_code"
+    assert block_status(SimpleNamespace(status="no_seg"), False, SPEC) == "ok"
+    assert block_status(SimpleNamespace(status="wrong_count"), True, SPEC) == "wrong_count"
+    assert block_status(SimpleNamespace(depth_indices=[1], mask=None), True, SPEC) == "no_seg"
+    assert block_status(SimpleNamespace(depth_indices=None), False, SPEC) == "no_block"
 
 
 def test_unreadable_image_scores_wrong_not_dropped(world):
@@ -249,7 +254,7 @@ def test_unreadable_image_scores_wrong_not_dropped(world):
         raise MissingImageError(str(image), "missing image")
 
     cfg = EvaluateConfig(refer=False, hardblink=False)
-    ev = run_evaluation(broken, src, cfg)
+    ev = run_evaluation(broken, src, cfg, depth_spec=SPEC)
     assert ev.metrics["vqa.test.accuracy"] == 0.0 and ev.metrics["vqa.test.n"] == 2
     assert len(ev.errors) == 3 and "missing image" in ev.errors[0]
 
@@ -257,7 +262,7 @@ def test_unreadable_image_scores_wrong_not_dropped(world):
 def test_limits_apply_per_split(world):
     src, _ = world
     cfg = EvaluateConfig(refer_limit=1, hardblink_limit=1, vqa_limit=1, refer_datasets=["refcoco"])
-    m = run_evaluation(FakePerceptio(src), src, cfg).metrics
+    m = run_evaluation(FakePerceptio(src), src, cfg, depth_spec=SPEC).metrics
     assert m["refcoco.val.n"] == 1 and m["refcoco.testA.n"] == 1 and "refcocog.val.n" not in m
     assert m["hardblink.3.n"] == 1 and m["vqa.test.n"] == 1 and m["vqa.dev.n"] == 1
 
@@ -266,7 +271,7 @@ def test_report_tables_and_pictures(world):
     src, tmp = world
     out = tmp / "report"
     ev = run_evaluation(FakePerceptio(src), src, EvaluateConfig(report_samples=1), base_predict=fake_base,
-                        num_tokens=N, codebook_size=K)  # fmt: skip
+                        depth_spec=SPEC)  # fmt: skip
     write_report(ev, out)
     metrics = ev.metrics
     md = (out / "report.md").read_text()
@@ -299,7 +304,7 @@ def test_tiny_world_perfect_predictor_scores_one(tiny_world, tmp_path):
         text = hb.get(str(image)) or vqa[prompt]
         return SimpleNamespace(text=text, mask=None, depth_map=None, depth_indices=None)
 
-    m = run_evaluation(oracle, src, EvaluateConfig(refer_limit=5, vqa_limit=0)).metrics
+    m = run_evaluation(oracle, src, EvaluateConfig(refer_limit=5, vqa_limit=0), depth_spec=SPEC).metrics
     refer_keys = [k for k in m if k.endswith(".giou")]
     assert {k.split(".")[0] for k in refer_keys} == {"refcoco", "refcoco+", "refcocog"}
     assert {k.split(".")[1] for k in refer_keys} == {"val", "testA", "testB", "test"}

@@ -101,13 +101,19 @@ def test_real_model_through_the_evaluators(model, tiny_world, tmp_path):
     preds = make_predictors(model, cfg, base_model=base, base_tokenizer=tok)
     ev = run_evaluation(
         preds["predict"], src, cfg, base_predict=preds["base_predict"],
-        predict_unconstrained=preds["predict_unconstrained"], num_tokens=model.num_depth_tokens,
-        codebook_size=model.codebook_size)
+        predict_unconstrained=preds["predict_unconstrained"], depth_spec=model.depth_spec)
     m = ev.metrics
     assert m["refcoco.val.n"] == 1 and 0.0 <= m["refcoco.val.ciou"] <= 1.0
     assert m["base.refcoco.val.ciou"] == 0.0  # text only: empty masks
     assert {m[f"hardblink.{n}.n"] for n in (3, 4, 5)} == {1.0} and 0 <= m["hardblink.mean.accuracy"] <= 1
     assert "vqa.dev.accuracy" in m and "base.vqa.dev.accuracy" in m
     assert 0 <= m["perception_block.wellformed"] <= 1 and m["perception_block.n_unconstrained"] == 1
-    p = base_predictor(base, tok, max_new_tokens=3)(src.vqa[0].image_path, "What is it?")
+    p = base_predictor(base, tok, model.depth_spec, max_new_tokens=3)(src.vqa[0].image_path, "What is it?")
     assert p.mask is None and p.depth_map is None and len(p.token_ids) <= 3
+
+
+def test_predictors_need_room_for_the_models_block(model):
+    n = model.num_depth_tokens  # the codec's N (9): [SEG], 2 markers and N codes = 12 tokens
+    with pytest.raises(ValueError, match=f"N = {n}"):
+        make_predictors(model, EvaluateConfig(max_new_tokens=n + 3))
+    assert make_predictors(model, EvaluateConfig(max_new_tokens=n + 4))["predict"] is not None

@@ -27,6 +27,20 @@ def test_round_trip_with_depth(has_seg, answer):
     assert parse_generation(text, N, K, expect_seg=False).status == ParseStatus.OK
 
 
+def test_k_and_n_are_always_given():
+    """No N or K is assumed by the parser: they are the depth codec's, passed by every caller."""
+    import inspect
+
+    params = inspect.signature(parse_generation).parameters
+    assert params["num_tokens"].default is inspect.Parameter.empty
+    assert params["codebook_size"].default is inspect.Parameter.empty
+    text = format_target(True, [0, 1, 2, 3], "A cup.")
+    assert parse_generation(text, 4, 16).status == ParseStatus.OK
+    assert parse_generation(text, 4, 4).status == ParseStatus.OK
+    assert parse_generation(text, 9, 16).status == ParseStatus.WRONG_COUNT
+    assert parse_generation(text, 4, 3).status == ParseStatus.BAD_CODE  # <d_3> is not a code when K = 3
+
+
 def test_layout_and_spacing():
     text = format_target(True, [3, 1], "A cup.")
     assert text == f"{SEG}{D_START}{depth_token(3)}{depth_token(1)}{D_END} A cup."

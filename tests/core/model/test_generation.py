@@ -9,15 +9,15 @@ import torch
 from perceptio_core.model.generation import PerceptionConstraint, generate, generate_ids
 from perceptio_core.model.internvl import PerceptionTokenIds, internvl_pixel_values
 from perceptio_core.model.batching import encode_prompt
-from perceptio_core.format.target import ParseStatus
+from perceptio_core.format.target import ParseStatus, parse_generation
 
-from perceptio_helpers import build_tiny, png_bytes, one_torch_thread  # noqa: F401
+from perceptio_helpers import build_tiny, png_bytes, one_torch_thread, tiny_depth_tokenizer  # noqa: F401
 
 PROMPT = "Please segment the object described as: the red cube."
 
 
-def _perturbed(seed: int):
-    m = build_tiny()
+def _perturbed(seed: int, depth_tokenizer=None):
+    m = build_tiny(depth_tokenizer)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in m.trainable_parameters().values():
@@ -76,6 +76,20 @@ def test_constrained_decoding_gives_exactly_n_codes_then_d_end(prefix, seed):
         assert all(t in tid.codes for t in ids[s + 1 : s + 1 + n]), (beams, ids)
         assert ids[s + 1 + n] == tid.d_end
         assert r.depth_indices == [tid.codes.index(t) for t in ids[s + 1 : s + 1 + n]]
+
+
+def test_k_and_n_are_the_codecs():
+    """A codec of K = 16 codes on a 2 x 2 grid (N = 4): the vocabulary, the constraint, the parse
+    and the decoded map all follow it."""
+    m = _perturbed(0, tiny_depth_tokenizer(codebook_size=16, grid=2, input_size=8))
+    tid = m.token_ids
+    assert (m.codebook_size, m.num_depth_tokens) == (16, 4) and len(tid.codes) == 16
+    r = generate(m, m.tokenizer, png_bytes(), PROMPT, max_new_tokens=12, response_prefix="[SEG]<d_start>")
+    s = r.token_ids.index(tid.d_start)
+    assert all(t in tid.codes for t in r.token_ids[s + 1 : s + 5]) and r.token_ids[s + 5] == tid.d_end
+    assert r.status == ParseStatus.OK and len(r.depth_indices) == 4 and max(r.depth_indices) < 16
+    assert r.depth_map.shape == (8, 8)
+    assert parse_generation(r.raw_text, 9, 16).status == ParseStatus.WRONG_COUNT  # another N: not this block
 
 
 def test_unconstrained_decoding_is_not_forced(model):

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from perceptio_core.config import LossConfig
+from perceptio_core.depth.codec import DepthCodecSpec
 from perceptio_core.model.losses import IGNORE, LOSS_KEYS, total_loss
 from perceptio_core.model.perceptio_model import PerceptioModel
 
@@ -93,8 +94,8 @@ def test_trainable_set_matches_spec_section_4(model):
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     assert any(n.startswith("sam2.image_encoder.") for n in frozen)
     assert any("vision_tower" in n for n in frozen)
-    assert model.depth_vqvae is model.depth_tokenizer.vqvae  # registered: moves with .to(device)
-    assert all(not p.requires_grad for p in model.depth_vqvae.parameters())
+    assert any(m is model.depth_tokenizer.vqvae for m in model.modules())  # registered: moves with .to(device)
+    assert all(not p.requires_grad for p in model.depth_tokenizer.parameters())
     assert model.seg_projection[0].in_features == model.hidden_size
     assert model.seg_projection[2].out_features == model.sam2.embed_dim
 
@@ -103,13 +104,13 @@ def test_rec_term_reaches_the_language_model_through_the_frozen_vqvae(batch):
     m = build_tiny()
     m.loss_cfg = LossConfig(w_seg=0.0, w_dtok=0.0, w_rec=1.0)
     m.train()
-    assert not m.depth_vqvae.training
+    assert not m.depth_tokenizer.vqvae.training
     out = m(batch)
     (out["loss"] - out["llm"]).backward()  # L_rec alone
     lora = [p.grad for n, p in m.trainable_parameters().items() if "lora_B" in n]
     assert any(g is not None and float(g.abs().sum()) > 0 for g in lora)
-    assert all(p.grad is None for p in m.depth_vqvae.parameters())
-    assert not m.depth_vqvae.training  # eval mode survives train()
+    assert all(p.grad is None for p in m.depth_tokenizer.parameters())
+    assert not m.depth_tokenizer.vqvae.training  # eval mode survives train()
 
 
 def test_seg_state_is_the_one_at_the_seg_token_itself(model, batch):
@@ -177,7 +178,7 @@ def test_save_and_load_round_trip(model, batch, tmp_path):
             "tokenizer/tokenizer.json"} <= files
     assert not any(f.endswith((".bin", ".pt", ".pth", ".pkl")) for f in files)  # never pickle
     meta = json.loads((out / "config.json").read_text())
-    assert meta["codebook_size"] == model.codebook_size and meta["num_depth_tokens"] == model.num_depth_tokens
+    assert meta["depth_codec"] == {"codebook_size": 16, "grid": 3, "map_size": 12, "num_tokens": 9}  # the codec's
     assert meta["token_ids"]["seg"] == model.token_ids.seg
 
     assert (out / "depth_tokenizer" / "model.safetensors").is_file()
@@ -190,6 +191,41 @@ def test_save_and_load_round_trip(model, batch, tmp_path):
 
     resumed = PerceptioModel.from_pretrained(out, depth_tokenizer=tiny_depth_tokenizer(), trainable=True)
     assert sorted(resumed.trainable_parameters()) == sorted(model.trainable_parameters())
+
+
+def test_k_and_n_come_from_the_codec_and_a_reload_checks_them(tmp_path):
+    codec = StandInDepthTokenizer(codebook_size=16, grid=2, input_size=8)  # K = 16, N = 4
+    m = build_tiny(codec)
+    assert (m.codebook_size, m.num_depth_tokens) == (16, 4) and m.depth_spec == DepthCodecSpec(16, 2, 8)
+    assert len(m.token_ids.codes) == 16 and m.collator().depth_size == 8
+    m.train()
+    out = m(m.collator()(examples(4, 16)))  # blocks of 4 codes: the count term is about N = 4
+    assert all(torch.isfinite(v) for v in out.values()) and float(out["rec"]) > 0
+
+    path = m.save_pretrained(tmp_path / "m")
+    assert not (path / "depth_tokenizer").exists()  # a stand-in codec is not stored: it must be given
+    with pytest.raises(ValueError, match="saved without its depth tokenizer"):
+        PerceptioModel.from_pretrained(path)
+    with pytest.raises(ValueError, match=r"depth codec mismatch.*K = 16, N = 4.*K = 16, N = 9"):
+        PerceptioModel.from_pretrained(path, depth_tokenizer=StandInDepthTokenizer(codebook_size=16, grid=3))
+    again = PerceptioModel.from_pretrained(path, depth_tokenizer=StandInDepthTokenizer(16, grid=2, input_size=8))
+    assert (again.codebook_size, again.num_depth_tokens) == (16, 4)
+
+
+def test_the_depth_tokenizer_must_be_a_codec_module():
+    class NotAModule:
+        codebook_size, num_tokens, grid, map_size = 16, 9, 3, 12
+
+        def encode(self, maps): ...
+
+        def decode(self, indices): ...
+
+        def soft_decode(self, logits, tau=1.0): ...
+
+    with pytest.raises(TypeError, match="nn.Module"):
+        build_tiny(NotAModule())
+    with pytest.raises(TypeError, match="not a DepthCodec"):
+        build_tiny(torch.nn.Linear(2, 2))
 
 
 def test_from_pretrained_refuses_other_directories(tmp_path):

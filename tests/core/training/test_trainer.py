@@ -282,7 +282,7 @@ def tiny_base(tmp_path_factory):
 
 
 def test_finetune_resumes_exactly_with_workers_and_saves_the_model(tmp_path, tiny_base):
-    from perceptio_core.training.finetune import FinetuneTask, train
+    from perceptio_core.training.finetune import FinetuneTask, finetune
     from perceptio_core.model.perceptio_model import PerceptioModel
 
     from perceptio_helpers import StandInDepthTokenizer
@@ -292,7 +292,7 @@ def test_finetune_resumes_exactly_with_workers_and_saves_the_model(tmp_path, tin
                                "finetune.grad_accum=2", "finetune.num_workers=1", "finetune.checkpoint_every=1",
                                "model.lora_rank=4", "model.lora_alpha=8"])  # fmt: skip
     kw = dict(base_dir=tiny_base, depth_tokenizer=StandInDepthTokenizer())
-    m = train(cfg, data, tmp_path / "full", **kw)
+    m = finetune(cfg, data, tmp_path / "full", **kw)
     for t in ("llm", "seg_bce", "seg_dice", "marker", "token", "count", "rec"):
         assert f"{t}_first" in m and f"{t}_last" in m
     assert m["seg_bce_first"] > 0 and m["token_first"] > 0 and m["marker_first"] > 0
@@ -303,7 +303,7 @@ def test_finetune_resumes_exactly_with_workers_and_saves_the_model(tmp_path, tin
     t.resume()
     t.train(stop_at=2)
     shutil.rmtree(tmp_path / "cut" / CHECKPOINTS / "step-00000002")  # as if killed while saving step 2
-    train(cfg, data, tmp_path / "cut", **kw)  # resumes at step 1: replays step 2 and does step 3
+    finetune(cfg, data, tmp_path / "cut", **kw)  # resumes at step 1: replays step 2 and does step 3
 
     from safetensors.torch import load_file
 
