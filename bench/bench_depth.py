@@ -22,10 +22,11 @@ fusion 64; random weights) at 518 px on 640x480 images, bf16 autocast on a GPU, 
 VQ-VAE (320 px, x32, hidden 128).
 
 ``--quality``: generate the default synthetic world (``perceptio_core.world.synth``), fit the teacher with
-the default config (:func:`~perceptio_core.depth.teacher.fit_teacher`; held-out AbsRel, delta1 and
-pair-order accuracy against the true depth), run it over every image, train the VQ-VAE on the maps
-(:func:`~perceptio_core.depth.vqvae.train_vqvae`; held-out MSE/AbsRel/delta1 vs the teacher, code usage,
-perplexity) and report the wall-clock time of each step.
+the default config (:func:`~perceptio_core.training.teacher_fit.fit_teacher`; held-out AbsRel, delta1
+and pair-order accuracy against the true depth), run it over every image, train the VQ-VAE on the
+maps (:func:`~perceptio_core.training.vqvae_fit.train_vqvae`, the images held out by digest as in the
+pipeline; held-out MSE/AbsRel/delta1 vs the teacher, code usage, perplexity) and report the
+wall-clock time of each step.
 
 Usage: ``python bench/bench_depth.py [--size tiny|small] [--device auto] [--images 64]
 [--batch-size 16] [--num-workers 0] [--precision auto] [--threads 0] [--quality] [--out PATH]``.
@@ -58,13 +59,15 @@ from perceptio_core.depth.teacher import (  # noqa: E402
     bare_forward_throughput,
     build_teacher_config,
     build_teacher_processor,
-    fit_teacher,
     load_teacher,
     predict_depth,
 )
 from perceptio_core.depth.tokenizer import DepthTokenizer  # noqa: E402
+from perceptio_core.depth.vqvae import VQVAE  # noqa: E402
 from perceptio_core.device import resolve_device, synchronize  # noqa: E402
-from perceptio_core.depth.vqvae import VQVAE, train_vqvae  # noqa: E402
+from perceptio_core.training.schedule import split_by_digest  # noqa: E402
+from perceptio_core.training.teacher_fit import fit_teacher  # noqa: E402
+from perceptio_core.training.vqvae_fit import train_vqvae  # noqa: E402
 
 SIZES: dict[str, dict[str, Any]] = {
     "tiny": dict(
@@ -192,16 +195,19 @@ def run_quality(args: argparse.Namespace, work: Path, dev: torch.device) -> dict
     t0 = time.perf_counter()
     fit = fit_teacher(images, tcfg.fit, tcfg.input_size, work / "fitted", dev, map_size=tcfg.map_size)
     fit_s = time.perf_counter() - t0
-    model, processor = load_teacher(str(work / "fitted"), dev)
+    model, processor = load_teacher(str(work / "fitted" / "model"), dev)
     t0 = time.perf_counter()
-    maps = [r.map for r in predict_depth(model, processor, [r.path for r in images], batch_size=tcfg.batch_size,
-                                         device=dev, map_size=tcfg.map_size) if r.error is None]
+    maps = {images[r.index].digest: r.map
+            for r in predict_depth(model, processor, [r.path for r in images], batch_size=tcfg.batch_size,
+                                   device=dev, map_size=tcfg.map_size) if r.error is None}  # fmt: skip
     teacher_s = time.perf_counter() - t0
+    vcfg = VQVAEConfig()
+    train, hold = split_by_digest(sorted(maps), vcfg.holdout_fraction)
     t0 = time.perf_counter()
-    _, vq, _ = train_vqvae(np.stack(maps), VQVAEConfig(), dev)
+    vq = train_vqvae(np.stack([maps[d] for d in train]), np.stack([maps[d] for d in hold]), vcfg, work / "vqvae", dev)
     vq_s = time.perf_counter() - t0
     pick = ("holdout_images", "holdout_absrel", "holdout_delta1", "holdout_pair_order", "train_absrel",
-            "train_pair_order", "loss")
+            "train_pair_order", "loss_last")
     return {
         "images": len(images),
         "teacher_fit": {k: fit[k] for k in pick},

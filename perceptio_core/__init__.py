@@ -27,11 +27,12 @@ _EXPORTS: dict[str, str] = {
     "iter_samples": "curation.curate", "ShardWriter": "curation.shards", "read_shards": "curation.shards",
     "encode_mask": "data.masks", "decode_mask": "data.masks",
     # depth (SPEC §2)
-    "load_teacher": "depth.teacher", "fit_teacher": "depth.teacher", "predict_depth": "depth.teacher",
-    "VQVAE": "depth.vqvae", "train_vqvae": "depth.vqvae", "DepthTokenizer": "depth.tokenizer", "DepthMaps": "depth.maps",
+    "load_teacher": "depth.teacher", "predict_depth": "depth.teacher", "write_teacher_maps": "depth.teacher",
+    "VQVAE": "depth.vqvae", "DepthTokenizer": "depth.tokenizer", "DepthMaps": "depth.maps",
     "DepthCodec": "depth.codec", "DepthCodecSpec": "depth.codec",
     # model, loss, training (SPEC §1, §3, §4)
     "PerceptioModel": "model.perceptio_model", "generate": "model.generation", "fit_base": "training.base_fit",
+    "fit_teacher": "training.teacher_fit", "train_vqvae": "training.vqvae_fit",
     "Trainer": "training.trainer", "run_training": "training.trainer",
     # evaluation (SPEC §6)
     "IoUAccumulator": "evaluation.metrics", "run_evaluation": "evaluation.evaluate",

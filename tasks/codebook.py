@@ -5,49 +5,46 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
+import torch
 
-from perceptio_core.evaluation import viz
 from perceptio_core.depth.maps import DepthMaps
 from perceptio_core.depth.tokenizer import DepthTokenizer
-from perceptio_core.data.image_io import holdout_by_digest
-from perceptio_core.depth.vqvae import train_vqvae
-from tasks.common import load_sources
+from perceptio_core.depth.vqvae import code_statistics
+from perceptio_core.evaluation import viz
+from perceptio_core.training import vqvae_fit
+from perceptio_core.training.schedule import split_by_digest
+from perceptio_core.training.trainer import FINAL, HISTORY, read_history
+from tasks.common import load_sources, publish_training, scratch_dir
 from tasks.progress import Progress
 from tasks.runner import StageContext, StageOutput, StageSpec
 
 FIGURE_ROWS = 4
+CURVE_TERMS = ("loss", "mse", "commit", "batch_usage", "batch_perplexity")
 
 
-def vqvae(ctx: StageContext) -> StageOutput:
+def train_vqvae(ctx: StageContext) -> StageOutput:
     cfg = ctx.cfg.vqvae
     maps = DepthMaps(ctx.upstream_dir("teacher_depth"))
-    digests = sorted(maps.digests)
-    hold = [d for d in digests if holdout_by_digest(d, cfg.holdout_fraction)]
-    train = [d for d in digests if not holdout_by_digest(d, cfg.holdout_fraction)]
-    if not train or not hold:
-        raise RuntimeError(f"train_vqvae: {len(train)} training and {len(hold)} held-out maps; need both")
-    pos = {d: i for i, d in enumerate(maps.digests)}
-    train_maps = maps[[pos[d] for d in train]]
-    hold_maps = maps[[pos[d] for d in hold]]
+    train, hold = split_by_digest(sorted(maps.digests), cfg.holdout_fraction)
+    out = scratch_dir(ctx)
     prog = Progress("train vqvae", ctx.log)
-    model, metrics, history = train_vqvae(
-        train_maps, cfg, device=ctx.cfg.run.device, progress=prog, holdout=hold_maps
-    )
+    metrics = vqvae_fit.train_vqvae(
+        maps.stack(train), maps.stack(hold), cfg, out, device=ctx.cfg.run.device, progress=prog,
+        parents={n: r.key for n, r in ctx.upstream.items()},
+    )  # fmt: skip
     prog.close()
-    model.save_pretrained(ctx.writer.staging)
-    ctx.writer.write_json("history.json", history)
+    figures = publish_training(ctx, out, model_prefix="")
     ctx.writer.write_json("split.json", {"train": train, "holdout": hold})
-    figures = {}
+    history = [{k: r[k] for k in ("step", *CURVE_TERMS)} for r in read_history(out / HISTORY)]
     with ctx.writer.atomic("loss_curve.png") as f:
         viz.loss_curves(history, f, title="VQ-VAE training")
     figures["VQ-VAE training loss"] = "loss_curve.png"
-    sources = load_sources(ctx)
-    images = {r.digest: r for r in sources.depth_images()}
+    images = {r.digest: r for r in load_sources(ctx).depth_images()}
     shown = [d for d in hold if images.get(d) is not None][:FIGURE_ROWS]
     if shown:
-        tok = DepthTokenizer(model)
-        teacher = np.stack([maps.get(d) for d in shown])
-        recon = tok.decode(tok.encode(_resize(teacher, cfg.input_size))).detach().cpu().numpy()
+        tok = DepthTokenizer.from_pretrained(out / FINAL, device=ctx.cfg.run.device)
+        teacher = maps.stack(shown)
+        recon = tok.decode(tok.encode(teacher)).cpu().numpy()
         rows = []
         for d, t, r in zip(shown, teacher, recon):
             true = np.load(images[d].depth_path) if images[d].depth_path else None
@@ -59,20 +56,10 @@ def vqvae(ctx: StageContext) -> StageOutput:
     return StageOutput(metrics=metrics, figures=figures)
 
 
-def _resize(maps: np.ndarray, size: int) -> np.ndarray:
-    if maps.shape[-1] == size:
-        return maps
-    import torch
-    import torch.nn.functional as F
-
-    t = torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32))[:, None]
-    return F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)[:, 0].numpy()
-
-
 # ---- tokenize_depth -----------------------------------------------------------------------------
 
 
-def tokenize(ctx: StageContext) -> StageOutput:
+def tokenize_depth(ctx: StageContext) -> StageOutput:
     cfg = ctx.cfg.vqvae
     maps = DepthMaps(ctx.upstream_dir("teacher_depth"))
     tok = DepthTokenizer.from_pretrained(ctx.upstream_dir("train_vqvae"), device=ctx.cfg.run.device)
@@ -80,21 +67,18 @@ def tokenize(ctx: StageContext) -> StageOutput:
     out = np.zeros((len(digests), cfg.num_tokens), dtype=np.int32)
     prog = Progress("tokenize depth", ctx.log)
     for i, (ds, batch) in enumerate(maps.batches(digests, 256)):
-        idx = tok.encode(_resize(batch, cfg.input_size)).cpu().numpy()
-        out[i * 256 : i * 256 + len(ds)] = idx
+        out[i * 256 : i * 256 + len(ds)] = tok.encode(batch).cpu().numpy()
         prog(min((i + 1) * 256, len(digests)), len(digests))
     prog.close()
     with ctx.writer.atomic("tokens.npy") as f:
         np.save(f, out)
     ctx.writer.write_json("digests.json", digests)
-    counts = np.bincount(out.ravel(), minlength=cfg.codebook_size)
-    p = counts / max(counts.sum(), 1)
-    nz = p[p > 0]
+    stats = code_statistics(torch.from_numpy(out), cfg.codebook_size)
     metrics = {
         "images": len(digests),
         "tokens_per_image": cfg.num_tokens,
-        "code_usage": float((counts > 0).mean()),
-        "perplexity": float(np.exp(-(nz * np.log(nz)).sum())),
+        "code_usage": stats["usage"],
+        "perplexity": stats["perplexity"],
         "tokens_sha256": hashlib.sha256(out.tobytes()).hexdigest()[:16],
     }
     return StageOutput(metrics=metrics)
@@ -104,13 +88,13 @@ TRAIN_VQVAE = StageSpec(
     name="train_vqvae",
     upstream=("sources", "teacher_depth"),
     sections=("vqvae",),
-    body=vqvae,
+    body=train_vqvae,
     description="VQ-VAE depth codebook (10x10 grid of K codes) trained on the teacher maps",
 )
 TOKENIZE_DEPTH = StageSpec(
     name="tokenize_depth",
     upstream=("teacher_depth", "train_vqvae"),
     sections=("vqvae.grid", "vqvae.input_size"),
-    body=tokenize,
+    body=tokenize_depth,
     description="100 depth-code indices per image",
 )

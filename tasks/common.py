@@ -38,9 +38,10 @@ def scratch_dir(ctx: StageContext) -> Path:
     return p
 
 
-def publish_training(ctx: StageContext, out: Path) -> dict[str, str]:
-    """Copy a training run's final model, history and loss curves into the artifact."""
-    ctx.writer.add_tree(out / "model", "model")
+def publish_training(ctx: StageContext, out: Path, model_prefix: str = "model") -> dict[str, str]:
+    """Copy a training run's final model (into ``model_prefix`` of the artifact; "" for its top, where
+    a saved model is read as a released one is), history and loss curves into the artifact."""
+    ctx.writer.add_tree(out / "model", model_prefix)
     for name in ("history.jsonl", "metrics.json"):
         if (out / name).exists():
             ctx.writer.add_file(out / name, name)

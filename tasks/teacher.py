@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
 
-from perceptio_core.evaluation import viz
 from perceptio_core.config import PerceptioConfig
-from perceptio_core.depth.maps import DepthMaps, chunk_plan, done_chunks, write_chunk
-from perceptio_core.depth.metrics import teacher_vs_true_metrics
-from perceptio_core.depth.teacher import fit_teacher, load_teacher, predict_depth
-from perceptio_core.data.records import ImageRecord, QuarantineEntry
+from perceptio_core.data.records import QuarantineEntry
+from perceptio_core.depth.maps import DepthMaps
+from perceptio_core.depth.metrics import teacher_scores
+from perceptio_core.depth.teacher import write_teacher_maps
+from perceptio_core.evaluation import viz
+from perceptio_core.training import teacher_fit
 from storage import code_digest
-from tasks.common import load_sources
+from tasks.common import load_sources, publish_training, scratch_dir
 from tasks.progress import Progress
 from tasks.runner import StageContext, StageOutput, StageSpec
 
@@ -31,26 +31,22 @@ def _teacher_dir(ctx: StageContext) -> str:
 # ---- fit_teacher --------------------------------------------------------------------------------
 
 
-def fit(ctx: StageContext) -> StageOutput:
-    sources = load_sources(ctx)
-    images = [r for r in sources.depth_images() if r.depth_path]
+def fit_teacher(ctx: StageContext) -> StageOutput:
+    images = [r for r in load_sources(ctx).depth_images() if r.depth_path]
     if not images:
         raise RuntimeError(
             "fit_teacher: the data has no true depth to fit a teacher on; set teacher.checkpoint to a "
             "Depth Anything V2 checkpoint (a local directory or a hub id)"
         )
-    scratch = ctx.run.workdir / "cache" / f"fit_teacher-{ctx.key}"
-    shutil.rmtree(scratch, ignore_errors=True)
+    out = scratch_dir(ctx)
     prog = Progress("fit teacher", ctx.log)
-    metrics = fit_teacher(
-        images, ctx.cfg.teacher.fit, ctx.cfg.teacher.input_size, scratch,
-        device=ctx.cfg.run.device, progress=prog, map_size=ctx.cfg.teacher.map_size,
-    )
+    metrics = teacher_fit.fit_teacher(
+        images, ctx.cfg.teacher.fit, ctx.cfg.teacher.input_size, out, device=ctx.cfg.run.device,
+        progress=prog, map_size=ctx.cfg.teacher.map_size, parents={n: r.key for n, r in ctx.upstream.items()},
+    )  # fmt: skip
     prog.close()
-    for p in sorted(scratch.iterdir()):
-        ctx.writer.add_file(p, p.name)
-    shutil.rmtree(scratch, ignore_errors=True)
-    return StageOutput(metrics=metrics)
+    figures = publish_training(ctx, out, model_prefix="")
+    return StageOutput(metrics=metrics, figures=figures)
 
 
 def _checkpoint_fingerprint(cfg: PerceptioConfig, workdir: Path) -> str:
@@ -71,54 +67,33 @@ def _checkpoint_fingerprint(cfg: PerceptioConfig, workdir: Path) -> str:
 
 
 def teacher_depth(ctx: StageContext) -> StageOutput:
-    cfg = ctx.cfg.teacher
-    sources = load_sources(ctx)
-    images = {r.digest: r for r in sources.depth_images()}
-    plan = chunk_plan(list(images), cfg.chunk_size)
-    done = done_chunks(ctx.writer.staging)
-    todo = [i for i in range(len(plan)) if i not in done]
-    ctx.log.info(
-        "teacher_depth: %d images in %d chunks, %d already done%s", len(images), len(plan),
-        len(done), " (resuming)" if done else "",
-    )
-    if todo:
-        model, processor = load_teacher(_teacher_dir(ctx), device=ctx.cfg.run.device)
-        prog = Progress("teacher depth", ctx.log)
-        total = sum(len(plan[i]) for i in todo)
-        finished = 0
-        for ci in todo:
-            digests = plan[ci]
-            paths = [images[d].path for d in digests]
-            ok_d, maps, ranges, errors = [], [], [], {}
-            for r in predict_depth(
-                model, processor, paths, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                device=ctx.cfg.run.device, precision=cfg.precision, map_size=cfg.map_size,
-            ):
-                d = digests[r.index]
-                if r.error is not None:
-                    errors[d] = r.error
-                else:
-                    ok_d.append(d)
-                    maps.append(r.map)
-                    ranges.append((r.raw_min, r.raw_max))
-            arr = np.stack(maps) if maps else np.zeros((0, cfg.map_size, cfg.map_size), np.float32)
-            write_chunk(ctx.writer.staging, ci, ok_d, arr, ranges, errors, ctx.writer.atomic)
-            finished += len(digests)
-            prog(finished, total, {"chunk": float(ci)})
-        prog.close()
+    images = {r.digest: r for r in load_sources(ctx).depth_images()}
+    prog = Progress("teacher depth", ctx.log)
+    run = write_teacher_maps(
+        _teacher_dir(ctx), {d: r.path for d, r in images.items()}, ctx.writer.staging, ctx.writer.atomic,
+        ctx.cfg.teacher, device=ctx.cfg.run.device, progress=prog,
+    )  # fmt: skip
+    prog.close()
     maps = DepthMaps(ctx.writer.staging)
+    ctx.log.info(
+        "teacher_depth: %d maps of %d images in %d chunks, %d of them from an earlier run",
+        len(maps), len(images), run["chunks"], run["resumed_chunks"],
+    )  # fmt: skip
     quarantine = [
         QuarantineEntry("teacher_depth", f"image {d[:12]} ({images[d].file_name})", reason)
         for d, reason in sorted(maps.errors.items())
     ]
-    metrics = {"images": len(maps), "chunks": len(plan), "resumed_chunks": len(done)}
-    metrics.update(_score_teacher(maps, images))
+    scored = [d for d in sorted(maps.digests) if images.get(d) and images[d].depth_path][:METRIC_IMAGES]
+    metrics: dict[str, float] = {"images": len(maps), **run}
+    if scored:
+        s = teacher_scores((d, maps.get(d), np.load(images[d].depth_path)) for d in scored)
+        metrics.update(absrel_vs_true=s["absrel"], delta1_vs_true=s["delta1"],
+                       pair_order_acc_vs_true=s["pair_order"], scored_images=int(s["images"]))  # fmt: skip
     figures = {}
-    scored = _scored_images(maps, images)[:FIGURE_ROWS]
     if scored:
         rows = [
             (np.asarray(viz.load_rgb(images[d].path)), np.load(images[d].depth_path), maps.get(d))
-            for d in scored
+            for d in scored[:FIGURE_ROWS]
         ]
         with ctx.writer.atomic("teacher_depth.png") as f:
             viz.depth_grid(rows, ["image", "true depth", "teacher (rel. inverse depth)"], f, metric_columns=[1])
@@ -126,31 +101,11 @@ def teacher_depth(ctx: StageContext) -> StageOutput:
     return StageOutput(metrics=metrics, quarantine=quarantine, figures=figures)
 
 
-def _scored_images(maps: DepthMaps, images: dict[str, ImageRecord]) -> list[str]:
-    return [d for d in sorted(maps.digests) if images.get(d) and images[d].depth_path][:METRIC_IMAGES]
-
-
-def _score_teacher(maps: DepthMaps, images: dict[str, ImageRecord]) -> dict[str, float]:
-    """``absrel_vs_true`` and ``pair_order_acc_vs_true`` over images that have true depth."""
-    rows = []
-    for d in _scored_images(maps, images):
-        true = np.load(images[d].depth_path)
-        rows.append(teacher_vs_true_metrics(maps.get(d), true, seed=int(d[:6], 16)))
-    if not rows:
-        return {}
-    return {
-        "absrel_vs_true": float(np.mean([r["absrel"] for r in rows])),
-        "delta1_vs_true": float(np.mean([r["delta1"] for r in rows])),
-        "pair_order_acc_vs_true": float(np.mean([r["pair_order"] for r in rows])),
-        "scored_images": len(rows),
-    }
-
-
 FIT_TEACHER = StageSpec(
     name="fit_teacher",
     upstream=("sources",),
     sections=("teacher.fit", "teacher.input_size", "teacher.map_size"),
-    body=fit,
+    body=fit_teacher,
     description="fit a small Depth Anything V2 on the world's true depth (offline default)",
     enabled=lambda cfg: not cfg.teacher.checkpoint,
 )

@@ -63,12 +63,6 @@ def image_digest(path: str | os.PathLike[str]) -> str:
         raise MissingImageError(path, "missing image") from e
 
 
-def holdout_by_digest(digest: str, fraction: float) -> bool:
-    """A stable, seedless split of images by their sha256 ``digest``: True for about ``fraction``
-    of them (the first 32 bits read as a number in [0, 1))."""
-    return int(digest[:8], 16) / 0xFFFFFFFF < fraction
-
-
 def decode_image_bytes(data: bytes, path: str | os.PathLike[str]) -> tuple[Image.Image, str]:
     """Verify and fully decode image bytes; returns (loaded image, format). ``path`` only names
     the image in the :class:`CorruptImageError` raised when the bytes are not a complete image."""

@@ -4,8 +4,9 @@ A folder of chunks ``maps-%06d.npy`` ([n, S, S] float16, per-image min-max norma
 in [0, 1], larger = nearer) with a sidecar ``maps-%06d.json`` (the chunk's image digests, the raw
 range each normalisation removed, and the images that failed with their reason). The sidecar is
 written after its array, each through an atomic rename, so a chunk whose sidecar exists is whole: a
-killed run resumes at the first chunk without one. Reading is lazy (memory-mapped), so a corpus of
-any size is never loaded whole.
+killed run resumes at the first chunk without one (:func:`perceptio_core.depth.teacher.write_teacher_maps`
+runs the teacher over a corpus that way). Reading is lazy (memory-mapped), so a corpus of any size is
+never loaded whole.
 """
 
 from __future__ import annotations
@@ -124,7 +125,14 @@ class DepthMaps:
             (0, self.map_size, self.map_size), np.float32
         )
 
+    def stack(self, digests: Sequence[str]) -> np.ndarray:
+        """The maps of ``digests``, in that order: float32 [n, S, S]."""
+        if not digests:
+            return np.zeros((0, self.map_size, self.map_size), np.float32)
+        return np.stack([self.get(d) for d in digests])
+
     def batches(self, digests: Sequence[str], batch_size: int) -> Iterator[tuple[list[str], np.ndarray]]:
+        """``(digests, maps [n, S, S] float32)`` of ``digests`` in order, ``batch_size`` at a time."""
         for i in range(0, len(digests), batch_size):
             ds = list(digests[i : i + batch_size])
             yield ds, np.stack([self.get(d) for d in ds])

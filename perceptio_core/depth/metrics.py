@@ -12,6 +12,9 @@ taken against the true depth. Pair-order accuracy needs no alignment: the share 
 pairs, among those whose true depths differ by at least ``min_rel_diff`` relatively, that the
 prediction puts in the right order (teacher disparity descending = depth ascending).
 
+:func:`teacher_scores` averages it over a set of images: the one way a teacher is scored, at the
+end of its fit and over the stored maps of the ``teacher_depth`` stage.
+
 Reconstructed vs teacher maps (:func:`map_metrics`). Stored maps are the teacher's disparity,
 min-max normalised per image to [0, 1], so 0 (the farthest pixel) has no meaningful ratio. A [0, 1]
 map ``m`` is read as the disparity ``m + eps`` of a scene whose far-to-near depth ratio is
@@ -24,6 +27,8 @@ All functions take numpy arrays (torch tensors are converted) and return Python 
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -139,13 +144,20 @@ def pair_order_accuracy(
     return float(np.mean(true_sign == pred_sign))
 
 
-def resize_map(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize of a [H, W] float map to ``size = (h, w)`` (half-pixel centres)."""
-    a = np.asarray(x, dtype=np.float32)
-    if a.shape == tuple(size):
+def resize_map(x: np.ndarray | torch.Tensor, size: int | tuple[int, int]) -> np.ndarray:
+    """Bilinear resize (half-pixel centres, ``F.interpolate(align_corners=False)``) of float maps
+    [..., H, W] (one map [H, W] or a stack [N, H, W]) to [..., h, w] for ``size = (h, w)`` (an int:
+    square). Returns float32; the input itself (as float32) when it already has that size. The one
+    resize of depth maps: the teacher's maps to the VQ-VAE's input, a map to an image's size."""
+    hw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    a = np.asarray(_np(x), dtype=np.float32)
+    if a.ndim < 2:
+        raise ValueError(f"resize_map: maps must be [..., H, W], got {a.shape}")
+    if a.shape[-2:] == hw:
         return a
-    t = torch.from_numpy(np.ascontiguousarray(a))[None, None]
-    return F.interpolate(t, size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
+    t = torch.from_numpy(np.ascontiguousarray(a)).reshape(-1, 1, *a.shape[-2:])
+    out = F.interpolate(t, size=hw, mode="bilinear", align_corners=False)  # [n, 1, h, w]
+    return out.reshape(*a.shape[:-2], *hw).numpy()
 
 
 def teacher_vs_true_metrics(
@@ -182,6 +194,28 @@ def teacher_vs_true_metrics(
         "scale": s,
         "shift": t,
     }
+
+
+def digest_seed(digest: str) -> int:
+    """The seed of an image's random pixel pairs: its digest's first 24 bits, so an image is scored
+    on the same pairs whoever scores it."""
+    return int(digest[:6], 16)
+
+
+def teacher_scores(items: Iterable[tuple[str, np.ndarray, np.ndarray]]) -> dict[str, float]:
+    """A teacher scored against true depth: :func:`teacher_vs_true_metrics` averaged over images.
+
+    items: ``(digest, teacher map [h, w], true depth [H, W])`` per image; the pair-order sample of an
+        image is seeded by :func:`digest_seed`.
+    Returns ``{"absrel", "delta1", "pair_order"}`` (means over the images where each is defined;
+    ``nan`` with none) and ``"images"`` (how many were scored).
+    """
+    rows = [teacher_vs_true_metrics(m, true, seed=digest_seed(d)) for d, m, true in items]
+    out: dict[str, float] = {"images": float(len(rows))}
+    for key in ("absrel", "delta1", "pair_order"):
+        vals = [r[key] for r in rows if not np.isnan(r[key])]
+        out[key] = float(np.mean(vals)) if vals else float("nan")
+    return out
 
 
 def map_metrics(

@@ -1,30 +1,19 @@
-"""The depth teacher (SPEC §2): Depth Anything V2 through transformers, fitted offline or released.
-
-Three things live here.
+"""The depth teacher (SPEC §2): Depth Anything V2 through transformers, released or fitted offline.
 
 * :func:`build_teacher_config` / :func:`build_teacher_processor`: a small Depth Anything V2 (DINOv2
   backbone, DPT neck and head, ``depth_estimation_type="relative"``) and the ``DPTImageProcessor``
   settings the released checkpoints use (ImageNet mean/std, bicubic, multiple of 14; square resize).
-* :func:`fit_teacher`: trains that model on images with true depth, as MiDaS and Depth Anything train
-  relative models: on inverse depth (disparity), with the scale-and-shift-invariant loss (the
-  prediction aligned to the target per image by a least-squares scale and shift, then L1 in units
-  of the target's mean absolute deviation) plus the multi-scale gradient-matching term; AdamW,
-  warm-up then cosine. The result is saved with ``save_pretrained`` (``config.json`` +
-  ``model.safetensors`` + ``preprocessor_config.json``).
+  :mod:`perceptio_core.training.teacher_fit` fits that model on the world's true depth.
 * :func:`load_teacher` and :func:`predict_depth`: ``from_pretrained`` from a local directory or a hub
   id, the same code path for our fitted directory and ``depth-anything/Depth-Anything-V2-Small-hf``;
   batched inference through a ``DataLoader`` giving one :class:`DepthResult` per image: the relative
   output (inverse depth, larger = nearer), resized to ``map_size`` x ``map_size`` and min-max
   normalised per image to [0, 1], with the raw range recorded. A bad image or a non-finite map
   yields ``error`` set, never an exception.
-
-A plain least-squares alignment may take a negative scale and so reward a prediction ordered the
-wrong way round (depth instead of disparity; we saw it happen on a few images per run). An image
-whose fitted scale is not positive is aligned by its median and mean absolute deviation instead
-(Depth Anything's affine-invariant normalisation, positive scale by construction), which turns it
-round (:func:`align_positive`). We use least squares rather than the median/MAD normalisation
-alone because it fits faster (16 synthetic scenes overfitted for 200 steps: AbsRel 0.10 against
-0.19) and it is the alignment the evaluation uses (:mod:`perceptio_core.depth.metrics`).
+* :func:`write_teacher_maps`: every image's map into the durable chunks of
+  :mod:`perceptio_core.depth.maps`, resuming at the first missing chunk;
+  :func:`evaluate_teacher`: a teacher's maps scored against true depth
+  (:func:`perceptio_core.depth.metrics.teacher_scores`, the one scoring of a teacher).
 """
 
 from __future__ import annotations
@@ -35,7 +24,7 @@ import queue
 import re
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,10 +43,11 @@ from transformers import (
 )
 from transformers.models.dpt.image_processing_pil_dpt import DPTImageProcessorPil
 
-from perceptio_core.config import TeacherFitConfig
-from perceptio_core.depth.metrics import teacher_vs_true_metrics
-from perceptio_core.device import ProgressFn, autocast, resolve_device, seed_everything, synchronize
+from perceptio_core.config import TeacherConfig, TeacherFitConfig
 from perceptio_core.data.records import ImageRecord
+from perceptio_core.depth.maps import chunk_plan, done_chunks, write_chunk
+from perceptio_core.depth.metrics import teacher_scores
+from perceptio_core.device import ProgressFn, autocast, resolve_device, synchronize
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -472,113 +462,62 @@ def bare_forward_throughput(
 
 
 # --------------------------------------------------------------------------------------------
-# Fitting
+# Over a corpus
 # --------------------------------------------------------------------------------------------
 
 
-def _median_mad(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-image median and mean absolute deviation over ``mask``. x, mask: [B, H, W] -> [B, 1, 1] x2."""
-    flat = x.flatten(1).masked_fill(~mask.flatten(1), float("nan"))
-    med = flat.nanmedian(dim=1).values.nan_to_num(0.0)[:, None, None]
-    n = mask.flatten(1).sum(1).clamp_min(1)[:, None, None]
-    mad = ((x - med).abs() * mask).flatten(1).sum(1)[:, None, None] / n
-    return med, mad.clamp_min(1e-8)
+def write_teacher_maps(
+    checkpoint: str,
+    image_paths: Mapping[str, str],
+    folder: str | os.PathLike[str],
+    atomic_writer: Callable[[str, str], Any],
+    cfg: TeacherConfig,
+    *,
+    device: str | torch.device = "auto",
+    progress: ProgressFn | None = None,
+) -> dict[str, int]:
+    """The teacher's map of every image, into the chunks of ``folder`` (:mod:`perceptio_core.depth.maps`).
 
-
-def align_positive(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per-image affine alignment of ``pred`` to ``target`` with a positive scale. [B, H, W] -> [B, H, W].
-
-    The least-squares scale and shift over ``mask`` where the fitted scale is positive; elsewhere
-    (a prediction ordered the wrong way round) the median/MAD alignment
-    ``(pred - med_p) / mad_p * mad_t + med_t``, whose scale is positive by construction, so the loss
-    turns the prediction round instead of rewarding an inverted one.
+    image_paths: image digest -> image file. The digests are split by
+        :func:`~perceptio_core.depth.maps.chunk_plan` into chunks of ``cfg.chunk_size``; a chunk whose
+        sidecar is already in ``folder`` is kept (a killed run resumes at the first missing one).
+    The teacher is loaded (:func:`load_teacher` of ``checkpoint``) only when a chunk is missing; each
+    missing chunk is predicted by :func:`predict_depth` (``cfg.batch_size``, ``num_workers``,
+    ``precision``, ``map_size``) and written by :func:`~perceptio_core.depth.maps.write_chunk` through
+    ``atomic_writer(name, mode)``: maps [n, map_size, map_size] of the images that succeeded, and
+    the failed ones with their reason. ``progress(images done, images to do)`` after each chunk.
+    Returns ``{"chunks": chunks in the plan, "resumed_chunks": chunks found already written}``.
     """
-    mf = mask.float()
-    n = mf.sum((1, 2)).clamp_min(1)
-    pm = (pred * mf).sum((1, 2)) / n  # [B]
-    tm = (target * mf).sum((1, 2)) / n
-    pc = (pred - pm[:, None, None]) * mf
-    tc = (target - tm[:, None, None]) * mf
-    scale = (pc * tc).sum((1, 2)) / (pc * pc).sum((1, 2)).clamp_min(1e-12)
-    shift = tm - scale * pm
-    lsq = scale[:, None, None] * pred + shift[:, None, None]
-    med_p, mad_p = _median_mad(pred, mask)
-    med_t, mad_t = _median_mad(target, mask)
-    robust = (pred - med_p) / mad_p * mad_t + med_t
-    return torch.where((scale > 0)[:, None, None], lsq, robust)
-
-
-def ssi_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale-and-shift-invariant L1 on disparity (MiDaS / Depth Anything).
-
-    pred, target: [B, H, W] disparities (any affine scale); mask: [B, H, W] bool valid pixels.
-    ``pred`` is aligned to ``target`` per image (:func:`align_positive`) and the residual is measured
-    in units of the target's mean absolute deviation, so every image weighs alike whatever its depth
-    range. Returns ``(loss, residual)``: the masked mean of ``|residual|`` and ``residual`` [B, H, W]
-    (zero outside ``mask``) for :func:`gradient_matching_loss`.
-    """
-    _, mad_t = _median_mad(target, mask)
-    residual = (align_positive(pred, target, mask) - target) / mad_t * mask
-    return residual.abs().sum() / mask.sum().clamp_min(1), residual
-
-
-def gradient_matching_loss(residual: torch.Tensor, mask: torch.Tensor, scales: int = 4) -> torch.Tensor:
-    """MiDaS multi-scale gradient matching: mean |d/dx r| + |d/dy r| of the normalised residual
-    ``r`` [B, H, W] at ``scales`` subsamplings (1, 2, 4, ...), over pixel pairs both valid."""
-    total = residual.new_zeros(())
-    for k in range(scales):
-        step = 2**k
-        r, m = residual[:, ::step, ::step], mask[:, ::step, ::step].float()
-        mx = m[:, :, 1:] * m[:, :, :-1]
-        my = m[:, 1:, :] * m[:, :-1, :]
-        gx = ((r[:, :, 1:] - r[:, :, :-1]).abs() * mx).sum()
-        gy = ((r[:, 1:, :] - r[:, :-1, :]).abs() * my).sum()
-        total = total + (gx + gy) / (mx.sum() + my.sum()).clamp_min(1)
-    return total / scales
-
-
-def _load_fit_data(
-    images: Sequence[ImageRecord], processor: Any, input_size: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pixel values [N, 3, S, S] through the processor, true disparity [N, S, S] (bilinear on 1/depth)
-    and its valid mask [N, S, S] (true depth finite and > 0)."""
-    pixels, disps, masks = [], [], []
-    for rec in images:
-        if not rec.depth_path:
-            raise ValueError(f"fit_teacher: image {rec.file_name!r} ({rec.source}) has no true depth")
-        with Image.open(rec.path) as im:
-            pixels.append(processor(images=im.convert("RGB"), return_tensors="pt")["pixel_values"][0])
-        depth = np.load(rec.depth_path).astype(np.float32)
-        if depth.ndim != 2:
-            raise ValueError(f"fit_teacher: depth {rec.depth_path!r} is not a 2-D array ({depth.shape})")
-        valid = np.isfinite(depth) & (depth > 0)
-        disp = np.where(valid, 1.0 / np.where(valid, depth, 1.0), 0.0).astype(np.float32)
-        d = torch.from_numpy(disp)[None, None]
-        v = torch.from_numpy(valid.astype(np.float32))[None, None]
-        d = F.interpolate(d, size=(input_size, input_size), mode="bilinear", align_corners=False)[0, 0]
-        v = F.interpolate(v, size=(input_size, input_size), mode="nearest")[0, 0]
-        disps.append(d)
-        masks.append(v > 0.5)
-    return torch.stack(pixels), torch.stack(disps), torch.stack(masks)
-
-
-def split_holdout(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Deterministic ``(train, holdout)`` index lists: a seeded permutation, the first
-    ``round(n * fraction)`` (at least 1 when ``fraction > 0`` and ``n >= 2``) held out."""
-    if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"holdout fraction must be in [0, 1), got {fraction}")
-    k = int(round(n * fraction))
-    if fraction > 0 and n >= 2:
-        k = max(k, 1)
-    perm = np.random.default_rng(seed).permutation(n).tolist()
-    return sorted(perm[k:]), sorted(perm[:k])
-
-
-def _lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    t = (step - warmup) / max(1, steps - warmup)
-    return lr * 0.5 * (1.0 + math.cos(math.pi * t))
+    plan = chunk_plan(list(image_paths), cfg.chunk_size)
+    done = done_chunks(folder)
+    todo = [i for i in range(len(plan)) if i not in done]
+    if todo:
+        model, processor = load_teacher(checkpoint, device=device)
+        total = sum(len(plan[i]) for i in todo)
+        finished = 0
+        for ci in todo:
+            digests = plan[ci]
+            ok: list[str] = []
+            maps: list[np.ndarray] = []
+            ranges: list[tuple[float, float]] = []
+            errors: dict[str, str] = {}
+            for r in predict_depth(
+                model, processor, [image_paths[d] for d in digests], batch_size=cfg.batch_size,
+                num_workers=cfg.num_workers, device=device, precision=cfg.precision, map_size=cfg.map_size,
+            ):  # fmt: skip
+                d = digests[r.index]
+                if r.error is not None or r.map is None:
+                    errors[d] = r.error or "no map"
+                else:
+                    ok.append(d)
+                    maps.append(r.map)
+                    ranges.append((r.raw_min, r.raw_max))
+            arr = np.stack(maps) if maps else np.zeros((0, cfg.map_size, cfg.map_size), np.float32)
+            write_chunk(folder, ci, ok, arr, ranges, errors, atomic_writer)
+            finished += len(digests)
+            if progress is not None:
+                progress(finished, total, {"chunk": float(ci)})
+    return {"chunks": len(plan), "resumed_chunks": len(plan) - len(todo)}
 
 
 def evaluate_teacher(
@@ -589,126 +528,24 @@ def evaluate_teacher(
     map_size: int,
     device: str | torch.device = "cpu",
     batch_size: int = 16,
-    seed: int = 0,
 ) -> dict[str, float]:
-    """Mean :func:`teacher_vs_true_metrics` over ``images`` (with ``depth_path``) through
-    :func:`predict_depth`: ``{"absrel", "delta1", "pair_order", "images", "errors"}``."""
-    rows: list[dict[str, float]] = []
+    """A teacher scored against true depth: its maps of ``images`` (records with ``depth_path`` and
+    ``digest``) through :func:`predict_depth` in fp32 at ``map_size``, scored by
+    :func:`~perceptio_core.depth.metrics.teacher_scores`. Returns ``{"absrel", "delta1",
+    "pair_order", "images", "errors"}`` (``errors``: images without a map)."""
+    for rec in images:
+        if not rec.depth_path or not rec.digest:
+            raise ValueError(f"evaluate_teacher: image {rec.file_name!r} needs a true depth and a digest")
+    results = predict_depth(
+        model, processor, [r.path for r in images], batch_size=batch_size, device=device, precision="fp32",
+        map_size=map_size,
+    )  # fmt: skip
     errors = 0
-    paths = [r.path for r in images]
-    for res in predict_depth(
-        model, processor, paths, batch_size=batch_size, device=device, precision="fp32", map_size=map_size
-    ):
+    scored: list[tuple[str, np.ndarray, np.ndarray]] = []
+    for res in results:
         if res.error is not None or res.map is None:
             errors += 1
             continue
-        true = np.load(images[res.index].depth_path).astype(np.float32)
-        rows.append(teacher_vs_true_metrics(res.map, true, seed=seed + res.index))
-    out: dict[str, float] = {"images": float(len(rows)), "errors": float(errors)}
-    for key in ("absrel", "delta1", "pair_order"):
-        vals = [r[key] for r in rows if not math.isnan(r[key])]
-        out[key] = float(np.mean(vals)) if vals else math.nan
-    return out
-
-
-def fit_teacher(
-    images: Sequence[ImageRecord],
-    fit_cfg: TeacherFitConfig,
-    input_size: int,
-    out_dir: str | Path,
-    device: str | torch.device = "cpu",
-    progress: ProgressFn | None = None,
-    *,
-    map_size: int | None = None,
-) -> dict[str, float]:
-    """Fit a small Depth Anything V2 on the images' true depth and save it to ``out_dir``.
-
-    images: records with ``path`` (RGB image) and ``depth_path`` (.npy metric depth [H, W]). A seeded
-        ``fit_cfg.holdout_fraction`` of them is kept out of training and only evaluated.
-    Training: ``fit_cfg.steps`` AdamW steps (weight decay ``fit_cfg.weight_decay``, linear warm-up
-        over 5% of the steps then cosine, gradient clipping at 1.0) on batches of
-        ``fit_cfg.batch_size`` random images (horizontally flipped with probability 1/2), loss
-        :func:`ssi_loss` + ``fit_cfg.grad_weight`` x :func:`gradient_matching_loss` on the
-        disparity at ``input_size`` x ``input_size``. Deterministic on CPU for a fixed seed and
-        thread count.
-    Writes ``config.json``, ``model.safetensors`` and ``preprocessor_config.json`` (``save_pretrained``),
-    reloads them through :func:`load_teacher` and evaluates train and held-out images through
-    :func:`predict_depth` at ``map_size`` (default ``input_size``) with
-    :func:`~perceptio_core.depth.metrics.teacher_vs_true_metrics`.
-    Returns metrics: ``loss`` (mean of the last 10% of steps), ``holdout_absrel`` /
-    ``holdout_delta1`` / ``holdout_pair_order``, ``train_*`` alike, counts, ``params`` and ``fit_seconds``.
-    """
-    if not images:
-        raise ValueError("fit_teacher: no images")
-    dev = resolve_device(device)
-    t_start = time.perf_counter()
-    gen = seed_everything(fit_cfg.seed)
-    config = build_teacher_config(fit_cfg, input_size)
-    processor = build_teacher_processor(input_size, fit_cfg.patch_size)
-    model = DepthAnythingForDepthEstimation(config)
-    # The relative head ends in a ReLU: a random init can leave the whole output at 0 (dead, no
-    # gradient). Starting the last bias at 1 puts every pixel in the ReLU's live range.
-    with torch.no_grad():
-        model.head.conv3.bias.fill_(1.0)
-    model.to(dev).train()
-
-    train_idx, hold_idx = split_holdout(len(images), fit_cfg.holdout_fraction, fit_cfg.seed)
-    train_recs = [images[i] for i in train_idx]
-    hold_recs = [images[i] for i in hold_idx]
-    pixels, disp, valid = _load_fit_data(train_recs, processor, input_size)  # [N,3,S,S], [N,S,S] x2
-
-    opt = torch.optim.AdamW(model.parameters(), lr=fit_cfg.lr, weight_decay=fit_cfg.weight_decay)
-    warmup = max(1, int(0.05 * fit_cfg.steps))
-    n = pixels.shape[0]
-    bs = min(fit_cfg.batch_size, n)
-    losses: list[float] = []
-    order = torch.randperm(n, generator=gen)
-    pos = 0
-    for step in range(fit_cfg.steps):
-        if pos + bs > n:
-            order, pos = torch.randperm(n, generator=gen), 0
-        idx = order[pos : pos + bs]
-        pos += bs
-        x, d, m = pixels[idx], disp[idx], valid[idx]
-        flip = torch.rand(bs, generator=gen) < 0.5
-        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        d = torch.where(flip[:, None, None], d.flip(-1), d)
-        m = torch.where(flip[:, None, None], m.flip(-1), m)
-        x, d, m = x.to(dev), d.to(dev), m.to(dev)
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(step, fit_cfg.steps, fit_cfg.lr, warmup)
-        pred = model(pixel_values=x).predicted_depth  # [B, S, S], relative disparity
-        loss_ssi, residual = ssi_loss(pred, d, m)
-        loss = loss_ssi + fit_cfg.grad_weight * gradient_matching_loss(residual, m)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        losses.append(float(loss.detach()))
-        if progress is not None and (step % 20 == 0 or step == fit_cfg.steps - 1):
-            progress(step + 1, fit_cfg.steps, {"loss": losses[-1], "ssi": float(loss_ssi.detach())})
-    fit_seconds = time.perf_counter() - t_start
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.eval()
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-
-    loaded, loaded_proc = load_teacher(str(out), dev)
-    ms = map_size or input_size
-    metrics: dict[str, float] = {
-        "steps": float(fit_cfg.steps),
-        "loss": float(np.mean(losses[-max(1, len(losses) // 10) :])),
-        "train_images": float(len(train_recs)),
-        "holdout_images": float(len(hold_recs)),
-        "params": float(sum(p.numel() for p in model.parameters())),
-        "fit_seconds": fit_seconds,
-    }
-    evals = [("train", train_recs[: max(len(hold_recs), 32)])]
-    if hold_recs:
-        evals.append(("holdout", hold_recs))
-    for name, recs in evals:
-        ev = evaluate_teacher(loaded, loaded_proc, recs, map_size=ms, device=dev, seed=fit_cfg.seed)
-        metrics.update({f"{name}_{k}": v for k, v in ev.items() if k in ("absrel", "delta1", "pair_order")})
-    return metrics
+        rec = images[res.index]
+        scored.append((rec.digest, res.map, np.load(rec.depth_path)))
+    return {**teacher_scores(scored), "errors": float(errors)}

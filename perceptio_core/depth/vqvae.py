@@ -13,27 +13,28 @@ term returned unweighted (the caller weights it: ``vqvae.commitment``). Decoder:
 AURORA's public depth VQ-VAE is the reference: 320 px, downsampling 32 to 10 x 10 = 100 tokens,
 K = 128, EMA codebook, MSE. Our default world uses 80 px maps (x8). A saved model is ``config.json``
 (the :class:`~perceptio_core.config.VQVAEConfig`) + ``model.safetensors``; loading reads safetensors
-only, never pickle.
+only, never pickle. The fit is :mod:`perceptio_core.training.vqvae_fit`, on the one training loop;
+:func:`prepare_maps`, :func:`reconstruct` and :func:`code_statistics` are what it and the stages
+use to feed maps in and measure the codes that come out.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from perceptio_core.config import VQVAEConfig
-from perceptio_core.depth.metrics import map_metrics
-from perceptio_core.device import ProgressFn, resolve_device, seed_everything
+from perceptio_core.depth.metrics import resize_map
+from perceptio_core.device import resolve_device
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -42,6 +43,22 @@ WEIGHTS_NAME = "model.safetensors"
 # --------------------------------------------------------------------------------------------
 # Quantiser
 # --------------------------------------------------------------------------------------------
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _all_reduce_sum(t: torch.Tensor) -> None:
+    """Sum ``t`` over the processes of a distributed run, in place (nothing in one process)."""
+    if _distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+
+
+def _broadcast(t: torch.Tensor) -> None:
+    """Process 0's ``t`` into every process, in place (nothing in one process)."""
+    if _distributed():
+        dist.broadcast(t, src=0)
 
 
 class EMAVectorQuantizer(nn.Module):
@@ -54,6 +71,10 @@ class EMAVectorQuantizer(nn.Module):
     ``embed = embed_avg / cluster_size`` (Laplace-smoothed), and restarts every code whose EMA
     cluster size fell below ``dead_code_threshold`` at a random encoder output of the batch. In eval
     mode nothing moves.
+
+    Under several processes (``torch.distributed`` initialised) the assignment counts and sums are
+    summed over the processes before the EMA step, so every process moves the codebook as one
+    process would on the global batch; the initial and restarted codes are process 0's.
     """
 
     def __init__(
@@ -79,6 +100,7 @@ class EMAVectorQuantizer(nn.Module):
     def _init_from(self, flat: torch.Tensor) -> None:
         idx = torch.randint(0, flat.shape[0], (self.codebook_size,), device=flat.device)
         self.embed.copy_(flat[idx])
+        _broadcast(self.embed)
         self.cluster_size.fill_(max(self.threshold, 1.0))
         self.embed_avg.copy_(self.embed * self.cluster_size[:, None])
         self.initted.fill_(True)
@@ -88,6 +110,8 @@ class EMAVectorQuantizer(nn.Module):
         flat = flat.to(self.embed.dtype)
         counts = torch.bincount(indices, minlength=self.codebook_size).to(flat.dtype)  # [K]
         sums = torch.zeros_like(self.embed).index_add_(0, indices, flat)  # [K, D]
+        _all_reduce_sum(counts)
+        _all_reduce_sum(sums)
         self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
         self.embed_avg.mul_(self.decay).add_(sums, alpha=1 - self.decay)
         n = self.cluster_size.sum()
@@ -98,6 +122,7 @@ class EMAVectorQuantizer(nn.Module):
         if n_dead:
             pick = torch.randint(0, flat.shape[0], (n_dead,), device=flat.device)
             self.embed[dead] = flat[pick]
+            _broadcast(self.embed)
             self.cluster_size[dead] = max(self.threshold, 1.0)
             self.embed_avg[dead] = self.embed[dead] * self.cluster_size[dead][:, None]
             self.restarts += n_dead
@@ -126,7 +151,7 @@ class EMAVectorQuantizer(nn.Module):
         if self.training:
             self._ema_update(flat.detach(), indices)
         aux = F.mse_loss(zf, q.detach())
-        quantized = zf + (q - zf).detach()
+        quantized = q + (zf - zf.detach())  # the value is exactly q, the gradient reaches z unchanged
         return quantized.to(z.dtype), indices.view(b, h, w), aux
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
@@ -311,28 +336,28 @@ class VQVAE(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
-# Training
+# Maps in, codes out
 # --------------------------------------------------------------------------------------------
 
 
-def _as_maps(maps: np.ndarray | torch.Tensor, size: int) -> torch.Tensor:
-    """[N, H, W] (or [N, 1, H, W]) in [0, 1] -> float32 tensor [N, 1, size, size] (bilinear resize)."""
-    t = torch.as_tensor(np.asarray(maps) if not isinstance(maps, torch.Tensor) else maps).float()
-    if t.ndim == 3:
-        t = t[:, None]
-    if t.ndim != 4 or t.shape[1] != 1:
-        raise ValueError(f"maps must be [N, H, W] or [N, 1, H, W], got {tuple(t.shape)}")
-    if not torch.isfinite(t).all():
+def prepare_maps(maps: np.ndarray | torch.Tensor, size: int) -> torch.Tensor:
+    """The VQ-VAE's input: maps [N, H, W] (or [N, 1, H, W]) in [0, 1] -> float32 [N, 1, size, size],
+    resized by :func:`~perceptio_core.depth.metrics.resize_map` and clamped to [0, 1]. Raises
+    ``ValueError`` on another shape or a non-finite value."""
+    a = np.asarray(maps.detach().cpu() if isinstance(maps, torch.Tensor) else maps, dtype=np.float32)
+    if a.ndim == 4 and a.shape[1] == 1:
+        a = a[:, 0]
+    if a.ndim != 3:
+        raise ValueError(f"maps must be [N, H, W] or [N, 1, H, W], got {a.shape}")
+    if not np.isfinite(a).all():
         raise ValueError("maps contain NaN or inf")
-    if t.shape[-2:] != (size, size):
-        t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)
-    return t.clamp(0.0, 1.0)
+    return torch.from_numpy(resize_map(a, size)).clamp(0.0, 1.0)[:, None]
 
 
 def code_statistics(indices: torch.Tensor, codebook_size: int) -> dict[str, float]:
     """Code usage (share of the K codes that occur) and perplexity ``exp(entropy)`` of the code
-    histogram of ``indices`` (any shape)."""
-    counts = torch.bincount(indices.flatten().cpu(), minlength=codebook_size).double()
+    histogram of ``indices`` (integer codes in [0, K), any shape)."""
+    counts = torch.bincount(indices.flatten().long().cpu(), minlength=codebook_size).double()
     p = counts / counts.sum().clamp_min(1)
     nz = p[p > 0]
     return {
@@ -354,114 +379,3 @@ def reconstruct(
         recs.append(r.float().cpu())
         idxs.append(idx.cpu())
     return torch.cat(recs), torch.cat(idxs)
-
-
-def _lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    t = (step - warmup) / max(1, steps - warmup)
-    return lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * t)))
-
-
-def train_vqvae(
-    maps: np.ndarray,
-    cfg: VQVAEConfig,
-    device: str | torch.device = "cpu",
-    progress: ProgressFn | None = None,
-    holdout: np.ndarray | None = None,
-) -> tuple[VQVAE, dict[str, float], list[dict[str, float]]]:
-    """Train the depth VQ-VAE on teacher maps.
-
-    maps: [N, H, W] float32 in [0, 1] (resized to ``cfg.input_size`` when H, W differ).
-    holdout: [M, H, W] maps for the metrics; ``None``: a seeded ``cfg.holdout_fraction`` of ``maps`` is
-        held out (never trained on).
-    Training: ``cfg.steps`` AdamW steps on batches of ``cfg.batch_size`` maps (random horizontal flips),
-    loss ``MSE(recon, map) + cfg.commitment * commitment``, EMA codebook (``cfg.ema_decay``) with
-    dead-code restarts (``cfg.dead_code_threshold``), warm-up then cosine to 10% of ``cfg.lr``,
-    gradient clipping at 1.0.
-    Returns ``(model in eval mode, metrics, history)``. metrics: on the held-out maps ``recon_mse``,
-    ``recon_absrel`` and ``delta1`` against the teacher maps
-    (:func:`~perceptio_core.depth.metrics.map_metrics`), ``train_recon_mse`` /
-    ``train_recon_absrel`` / ``train_delta1`` alike on the training maps, ``code_usage`` (share of
-    the K codes used) and ``perplexity`` over train + held-out maps, ``restarts`` (dead codes
-    restarted), ``train_maps``, ``holdout_maps``, ``steps`` and ``train_seconds``.
-    history: one dict per logged step (``step``, ``loss``, ``mse``, ``commit``, ``batch_usage``,
-    ``batch_perplexity``, ``restarts``, ``lr``).
-    """
-    dev = resolve_device(device)
-    t0 = time.perf_counter()
-    gen = seed_everything(cfg.seed)
-    data = _as_maps(maps, cfg.input_size)
-    if holdout is None:
-        n = data.shape[0]
-        k = int(round(n * cfg.holdout_fraction))
-        if cfg.holdout_fraction > 0 and n >= 2:
-            k = max(k, 1)
-        perm = torch.from_numpy(np.random.default_rng(cfg.seed).permutation(n))
-        train, held = data[perm[k:]], data[perm[:k]]
-    else:
-        train, held = data, _as_maps(holdout, cfg.input_size)
-    if train.shape[0] == 0:
-        raise ValueError("train_vqvae: no training maps")
-
-    model = VQVAE(cfg).to(dev).train()
-    params = list(model.encoder.parameters()) + list(model.decoder.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    warmup = max(1, int(0.03 * cfg.steps))
-    bs = min(cfg.batch_size, train.shape[0])
-    history: list[dict[str, float]] = []
-    log_every = max(1, cfg.steps // 30)
-    order, pos = torch.randperm(train.shape[0], generator=gen), 0
-    for step in range(cfg.steps):
-        if pos + bs > train.shape[0]:
-            order, pos = torch.randperm(train.shape[0], generator=gen), 0
-        x = train[order[pos : pos + bs]]
-        pos += bs
-        flip = torch.rand(bs, generator=gen) < 0.5
-        x = torch.where(flip[:, None, None, None], x.flip(-1), x).to(dev)
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(step, cfg.steps, cfg.lr, warmup)
-        recon, idx, commit = model(x)
-        mse = F.mse_loss(recon.float(), x)
-        loss = mse + cfg.commitment * commit
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        if step % log_every == 0 or step == cfg.steps - 1:
-            stats = code_statistics(idx, cfg.codebook_size)
-            row = {
-                "step": float(step + 1),
-                "loss": float(loss.detach()),
-                "mse": float(mse.detach()),
-                "commit": float(commit.detach()),
-                "batch_usage": stats["usage"],
-                "batch_perplexity": stats["perplexity"],
-                "restarts": float(model.quantizer.restarts),
-                "lr": opt.param_groups[0]["lr"],
-            }
-            history.append(row)
-            if progress is not None:
-                progress(step + 1, cfg.steps, row)
-    train_seconds = time.perf_counter() - t0
-    opt.zero_grad(set_to_none=True)
-
-    model.eval()
-    metrics: dict[str, float] = {
-        "train_maps": float(train.shape[0]),
-        "holdout_maps": float(held.shape[0]),
-        "steps": float(cfg.steps),
-        "restarts": float(model.quantizer.restarts),
-        "train_seconds": train_seconds,
-    }
-    names = {"mse": "recon_mse", "absrel": "recon_absrel", "delta1": "delta1"}
-    rec_tr, idx_tr = reconstruct(model, train)
-    metrics.update({f"train_{names[k]}": v for k, v in map_metrics(rec_tr[:, 0], train[:, 0]).items()})
-    all_idx = [idx_tr]
-    if held.shape[0]:
-        rec_ho, idx_ho = reconstruct(model, held)
-        metrics.update({names[k]: v for k, v in map_metrics(rec_ho[:, 0], held[:, 0]).items()})
-        all_idx.append(idx_ho)
-    stats = code_statistics(torch.cat([i.flatten() for i in all_idx]), cfg.codebook_size)
-    metrics.update({"code_usage": stats["usage"], "perplexity": stats["perplexity"]})
-    return model, metrics, history

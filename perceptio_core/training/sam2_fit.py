@@ -55,7 +55,7 @@ from torch.utils.data import Dataset
 
 from perceptio_core.atomic_io import write_bytes, write_json
 from perceptio_core.config import PerceptioConfig, to_dict
-from perceptio_core.data.image_io import holdout_by_digest, load_image
+from perceptio_core.data.image_io import load_image
 from perceptio_core.model.losses import mask_bce_loss, mask_dice_loss
 from perceptio_core.data.masks import resize_nearest
 from perceptio_core.evaluation.metrics import mask_iou
@@ -63,6 +63,7 @@ from perceptio_core.data.records import RefRecord, Sources
 from perceptio_core.data.refer import ann_to_mask
 from perceptio_core.model.sam2_decoder import SAM2Segmenter, build_sam2, sam2_config, sam2_pixel_values, upsample_logits
 from perceptio_core.device import ProgressFn
+from perceptio_core.training.schedule import holdout_by_digest
 from perceptio_core.training.trainer import TrainTask, run_training
 
 CHECKPOINT = "sam2.pt"  # Meta's layout: {"model": state_dict}

@@ -1,5 +1,6 @@
-"""The one training loop (STYLE rule 6; SPEC §4), shared by the ``base`` fit and the ``finetune`` stage,
-in-process (Prefect task) or under ``accelerate launch`` (``flows.train_script``).
+"""The one training loop (STYLE rule 6; SPEC §4), shared by every fit (the depth teacher, the VQ-VAE,
+the ``base`` and SAM2 stand-ins) and the ``finetune`` stage, in-process (Prefect task) or under
+``accelerate launch`` (``flows.train_script``).
 
 A stage describes itself as a :class:`TrainTask` (build the model, the dataset, the collate, the
 loss, how to save the final artefacts); :class:`Trainer` does the rest with explicit steps:
@@ -32,8 +33,9 @@ states and each process's RNG states (Python, numpy, torch, CUDA; dropout draws 
 back through ``accelerator.load_state``; so a resumed run's weights equal an uninterrupted run's.
 
 Checkpoints (``<out>/checkpoints/step-%08d/``, every ``checkpoint_every`` steps and at the end):
-``accelerator.save_state`` into ``.tmp-step-%08d`` (trainable tensors only, as ``model.safetensors``:
-the frozen base is rebuilt from its artifact; optimizer/scheduler/RNG files as accelerate writes
+``accelerator.save_state`` into ``.tmp-step-%08d`` (trainable tensors and the buffers the task names
+in :meth:`TrainTask.trained_buffers` only, as ``model.safetensors``: the frozen base is rebuilt from
+its artifact; optimizer/scheduler/RNG files as accelerate writes
 them, read back with ``torch.load(weights_only=True)``), then ``meta.json`` (step, epoch, data
 position, fingerprint, last metrics), then an atomic rename; the last ``keep_checkpoints`` are kept.
 A directory without ``meta.json`` or still named ``.tmp-*`` is never trusted. Resuming with a
@@ -96,6 +98,10 @@ class TrainTask(ABC):
     ``Accelerator`` exists and the seed is set (so random initialisations agree across processes)."""
 
     name: str = "train"
+    # The learning rate the cosine ends at, as a fraction of the peak (0: SPEC §4's cosine to zero).
+    # A task whose model keeps changing outside the optimizer to the last step (an EMA codebook)
+    # keeps its weights learning with it.
+    final_lr_frac: float = 0.0
 
     @abstractmethod
     def build_model(self) -> nn.Module:
@@ -121,6 +127,12 @@ class TrainTask(ABC):
     def fingerprint(self) -> dict[str, Any]:
         """What a checkpoint must match to be resumed (beyond the loop config and data size)."""
         return {}
+
+    def trained_buffers(self, model: nn.Module) -> list[str]:
+        """Names (as in ``model.named_buffers()``, ``model`` as :meth:`build_model` returned it) of
+        the buffers training moves without the optimizer (an EMA codebook). Checkpoints keep them
+        with the trainable tensors, so a resumed run goes on from their values. Default: none."""
+        return []
 
     def shard_sizes(self) -> Sequence[int] | None:
         """Samples per shard, in dataset order, for shard-local shuffling (None: global shuffle)."""
@@ -321,7 +333,7 @@ class Trainer:
         if no_decay:
             groups.append({"params": no_decay, "weight_decay": 0.0})
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
-        scheduler = build_scheduler(optimizer, cfg.steps, cfg.warmup_frac)
+        scheduler = build_scheduler(optimizer, cfg.steps, cfg.warmup_frac, self.task.final_lr_frac)
 
         self.dataset = self.task.build_dataset()
         self.sampler = EpochSampler(
@@ -372,11 +384,20 @@ class Trainer:
     def global_batch(self) -> int:
         return self.cfg.batch_size * self.cfg.grad_accum * self.accelerator.num_processes
 
-    @staticmethod
-    def _save_trainable_only(models: list[nn.Module], weights: list[dict[str, Any]], output_dir: str) -> None:
-        """save_state pre-hook: keep only trainable tensors in the checkpoint's model.safetensors."""
+    def _checkpointed_names(self, model: nn.Module) -> set[str]:
+        """State-dict keys of ``model`` (as prepared, so DDP's ``module.`` prefix included) a
+        checkpoint keeps: its trainable tensors and the task's trained buffers."""
+        inner = self.accelerator.unwrap_model(model)
+        own = dict(inner.named_buffers())
+        moved = {id(own[n]) for n in self.task.trained_buffers(inner)}
+        names = {n for n, p in model.named_parameters() if p.requires_grad}
+        return names | {n for n, b in model.named_buffers() if id(b) in moved}
+
+    def _save_trainable_only(self, models: list[nn.Module], weights: list[dict[str, Any]], output_dir: str) -> None:
+        """save_state pre-hook: keep only trainable tensors and trained buffers in the checkpoint's
+        model.safetensors."""
         for i, m in enumerate(models):
-            names = {n for n, p in m.named_parameters() if p.requires_grad}
+            names = self._checkpointed_names(m)
             weights[i] = {k: v.contiguous() for k, v in weights[i].items() if k in names}
 
     def fingerprint(self) -> dict[str, Any]:
@@ -389,6 +410,7 @@ class Trainer:
         fp = {
             "task": self.task.name,
             "loop": loop,
+            "final_lr_frac": self.task.final_lr_frac,
             "task_fingerprint": self.task.fingerprint(),
             "dataset_size": len(self.dataset),
             "num_processes": self.accelerator.num_processes,
@@ -435,8 +457,7 @@ class Trainer:
 
         with safe_open(str(ck / "model.safetensors"), framework="pt") as f:
             keys = set(f.keys())
-        names = {n for n, p in self.model.named_parameters() if p.requires_grad}
-        missing = sorted(names - keys)
+        missing = sorted(self._checkpointed_names(self.model) - keys)
         if missing:
             raise ResumeMismatchError(f"{ck} lacks trainable tensors {missing[:3]}...; use a fresh output directory")
 

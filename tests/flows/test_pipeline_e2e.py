@@ -85,8 +85,8 @@ def test_second_run_is_all_cached_then_vqvae_change_reruns_only_downstream(first
     def no_model(*a, **k):
         raise AssertionError("a cached teacher stage must not load or fit a model")
 
-    monkeypatch.setattr(tasks.teacher, "load_teacher", no_model)
-    monkeypatch.setattr(tasks.teacher, "fit_teacher", no_model)
+    monkeypatch.setattr(tasks.teacher, "write_teacher_maps", no_model)
+    monkeypatch.setattr(tasks.teacher.teacher_fit, "fit_teacher", no_model)
     again = _run(wd)
     assert {s: r["status"] for s, r in again["stages"].items()} == {s: "cached" for s in STAGES}
     assert {s: r["key"] for s, r in again["stages"].items()} == {s: r["key"] for s, r in summary["stages"].items()}
@@ -115,7 +115,7 @@ def test_only_needs_its_upstream_in_the_store(tmp_path, capsys):
 KILL_SCRIPT = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
-import tasks.teacher as td
+import perceptio_core.depth.teacher as td
 real = td.write_chunk
 def write_then_die(*a, **k):
     real(*a, **k)

@@ -13,9 +13,11 @@ from perceptio_core.depth.metrics import (
     absrel,
     align_scale_shift,
     delta1,
+    digest_seed,
     map_metrics,
     pair_order_accuracy,
     resize_map,
+    teacher_scores,
     teacher_vs_true_metrics,
 )
 
@@ -104,3 +106,34 @@ def test_map_metrics_by_hand():
     assert m["mse"] == pytest.approx(0.01)
     assert m["absrel"] == pytest.approx(1.0)
     assert m["delta1"] == 0.0
+
+
+def test_resize_map_one_map_or_a_stack_alike():
+    rng = np.random.default_rng(0)
+    stack = rng.uniform(0, 1, (3, 20, 24)).astype(np.float32)
+    out = resize_map(stack, (10, 12))
+    assert out.shape == (3, 10, 12) and out.dtype == np.float32
+    for a, b in zip(stack, out):
+        np.testing.assert_array_equal(resize_map(a, (10, 12)), b)
+    ref = torch.nn.functional.interpolate(torch.from_numpy(stack)[:, None], size=(10, 12), mode="bilinear",
+                                          align_corners=False)[:, 0].numpy()  # fmt: skip
+    np.testing.assert_array_equal(out, ref)
+    assert resize_map(stack[0], 16).shape == (16, 16)
+    np.testing.assert_array_equal(resize_map(stack, (20, 24)), stack)  # already that size
+    assert resize_map(torch.from_numpy(stack), (10, 12)).shape == (3, 10, 12)
+
+
+def test_teacher_scores_average_the_per_image_metrics_seeded_by_digest():
+    rng = np.random.default_rng(1)
+    items = []
+    for i in range(3):
+        true = rng.uniform(1.0, 10.0, (12, 16))
+        items.append((f"{i:02x}" * 32, 1.0 / true + rng.normal(0, 0.02, true.shape), true))
+    got = teacher_scores(items)
+    rows = [teacher_vs_true_metrics(m, t, seed=digest_seed(d)) for d, m, t in items]
+    assert got["images"] == 3.0
+    for key in ("absrel", "delta1", "pair_order"):
+        assert got[key] == pytest.approx(float(np.mean([r[key] for r in rows])), abs=1e-12)
+    assert digest_seed("0a1b2c" + "f" * 58) == 0x0A1B2C
+    empty = teacher_scores([])
+    assert empty["images"] == 0.0 and math.isnan(empty["absrel"])

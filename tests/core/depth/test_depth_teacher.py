@@ -1,5 +1,7 @@
-"""The depth teacher (SPEC §2): Depth Anything V2 built, fitted, saved and loaded like a released
-checkpoint; batched inference that quarantines bad images instead of raising."""
+"""The depth teacher (SPEC §2): Depth Anything V2 built, saved and loaded like a released checkpoint;
+batched inference that quarantines bad images instead of raising; the maps of a corpus written in
+durable chunks that a rerun resumes; one scoring against true depth. (Its fit:
+tests/core/training/test_teacher_fit.py.)"""
 
 from __future__ import annotations
 
@@ -10,24 +12,24 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 from transformers import DepthAnythingForDepthEstimation
 
+from perceptio_core.atomic_io import atomic_open, file_digest
 from perceptio_core.config import ConfigError, TeacherConfig, TeacherFitConfig
+from perceptio_core.data.records import ImageRecord
+from perceptio_core.depth import teacher as teacher_mod
+from perceptio_core.depth.maps import DepthMaps
+from perceptio_core.depth.metrics import teacher_scores
 from perceptio_core.depth.teacher import (
-    align_positive,
     bare_forward_throughput,
     build_teacher_config,
     build_teacher_processor,
-    fit_teacher,
-    gradient_matching_loss,
+    evaluate_teacher,
     load_teacher,
     predict_depth,
     resolve_checkpoint,
-    split_holdout,
-    ssi_loss,
+    write_teacher_maps,
 )
-from perceptio_core.data.records import ImageRecord
 
 TINY_FIT = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, fusion_hidden_size=16,
                 steps=12, batch_size=4, lr=1e-3, seed=0)
@@ -229,56 +231,72 @@ def test_bare_forward_throughput(tiny_checkpoint, images):
     assert bare_forward_throughput(model, processor, images, batch_size=2, device="cpu") > 0
 
 
-# ---- fitting ----------------------------------------------------------------------------------
+# ---- a corpus ----------------------------------------------------------------------------------
 
 
-def test_ssi_loss_is_affine_invariant_and_rejects_inverted_predictions():
-    g = torch.Generator().manual_seed(0)
-    target = torch.rand(2, 12, 12, generator=g) + 0.1
-    mask = torch.ones(2, 12, 12, dtype=torch.bool)
-    zero, residual = ssi_loss(3.0 * target + 2.0, target, mask)
-    assert zero.item() == pytest.approx(0.0, abs=1e-5)
-    assert gradient_matching_loss(residual, mask).item() == pytest.approx(0.0, abs=1e-5)
-    pred = torch.rand(2, 12, 12, generator=g)
-    a, _ = ssi_loss(pred, target, mask)
-    b, _ = ssi_loss(5.0 * pred - 1.0, target, mask)
-    assert a.item() == pytest.approx(b.item(), rel=1e-4)
-    # an inverted (depth-like) prediction: least squares would align it with a negative scale;
-    # the positive-scale alignment keeps it wrong, so the loss is large
-    inverted, _ = ssi_loss(-target, target, mask)
-    assert inverted.item() > 1.0
-    assert torch.allclose(align_positive(-target, target, mask).mean(), target.mean(), atol=0.2)
+def _writer(folder: Path):
+    def atomic(name: str, mode: str = "wb"):
+        return atomic_open(folder / name, mode)
+
+    return atomic
 
 
-def test_split_holdout_is_seeded_and_disjoint():
-    tr, ho = split_holdout(20, 0.1, 0)
-    assert len(ho) == 2 and not set(tr) & set(ho) and sorted(tr + ho) == list(range(20))
-    assert split_holdout(20, 0.1, 0) == (tr, ho)
-    assert split_holdout(5, 0.0, 0) == ([0, 1, 2, 3, 4], [])
+def test_write_teacher_maps_resumes_at_the_first_missing_chunk(tiny_checkpoint, images, tmp_path, monkeypatch):
+    by_digest = {file_digest(p): p for p in images}
+    cfg = TeacherConfig(input_size=INPUT, map_size=16, chunk_size=2, batch_size=2)
+    out = tmp_path / "maps"
+    out.mkdir()
+    run = write_teacher_maps(str(tiny_checkpoint), by_digest, out, _writer(out), cfg, device="cpu")
+    assert run == {"chunks": 3, "resumed_chunks": 0}
+    maps = DepthMaps(out)
+    assert sorted(maps.digests) == sorted(by_digest) and maps.map_size == 16 and not maps.errors
+    first = {d: maps.get(d) for d in maps.digests}
+    # a run killed before chunk 1's sidecar: only that chunk is predicted again, and the same
+    (out / "maps-000001.json").unlink()
+    (out / "maps-000001.npy").unlink()
+    run = write_teacher_maps(str(tiny_checkpoint), by_digest, out, _writer(out), cfg, device="cpu")
+    assert run == {"chunks": 3, "resumed_chunks": 2}
+    again = DepthMaps(out)
+    for d, m in first.items():
+        np.testing.assert_array_equal(again.get(d), m)
+    # nothing missing: the teacher is not even loaded
+    monkeypatch.setattr(teacher_mod, "load_teacher", lambda *a, **k: pytest.fail("loaded a teacher for nothing"))
+    assert write_teacher_maps(str(tiny_checkpoint), by_digest, out, _writer(out), cfg)["resumed_chunks"] == 3
 
 
-def test_fit_teacher_saves_a_loadable_checkpoint_deterministically(tiny_world, tmp_path):
-    recs = world_images(tiny_world)[:12]
-    cfg = TeacherFitConfig(**TINY_FIT, holdout_fraction=0.25)
-    m1 = fit_teacher(recs, cfg, INPUT, tmp_path / "a", "cpu", map_size=16)
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [
-        "config.json", "model.safetensors", "preprocessor_config.json"]
-    assert m1["train_images"] == 9 and m1["holdout_images"] == 3
-    for key in ("loss", "holdout_absrel", "holdout_pair_order", "train_absrel", "train_delta1"):
-        assert np.isfinite(m1[key]), key
-    model, processor = load_teacher(str(tmp_path / "a"), "cpu")
-    r = next(iter(predict_depth(model, processor, [recs[0].path], device="cpu", map_size=16)))
-    assert r.error is None and r.map.shape == (16, 16)
-    fit_teacher(recs, cfg, INPUT, tmp_path / "b", "cpu", map_size=16)
-    wa = load_file(str(tmp_path / "a" / "model.safetensors"))
-    wb = load_file(str(tmp_path / "b" / "model.safetensors"))
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+def test_write_teacher_maps_records_failed_images(tiny_checkpoint, images, tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not a png")
+    by_digest = {file_digest(images[0]): images[0], file_digest(bad): str(bad)}
+    cfg = TeacherConfig(input_size=INPUT, map_size=16, chunk_size=4)
+    out = tmp_path / "maps"
+    out.mkdir()
+    write_teacher_maps(str(tiny_checkpoint), by_digest, out, _writer(out), cfg, device="cpu")
+    maps = DepthMaps(out)
+    assert maps.digests == [file_digest(images[0])]
+    assert maps.errors[file_digest(bad)].startswith("unreadable image")
 
 
-def test_fit_teacher_needs_true_depth(tmp_path, images):
-    recs = [ImageRecord(0, "x.png", images[0], 64, 48, "coco", None)]
-    with pytest.raises(ValueError, match="no true depth"):
-        fit_teacher(recs, TeacherFitConfig(**TINY_FIT, holdout_fraction=0.0), INPUT, tmp_path, "cpu")
+def test_evaluate_teacher_is_the_one_scoring_of_stored_maps(tiny_checkpoint, tmp_path):
+    """Scoring a teacher from its model and from its stored maps gives the same figures."""
+    rng = np.random.default_rng(0)
+    recs, true = [], []
+    for i in range(3):
+        p = tmp_path / f"im{i}.png"
+        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(p)
+        depth = rng.uniform(1.0, 10.0, (48, 64)).astype(np.float32)
+        np.save(tmp_path / f"d{i}.npy", depth)
+        recs.append(ImageRecord(i, p.name, str(p), 64, 48, "coco", str(tmp_path / f"d{i}.npy"), file_digest(p)))
+        true.append(depth)
+    model, processor = load_teacher(str(tiny_checkpoint), "cpu")
+    got = evaluate_teacher(model, processor, recs, map_size=16, device="cpu")
+    maps = [r.map for r in predict_depth(model, processor, [r.path for r in recs], device="cpu", precision="fp32",
+                                         map_size=16)]  # fmt: skip
+    want = teacher_scores((r.digest, m, t) for r, m, t in zip(recs, maps, true))
+    assert got == {**want, "errors": 0.0} and got["images"] == 3
+    with pytest.raises(ValueError, match="digest"):
+        evaluate_teacher(model, processor, [ImageRecord(0, "x", recs[0].path, 64, 48, "coco", recs[0].depth_path)],
+                         map_size=16)  # fmt: skip
 
 
 # ---- device and figures -----------------------------------------------------------------------

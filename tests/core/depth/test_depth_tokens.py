@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from perceptio_core.config import VQVAEConfig
 from perceptio_core.depth.tokenizer import DepthTokenizer
-from perceptio_core.depth.vqvae import VQVAE, train_vqvae
+from perceptio_core.depth.vqvae import VQVAE
+from perceptio_core.training.vqvae_fit import train_vqvae
 
 K, GRID, SIZE = 16, 4, 32
 N = GRID * GRID
@@ -32,11 +33,13 @@ def maps(n: int, seed: int = 0, size: int = SIZE) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def tokenizer() -> DepthTokenizer:
+def tokenizer(tmp_path_factory) -> DepthTokenizer:
     cfg = VQVAEConfig(codebook_size=K, code_dim=8, grid=GRID, input_size=SIZE, hidden=16, steps=20,
                       batch_size=8, seed=0)
-    model, _, _ = train_vqvae(maps(24), cfg, "cpu")
-    return DepthTokenizer(model)
+    out = tmp_path_factory.mktemp("vqvae")
+    data = maps(24)
+    train_vqvae(data[:22], data[22:], cfg, out, "cpu")
+    return DepthTokenizer.from_pretrained(out / "model")
 
 
 def test_encode_shapes_inputs_and_range(tokenizer):

@@ -1,8 +1,14 @@
-"""The depth VQ-VAE (SPEC §2): shapes, the EMA quantiser, dead-code restarts, save/load, training."""
+"""The depth VQ-VAE (SPEC §2): shapes, the EMA quantiser (one process or several), dead-code
+restarts, save/load, its input maps. (Its fit: tests/core/training/test_vqvae_fit.py.)"""
 
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +16,9 @@ import torch
 from safetensors.torch import load_file
 
 from perceptio_core.config import ConfigError, VQVAEConfig
-from perceptio_core.depth.vqvae import VQVAE, EMAVectorQuantizer, code_statistics, num_stages, train_vqvae
+from perceptio_core.depth.vqvae import VQVAE, EMAVectorQuantizer, code_statistics, num_stages, prepare_maps
+
+ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -69,8 +77,8 @@ def test_quantizer_lookup_round_trip_and_straight_through():
     q = EMAVectorQuantizer(8, 4).eval()
     z = torch.randn(2, 4, 3, 3, requires_grad=True)
     quantized, idx, aux = q(z)
-    # indices -> codes == quantized output (z + (q - z) equals q up to rounding)
-    assert torch.allclose(quantized.detach(), q.lookup(idx), atol=1e-6)
+    # indices -> codes == quantized output, exactly (so decoding the indices is the reconstruction)
+    assert torch.equal(quantized.detach(), q.lookup(idx))
     assert aux.item() == pytest.approx(((z - q.lookup(idx)) ** 2).mean().item(), rel=1e-5)
     quantized.sum().backward()
     assert torch.allclose(z.grad, torch.ones_like(z))  # straight-through: identity gradient
@@ -154,34 +162,62 @@ def test_save_and_load_round_trip(tmp_path):
         VQVAE.from_pretrained(tmp_path / "vq")
 
 
-def test_train_vqvae_learns_and_keeps_codes_alive():
-    maps = smooth_maps(48)
-    cfg = tiny_cfg()
-    model, metrics, history = train_vqvae(maps, cfg, "cpu")
-    assert not model.training
-    assert metrics["train_maps"] + metrics["holdout_maps"] == 48 and metrics["holdout_maps"] >= 1
-    for key in ("recon_mse", "recon_absrel", "delta1", "train_delta1", "code_usage", "perplexity", "restarts"):
-        assert np.isfinite(metrics[key]), key
-    assert history[-1]["mse"] < history[0]["mse"] / 3
-    assert metrics["code_usage"] >= 0.25  # restarts keep a good share of the 16 codes in use
-    assert metrics["recon_mse"] < 0.1  # (0.25 at the start)
-
-
-def test_train_vqvae_is_deterministic_and_takes_explicit_holdout():
-    maps = smooth_maps(24, seed=1)
-    cfg = tiny_cfg(steps=15)
-    _, m1, _ = train_vqvae(maps[:20], cfg, "cpu", holdout=maps[20:])
-    _, m2, _ = train_vqvae(maps[:20], cfg, "cpu", holdout=maps[20:])
-    assert m1["holdout_maps"] == 4 and m1["train_maps"] == 20
-    m1.pop("train_seconds"), m2.pop("train_seconds")
-    assert m1 == m2
-
-
-def test_train_vqvae_resizes_maps_and_rejects_non_finite():
-    cfg = tiny_cfg(steps=3)
-    model, metrics, _ = train_vqvae(smooth_maps(12, size=40), cfg, "cpu")  # 40 px maps -> 32
-    assert metrics["train_maps"] == 11
-    bad = smooth_maps(4)
+def test_prepare_maps_resizes_clamps_and_checks():
+    maps = smooth_maps(3, size=40)
+    x = prepare_maps(maps, 32)
+    assert x.shape == (3, 1, 32, 32) and x.dtype == torch.float32
+    ref = torch.nn.functional.interpolate(torch.from_numpy(maps)[:, None], size=(32, 32), mode="bilinear",
+                                          align_corners=False).clamp(0, 1)  # fmt: skip
+    torch.testing.assert_close(x, ref, rtol=0, atol=0)
+    assert torch.equal(prepare_maps(torch.from_numpy(maps)[:, None], 40)[:, 0], torch.from_numpy(maps))
+    assert float(prepare_maps(np.full((1, 8, 8), 1.5, np.float32), 8).max()) == 1.0
+    bad = maps.copy()
     bad[0, 0, 0] = np.nan
     with pytest.raises(ValueError, match="NaN"):
-        train_vqvae(bad, cfg, "cpu")
+        prepare_maps(bad, 32)
+    with pytest.raises(ValueError, match="N, H, W"):
+        prepare_maps(maps[0], 32)
+
+
+_EMA_WORKER = """
+import sys, torch, torch.distributed as dist
+from perceptio_core.depth.vqvae import EMAVectorQuantizer
+rank, world, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+torch.manual_seed(0)
+z = torch.randn(4, 2, 3, 3) + torch.arange(4.0).view(4, 1, 1, 1)  # the global batch
+q = EMAVectorQuantizer(6, 2, decay=0.8, dead_code_threshold=0.0)
+q.initted.fill_(True)
+q.cluster_size.fill_(1.0)
+q.embed_avg.copy_(q.embed)
+for _ in range(3):
+    q(z[rank * 4 // world : (rank + 1) * 4 // world])  # this process's share
+torch.save({k: v for k, v in q.state_dict().items()}, out)
+dist.destroy_process_group()
+"""
+
+
+def test_ema_codebook_over_two_processes_equals_one_process_on_the_global_batch(tmp_path):
+    """Under torch.distributed the EMA statistics are summed over the processes: two processes
+    with half a batch each move the codebook exactly as one process with the whole batch."""
+    script = tmp_path / "worker.py"
+    script.write_text(_EMA_WORKER)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+
+    def launch(world: int) -> list[dict[str, torch.Tensor]]:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = str(s.getsockname()[1])
+        outs = [tmp_path / f"w{world}-r{r}.pt" for r in range(world)]
+        procs = [subprocess.Popen([sys.executable, str(script), str(r), str(world), port, str(outs[r])], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(world)]  # fmt: skip
+        for p in procs:
+            log = p.communicate(timeout=120)[0]
+            assert p.returncode == 0, log.decode()[-3000:]
+        return [torch.load(o, weights_only=True) for o in outs]
+
+    (one,) = launch(1)
+    a, b = launch(2)
+    for k in ("embed", "cluster_size", "embed_avg"):
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)  # the processes agree
+        torch.testing.assert_close(a[k], one[k], rtol=1e-5, atol=1e-6)  # and equal one process

@@ -148,6 +148,40 @@ def test_checkpoints_are_atomic_pruned_and_trainable_only(tmp_path):
     del t
 
 
+class BufferTask(ToyTask):
+    """A BatchNorm: its running statistics move in training without the optimizer."""
+
+    name = "toy-bn"
+
+    def build_model(self):
+        return nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 1))
+
+    def trained_buffers(self, model):
+        return ["1.running_mean", "1.running_var", "1.num_batches_tracked"]
+
+
+def test_trained_buffers_are_checkpointed_and_resumed(tmp_path):
+    from safetensors import safe_open
+
+    cfg = _cfg()
+
+    def run(out, stop_at=None):
+        t = Trainer(BufferTask(), cfg, out, device="cpu")
+        t.setup()
+        t.resume()
+        t.train(stop_at=stop_at)
+        return {k: v.clone() for k, v in t.accelerator.unwrap_model(t.model).state_dict().items()}
+
+    ref = run(tmp_path / "a")
+    run(tmp_path / "b", stop_at=6)
+    with safe_open(str(tmp_path / "b" / CHECKPOINTS / "step-00000004" / "model.safetensors"), "pt") as f:
+        assert {"1.running_mean", "1.running_var", "1.num_batches_tracked", "0.weight"} <= set(f.keys())
+    got = run(tmp_path / "b")
+    assert int(got["1.num_batches_tracked"]) == 18  # 9 steps x 2 micro-batches, 8 before the resume
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=0, atol=1e-6, msg=k)
+
+
 def test_resume_with_another_config_is_refused(tmp_path):
     _run(tmp_path, _cfg(steps=4, checkpoint_every=2))
     t = Trainer(ToyTask(), _cfg(steps=4, lr=0.01), tmp_path, device="cpu")
