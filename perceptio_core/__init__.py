@@ -36,7 +36,7 @@ _EXPORTS: dict[str, str] = {
     "Trainer": "training.trainer", "run_training": "training.trainer",
     # evaluation (SPEC §6)
     "IoUAccumulator": "evaluation.metrics", "run_evaluation": "evaluation.evaluate",
-    "write_report": "evaluation.evaluate", "infer": "evaluation.infer",
+    "write_report": "evaluation.report", "infer": "evaluation.infer",
 }
 
 __all__ = sorted(_EXPORTS)

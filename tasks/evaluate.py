@@ -5,7 +5,8 @@ from __future__ import annotations
 import shutil
 
 from perceptio_core.depth.maps import DepthMaps
-from perceptio_core.evaluation.evaluate import make_predictors, run_evaluation, write_report
+from perceptio_core.evaluation.evaluate import make_predictors, run_evaluation
+from perceptio_core.evaluation.report import write_report
 from perceptio_core.evaluation.infer import load_model
 from perceptio_core.model.internvl import load_internvl, load_tokenizer
 from tasks.common import load_sources

@@ -47,7 +47,7 @@ and split, ``hardblink_limit`` questions per point count, ``vqa_limit`` question
 their (sorted) order, so it is the same on every run.
 
 :func:`run_evaluation` returns an :class:`Evaluation` (metrics, the samples kept for pictures,
-block status counts, timings); :func:`write_report` writes ``report.md`` and its PNGs.
+block status counts, timings); :func:`~perceptio_core.evaluation.report.write_report` writes ``report.md`` and its PNGs.
 """
 
 from __future__ import annotations
@@ -56,9 +56,8 @@ import math
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -675,154 +674,6 @@ def _image_hw(path: str) -> tuple[int, int] | None:
         return None
 
 
-# --------------------------------------------------------------------------------------------
-# The report
-# --------------------------------------------------------------------------------------------
-
-REPORT = "report.md"
-FIGURES = "figures"
-
-
-def split_metric_name(name: str) -> tuple[str, str, str]:
-    """``"refcoco+.testA.ciou"`` -> ``("refcoco+", "testA", "ciou")``; a two-part name
-    (``"perception_block.wellformed"``) has an empty split."""
-    parts = name.split(".")
-    if len(parts) == 2:
-        return parts[0], "", parts[1]
-    return parts[0], ".".join(parts[1:-1]), parts[-1]
-
-
-def _fmt(v: float | None, integer: bool = False) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, float) and math.isnan(v):
-        return "nan"
-    return f"{v:.0f}" if integer or abs(v) >= 1000 else f"{v:.3f}"
-
-
-def metrics_table(metrics: Mapping[str, float]) -> str:
-    """Markdown table ``benchmark | split | metric | perceptio | base | Δ`` (Δ = perceptio - base
-    where both exist); counts (``n``) are shown without Δ."""
-    rows = ["| benchmark | split | metric | perceptio | base | Δ |", "|---|---|---|---:|---:|---:|"]
-    for name, v in metrics.items():
-        if name.startswith("base."):
-            continue
-        b = metrics.get(f"base.{name}")
-        bench, split, metric = split_metric_name(name)
-        n = metric == "n" or metric.startswith("n_")  # counts: n, n_unconstrained
-        delta = "" if b is None or n or math.isnan(v) or math.isnan(b) else f"{v - b:+.3f}"
-        rows.append(f"| {bench} | {split} | {metric} | {_fmt(v, n)} | {_fmt(b, n)} | {delta} |")
-    return "\n".join(rows)
-
-
-def sample_figure(s: Shown, path: str | os.PathLike[str]) -> Path:
-    """One PNG row for a kept sample: the image; for refer the predicted mask over it (green) with
-    the ground truth's outline (red); the predicted depth map at the image's size (HardBLINK's
-    points marked on it); the query / answer / reference / base answer and the verdict."""
-    import textwrap
-
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    try:
-        img = np.asarray(load_image(s.image_path))
-    except ImageError:
-        img = np.zeros((32, 32, 3), dtype=np.uint8)
-    refer = s.benchmark == "refer"
-    fig, axes = plt.subplots(1, 4 if refer else 3, figsize=(13 if refer else 10, 3.2), dpi=80)
-    axes[0].imshow(img)
-    axes[0].set_title("image", fontsize=9)
-    if refer:
-        ax = axes[1]
-        ax.imshow(img)
-        if s.mask is not None and s.mask.shape == img.shape[:2]:
-            overlay = np.zeros((*s.mask.shape, 4), dtype=np.float32)
-            overlay[s.mask] = (0.1, 0.9, 0.2, 0.55)
-            ax.imshow(overlay)
-        if s.gt_mask is not None and s.gt_mask.any():
-            ax.contour(s.gt_mask.astype(float), levels=[0.5], colors="red", linewidths=1.0)
-        ax.set_title("predicted mask (green) / truth (red)" if s.mask is not None
-                     else "no [SEG]: empty mask / truth (red)", fontsize=9)  # fmt: skip
-    ax = axes[2 if refer else 1]
-    if s.depth_map is not None:
-        ax.imshow(resize_map(np.asarray(s.depth_map, dtype=np.float32), img.shape[:2]), cmap="magma")
-        ax.set_title("predicted depth (bright = near)", fontsize=9)
-        for (x, y), lab in zip(s.points, s.labels):
-            ax.plot([x], [y], "o", mfc="none", mec="cyan", ms=8)
-            ax.text(x + 3, y - 3, lab, color="cyan", fontsize=8)
-    else:
-        ax.imshow(np.full(img.shape[:2], 0.5), cmap="gray", vmin=0, vmax=1)
-        ax.text(img.shape[1] / 2, img.shape[0] / 2, f"no depth block\n({s.status or 'none'})",
-                ha="center", va="center", fontsize=9)  # fmt: skip
-        ax.set_title("predicted depth", fontsize=9)
-    ax = axes[-1]
-    verdict = "RIGHT" if s.correct else "WRONG"
-    lines = [f"{s.name} - {verdict}" + (f" (IoU {s.score:.2f})" if s.score is not None else ""),
-             f"query: {s.query}", f"answer: {s.answer or '(empty)'}", f"reference: {s.reference}"]
-    if s.status:
-        lines.append(f"block: {s.status}")
-    if s.base_answer is not None:
-        lines.append(f"base: {s.base_answer or '(empty)'} ({'right' if s.base_correct else 'wrong'})")
-    ax.text(0.0, 1.0, "\n".join(textwrap.fill(line, 46) for line in lines), ha="left", va="top", fontsize=8,
-            family="monospace")  # fmt: skip
-    for a in axes:
-        a.set_xticks([])
-        a.set_yticks([])
-    axes[-1].axis("off")
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
-
-
-def write_report(ev: Evaluation, out_dir: str | os.PathLike[str], title: str = "Perceptio evaluation") -> Path:
-    """Write ``<out_dir>/report.md`` (metric tables, perceptio vs base; the perception block's
-    statuses; timings; one picture row per kept sample, right and wrong, referenced by file name
-    under ``figures/``) and the PNGs. Returns the markdown's path."""
-    out = Path(out_dir)
-    (out / FIGURES).mkdir(parents=True, exist_ok=True)
-    has_base = any(k.startswith("base.") for k in ev.metrics)
-    md = [f"# {title}", ""]
-    md.append("Metrics are `<benchmark>.<split>.<metric>`; cIoU = sum of intersections / sum of unions, "
-              "gIoU = mean IoU, p50 = share with IoU >= 0.5; a generation without `[SEG]` counts as an "
-              "empty mask and an unreadable answer as wrong (never dropped).")
-    if has_base:
-        md.append("The base model gets the same prompts; it has no `[SEG]`, so its masks are empty.")
-    md += ["", "## Metrics", "", metrics_table(ev.metrics), ""]
-    if ev.block_status:
-        md += ["## Perception block", "", "| decoding | " + " | ".join(s.value for s in ParseStatus) + " |",
-               "|---|" + "---:|" * len(ParseStatus)]
-        for kind, counts in ev.block_status.items():
-            md.append(f"| {kind} | " + " | ".join(str(counts.get(s.value, 0)) for s in ParseStatus) + " |")
-        md.append("")
-    if ev.timings:
-        md += ["## Timings", ""] + [f"- {k}: {_fmt(v)}" for k, v in ev.timings.items()] + [""]
-    if ev.errors:
-        md += ["## Unreadable images (scored wrong / empty)", ""] + [f"- {e}" for e in ev.errors] + [""]
-    if ev.shown:
-        md += ["## Samples", ""]
-        by_bench: dict[str, list[Shown]] = {}
-        for s in ev.shown:
-            by_bench.setdefault(s.benchmark, []).append(s)
-        for bench, items in by_bench.items():
-            md += [f"### {bench}", ""]
-            counters: Counter[str] = Counter()
-            for s in sorted(items, key=lambda s: (not s.correct, s.key)):
-                verdict = "right" if s.correct else "wrong"
-                name = f"{bench}_{verdict}_{counters[verdict]}.png"
-                counters[verdict] += 1
-                sample_figure(s, out / FIGURES / name)
-                s.figure = f"{FIGURES}/{name}"
-                md += [f"**{s.name}, {verdict}**: {s.query}", "", f"![{s.name} {verdict}]({s.figure})", ""]
-    path = out / REPORT
-    path.write_text("\n".join(md) + "\n")
-    return path
-
-
 __all__ = [
     "DepthQuality",
     "Evaluation",
@@ -837,15 +688,12 @@ __all__ = [
     "hardblink_plan",
     "hardblink_prompt",
     "make_predictors",
-    "metrics_table",
     "model_predictor",
     "refer_plan",
     "refer_prompt",
     "run_evaluation",
-    "sample_figure",
     "spread",
     "token_depth_choice",
     "vqa_plan",
     "vqa_prompt",
-    "write_report",
 ]

@@ -13,16 +13,15 @@ from PIL import Image
 
 from perceptio_core.config import DataConfig, EvaluateConfig
 from perceptio_core.curation.curate import clean_expression as curate_clean_expression  # what curation uses
+from perceptio_core.evaluation.report import metrics_table, write_report
 from perceptio_core.evaluation.evaluate import (
     DepthQuality,
     block_status,
     format_mc_prompt,
     hardblink_prompt,
-    metrics_table,
     refer_prompt,
     run_evaluation,
     spread,
-    write_report,
     token_depth_choice,
     vqa_prompt,
 )
