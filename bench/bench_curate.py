@@ -175,7 +175,8 @@ def bench_read(n: int, pool: list[bytes], tmp: Path, max_bytes: int) -> dict:
 
 def bench_curate_world(tmp: Path, images: int) -> dict:
     from perceptio_core.config import CurateConfig, DataConfig, SynthConfig
-    from perceptio_core.curation.curate import CurateStats, iter_samples
+    from perceptio_core.curation.curate import iter_samples
+    from perceptio_core.curation.inputs import CurateStats
     from perceptio_core.data.masks import resize_nearest
     from perceptio_core.data.sources import read_sources
     from perceptio_core.world.synth import generate_world

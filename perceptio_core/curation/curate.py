@@ -54,12 +54,10 @@ tokens of another codebook stop the run with an error naming them; they are neve
 
 from __future__ import annotations
 
-import io
-import json
 import os
-from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections import defaultdict
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -76,152 +74,32 @@ from perceptio_core.curation.filters import (
     degenerate_mask_reason,
     normalize_expression,
 )
-from perceptio_core.data.masks import decode_mask, encode_mask, mask_centroid, to_compressed, union_rles
+from perceptio_core.data.masks import encode_mask, mask_centroid
 from perceptio_core.format.target import format_target
-from perceptio_core.format.prompts import HARDBLINK_QUESTION, clean_expression, render_prompt
+from perceptio_core.format.prompts import clean_expression, render_prompt
 from perceptio_core.data.refer import MaskError, ann_to_mask
 from perceptio_core.data.records import (
-    REASON_MALFORMED,
     REASON_MALFORMED_MASK,
     REASON_MISSING_IMAGE,
     ImageRecord,
-    QuarantineEntry,
     RefRecord,
     Sources,
     normalise_split,
 )
-from perceptio_core.data.markers import MarkerStyle, draw_markers
 from perceptio_core.atomic_io import bytes_digest
 from perceptio_core.curation.sample import Sample, make_key
+from perceptio_core.curation.depth_cot import depth_cot_samples
+from perceptio_core.curation.inputs import (
+    REASON_EVAL_OVERLAP,
+    REASON_NO_DEPTH_TOKENS,
+    CurateStats,
+    check_depth_tokens,
+    image_tokens,
+    lookup,
+    read_bytes,
+)
+from perceptio_core.curation.instructions import glamm_samples, llava_samples
 from perceptio_core.curation.shards import QuarantineLog, ShardInfo, ShardWriter, write_manifest
-
-REASON_NO_DEPTH_TOKENS = "no depth tokens"
-REASON_BAD_DEPTH_TOKENS = "bad depth tokens"
-REASON_EVAL_OVERLAP = "image in a refer val/test split"
-REASON_NO_TEACHER_MAP = "no teacher map"
-REASON_NO_POINT_SET = "no clear point set"
-REASON_NO_IMAGE_FIELD = "text-only conversation (no image)"
-REASON_NO_CONVERSATION = "no human/gpt turn"
-REASON_NO_GROUNDINGS = "no groundings"
-REASON_BAD_RECORD = REASON_MALFORMED
-
-LETTERS = "ABCDEFGH"
-
-
-@dataclass
-class CurateStats:
-    """Counts of kept samples (by source and split, by task), drops by reason (and by source), and
-    skips (records not selected, not bad data). ``on_drop`` receives a QuarantineEntry per drop."""
-
-    samples: Counter = field(default_factory=Counter)  # (source, split) -> n
-    tasks: Counter = field(default_factory=Counter)  # task -> n
-    dropped: Counter = field(default_factory=Counter)  # reason -> n
-    dropped_by_source: Counter = field(default_factory=Counter)  # (source, reason) -> n
-    skipped: Counter = field(default_factory=Counter)  # reason -> n
-    on_drop: Callable[[QuarantineEntry], None] | None = None
-
-    def kept(self, sample: Sample) -> None:
-        self.samples[(sample.source, sample.split)] += 1
-        self.tasks[sample.task] += 1
-
-    def drop(self, source: str, record: str, reason: str) -> None:
-        """Count a drop under its reason's label (the part before ": <detail>"); the quarantine
-        entry keeps the full reason."""
-        label = reason.split(": ", 1)[0]
-        self.dropped[label] += 1
-        self.dropped_by_source[(source, label)] += 1
-        if self.on_drop is not None:
-            self.on_drop(QuarantineEntry(source=source, record=record, reason=reason))
-
-    def skip(self, reason: str, n: int = 1) -> None:
-        self.skipped[reason] += n
-
-    @property
-    def n_samples(self) -> int:
-        return sum(self.samples.values())
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain, JSON-able, sorted."""
-        by_source: dict[str, dict[str, int]] = defaultdict(dict)
-        for (src, split), n in sorted(self.samples.items()):
-            by_source[src][split] = n
-        drop_src: dict[str, dict[str, int]] = defaultdict(dict)
-        for (src, reason), n in sorted(self.dropped_by_source.items()):
-            drop_src[src][reason] = n
-        return {
-            "samples_total": self.n_samples,
-            "samples": dict(by_source),
-            "tasks": dict(sorted(self.tasks.items())),
-            "dropped_total": sum(self.dropped.values()),
-            "dropped": dict(sorted(self.dropped.items())),
-            "dropped_by_source": dict(drop_src),
-            "skipped": dict(sorted(self.skipped.items())),
-        }
-
-
-# ------------------------------------------------------------------------------------------
-# lookups
-# ------------------------------------------------------------------------------------------
-
-
-def _lookup(store: Any, digest: str) -> Any:
-    """``store[digest]`` for a dict, a ``DepthMaps`` (``in`` + ``get``) or any Mapping; None if absent."""
-    if store is None or not digest:
-        return None
-    if digest not in store:
-        return None
-    return store.get(digest) if hasattr(store, "get") else store[digest]
-
-
-def _tokens(store: Any, digest: str) -> tuple[list[int] | None, str | None]:
-    """The image's depth tokens as a list of ints, or (None, drop reason)."""
-    arr = _lookup(store, digest)
-    if arr is None:
-        return None, REASON_NO_DEPTH_TOKENS
-    a = np.asarray(arr)
-    if a.size == 0 or not np.issubdtype(a.dtype, np.integer) or (a < 0).any():
-        return None, REASON_BAD_DEPTH_TOKENS
-    return a.reshape(-1).tolist(), None  # a [g, g] grid is read row-major, as SPEC §1 orders it
-
-
-class DepthTokensMismatch(ValueError):
-    """Depth tokens that do not fit the depth codebook: not N codes per image, or codes outside
-    [0, K) (tokens of another codebook). The message names where the tokens came from."""
-
-
-def check_depth_tokens(depth_tokens: Mapping[str, np.ndarray], num_tokens: int, codebook_size: int,
-                       source: str) -> None:
-    """Every image's depth tokens are ``num_tokens`` (N) integer codes in [0, ``codebook_size``)
-    (K), as a [N] or [g, g] array; N and K are the codebook artifact's. Raises
-    :class:`DepthTokensMismatch` naming ``source``, how many images fail and the first of them."""
-    bad: list[tuple[str, str]] = []
-    for digest, arr in depth_tokens.items():
-        a = np.asarray(arr)
-        if not np.issubdtype(a.dtype, np.integer):
-            bad.append((digest, f"dtype {a.dtype}"))
-        elif a.size != num_tokens:
-            bad.append((digest, f"{a.size} codes"))
-        elif a.size and (int(a.min()) < 0 or int(a.max()) >= codebook_size):
-            bad.append((digest, f"codes in [{int(a.min())}, {int(a.max())}]"))
-    if bad:
-        digest, what = bad[0]
-        raise DepthTokensMismatch(
-            f"{source}: the depth tokens of {len(bad)} of {len(depth_tokens)} images do not fit the codebook "
-            f"(N = {num_tokens} codes in [0, {codebook_size}) each); image {digest} has {what}"
-        )
-
-
-def _read_bytes(path: str | os.PathLike[str]) -> bytes | None:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError:
-        return None
-
-
-def _image_size(data: bytes) -> tuple[int, int]:
-    with Image.open(io.BytesIO(data)) as im:
-        return im.size  # (w, h)
 
 
 # ------------------------------------------------------------------------------------------
@@ -259,10 +137,10 @@ def _ref_samples(
         ambiguous = ambiguous_refs(refs) if cfg.ambiguity_filter else {}
         dedup = NearDuplicateFilter(cfg.dedup_jaccard)
         img: ImageRecord | None = sources.coco_images.get(gkey[2])
-        data = _read_bytes(img.path) if img is not None else None
+        data = read_bytes(img.path) if img is not None else None
         digest = (img.digest or bytes_digest(data)) if (img is not None and data is not None) else ""
-        tokens, token_reason = _tokens(depth_tokens, digest) if data is not None else (None, None)
-        tmap = _lookup(teacher_maps, digest)
+        tokens, token_reason = image_tokens(depth_tokens, digest) if data is not None else (None, None)
+        tmap = lookup(teacher_maps, digest)
         ann_cache: dict[int, tuple[dict[str, Any] | None, str | None, np.ndarray | None]] = {}
         for i in selected:
             r = refs[i]
@@ -347,12 +225,12 @@ def _ade_samples(
             stats.skip("split not selected")
             continue
         rid = f"image_id={rec.image_id} ({Path(rec.image_path).name})"
-        data = _read_bytes(rec.image_path)
+        data = read_bytes(rec.image_path)
         if data is None:
             stats.drop("ade20k", rid, REASON_MISSING_IMAGE)
             continue
         digest = rec.digest or bytes_digest(data)
-        tokens, reason = _tokens(depth_tokens, digest)
+        tokens, reason = image_tokens(depth_tokens, digest)
         if tokens is None:
             stats.drop("ade20k", rid, reason or REASON_NO_DEPTH_TOKENS)
             continue
@@ -363,7 +241,7 @@ def _ade_samples(
             stats.drop("ade20k", rid, f"unreadable annotation: {type(e).__name__}")
             continue
         h, w = label.shape[:2]
-        tmap = _lookup(teacher_maps, digest)
+        tmap = lookup(teacher_maps, digest)
         classes, counts = np.unique(label, return_counts=True)
         area = {int(c): int(n) for c, n in zip(classes, counts) if int(c) != 0}
         kept = 0
@@ -397,233 +275,6 @@ def _ade_samples(
             kept += 1
             stats.kept(sample)
             yield sample
-
-
-# ------------------------------------------------------------------------------------------
-# 3. depth chain-of-thought (HardBLINK-style)
-# ------------------------------------------------------------------------------------------
-
-
-def pick_points(
-    teacher_map: np.ndarray,
-    width: int,
-    height: int,
-    n: int,
-    min_distance: float,
-    margin: float,
-    style: MarkerStyle,
-    rng: np.random.Generator,
-    max_tries: int,
-) -> tuple[list[tuple[int, int]], list[float]] | None:
-    """``n`` integer pixel points ``(x, y)`` of a ``width`` x ``height`` image whose markers fit
-    (``style.fits``), pairwise at least ``min_distance`` apart and whose teacher values (the map
-    [S, S] cell under each point) pairwise differ by at least ``margin``; with their teacher values.
-    None after ``max_tries`` candidates."""
-    tmap = np.asarray(teacher_map, dtype=np.float64)
-    s_h, s_w = tmap.shape
-    pts: list[tuple[int, int]] = []
-    vals: list[float] = []
-    for _ in range(max_tries):
-        if len(pts) == n:
-            break
-        x, y = int(rng.integers(0, width)), int(rng.integers(0, height))
-        if not style.fits(x, y, width, height):
-            continue
-        if any((x - px) ** 2 + (y - py) ** 2 < min_distance**2 for px, py in pts):
-            continue
-        v = float(tmap[min(int((y + 0.5) * s_h / height), s_h - 1), min(int((x + 0.5) * s_w / width), s_w - 1)])
-        if any(abs(v - pv) < margin for pv in vals):
-            continue
-        pts.append((x, y))
-        vals.append(v)
-    return (pts, vals) if len(pts) == n else None
-
-
-def _depth_cot_images(
-    sources: Sources, cfg: CurateConfig, eval_images: set[int]
-) -> Iterator[tuple[str, int, str, str]]:
-    """(dataset, image_id, path, known digest or "") of the training images depth CoT may use: COCO
-    images of refer train splits used by no refer val/test split (the images the teacher ran on,
-    ``Sources.depth_images``), then ADE20k training images."""
-    if "coco" in cfg.depth_cot_sources:
-        for image_id in sorted({r.image_id for r in sources.refs} - eval_images):
-            img = sources.coco_images.get(image_id)
-            if img is not None:
-                yield "coco", image_id, img.path, img.digest
-    if "ade20k" in cfg.depth_cot_sources:
-        for rec in sorted(sources.ade, key=lambda a: a.image_id):
-            if normalise_split(rec.split) == "train":
-                yield "ade20k", rec.image_id, rec.image_path, rec.digest
-
-
-def _depth_cot_samples(
-    sources: Sources,
-    depth_tokens: Any,
-    teacher_maps: Any,
-    cfg: CurateConfig,
-    upstream: dict[str, str],
-    stats: CurateStats,
-    eval_images: set[int],
-) -> Iterator[Sample]:
-    for dataset, image_id, path, digest in _depth_cot_images(sources, cfg, eval_images):
-        rid = f"{dataset} image_id={image_id} ({Path(path).name})"
-        data = _read_bytes(path)
-        if data is None:
-            stats.drop("depth_cot", rid, REASON_MISSING_IMAGE)
-            continue
-        digest = digest or bytes_digest(data)
-        tokens, reason = _tokens(depth_tokens, digest)
-        if tokens is None:
-            stats.drop("depth_cot", rid, reason or REASON_NO_DEPTH_TOKENS)
-            continue
-        tmap = _lookup(teacher_maps, digest)
-        if tmap is None:
-            stats.drop("depth_cot", rid, REASON_NO_TEACHER_MAP)
-            continue
-        with Image.open(io.BytesIO(data)) as im:
-            rgb = np.asarray(im.convert("RGB"))
-        h, w = rgb.shape[:2]
-        style = MarkerStyle.for_size(w, h)
-        # never so close that a label box covers another point's circle (as the synthetic set does)
-        min_dist = max(cfg.min_point_distance, float(2 * style.circle_radius + 2 * style.gap + style.box_w))
-        for j in range(cfg.depth_cot_per_image):
-            rng = np.random.default_rng([cfg.seed, int(digest[:16], 16), j])
-            n = int(rng.integers(cfg.depth_cot_min_points, cfg.depth_cot_max_points + 1))
-            picked = pick_points(tmap, w, h, n, min_dist, cfg.depth_cot_margin, style, rng, cfg.depth_cot_max_tries)
-            if picked is None:
-                stats.drop("depth_cot", f"{rid} #{j}", REASON_NO_POINT_SET)
-                continue
-            pts, vals = picked
-            labels = list(LETTERS[:n])
-            answer = f"({labels[int(np.argmax(vals))]})"
-            drawn = draw_markers(rgb, [(float(x), float(y)) for x, y in pts], labels, style)
-            buf = io.BytesIO()
-            Image.fromarray(drawn).save(buf, format="PNG")
-            key = make_key("depth_cot", dataset, f"i{image_id}", f"n{j}")
-            sample = Sample(
-                key=key, source="depth_cot", split="train", task="depth_cot", image_digest=digest,
-                image=buf.getvalue(), prompt=render_prompt("depth_cot", key, question=HARDBLINK_QUESTION),
-                target=format_target(False, tokens, answer), answer=answer, mask_rle=None,
-                depth_tokens=tokens, upstream=dict(upstream),
-                meta={"image_id": image_id, "image_source": dataset, "file_name": Path(path).name,
-                      "n_points": n, "points": [list(p) for p in pts], "labels": labels,
-                      "teacher_values": [round(v, 4) for v in vals], "drawn": True},
-            )  # fmt: skip
-            stats.kept(sample)
-            yield sample
-
-
-# ------------------------------------------------------------------------------------------
-# 4. LLaVA-1.5 and 5. GLaMM (optional)
-# ------------------------------------------------------------------------------------------
-
-
-def _load_json_list(path: str | os.PathLike[str]) -> list[Any]:
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
-    if isinstance(data, dict):  # some dumps wrap the list: {"annotations": [...]} or {file: entry}
-        data = data.get("annotations") or data.get("data") or [
-            {"file_name": k, **v} for k, v in data.items() if isinstance(v, dict)
-        ]
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list of records")
-    return data
-
-
-def _llava_samples(
-    path: str, image_root: str | None, upstream: dict[str, str], stats: CurateStats
-) -> Iterator[Sample]:
-    root = Path(image_root) if image_root else Path(path).parent
-    for idx, entry in enumerate(_load_json_list(path)):
-        rid = f"#{idx} id={entry.get('id') if isinstance(entry, dict) else None}"
-        if not isinstance(entry, dict) or not isinstance(entry.get("conversations"), list):
-            stats.drop("llava", rid, REASON_BAD_RECORD)
-            continue
-        if not entry.get("image"):
-            stats.drop("llava", rid, REASON_NO_IMAGE_FIELD)
-            continue
-        turns = entry["conversations"]
-        human = next((t.get("value", "") for t in turns if t.get("from") == "human"), None)
-        gpt = next((t.get("value", "") for t in turns if t.get("from") == "gpt"), None)
-        if not human or not gpt:
-            stats.drop("llava", rid, REASON_NO_CONVERSATION)
-            continue
-        data = _read_bytes(root / entry["image"])
-        if data is None:
-            stats.drop("llava", rid, REASON_MISSING_IMAGE)
-            continue
-        prompt = human.replace("<image>", "").strip()
-        key = make_key("llava", idx, str(entry.get("id", "")))
-        sample = Sample(
-            key=key, source="llava", split="train", task="instruct", image_digest=bytes_digest(data),
-            image=data, prompt=render_prompt("instruct", key, question=prompt),
-            target=format_target(False, None, gpt), answer=gpt.strip(), upstream=dict(upstream),
-            meta={"id": entry.get("id"), "image_path": entry["image"], "turns": len(turns)},
-        )  # fmt: skip
-        stats.kept(sample)
-        yield sample
-
-
-def _glamm_samples(
-    path: str,
-    image_root: str | None,
-    depth_tokens: Any,
-    cfg: CurateConfig,
-    upstream: dict[str, str],
-    stats: CurateStats,
-) -> Iterator[Sample]:
-    root = Path(image_root) if image_root else Path(path).parent
-    for idx, entry in enumerate(_load_json_list(path)):
-        name = (entry.get("file_name") or entry.get("image") or "") if isinstance(entry, dict) else ""
-        rid = f"#{idx} {name}"
-        caption = entry.get("caption") if isinstance(entry, dict) else None
-        groundings = entry.get("groundings") if isinstance(entry, dict) else None
-        if not name or not isinstance(caption, str) or not caption.strip():
-            stats.drop("glamm", rid, REASON_BAD_RECORD)
-            continue
-        if not isinstance(groundings, dict) or not groundings:
-            stats.drop("glamm", rid, REASON_NO_GROUNDINGS)
-            continue
-        data = _read_bytes(root / name)
-        if data is None:
-            stats.drop("glamm", rid, REASON_MISSING_IMAGE)
-            continue
-        w, h = _image_size(data)
-        caption = caption.strip().strip('"').strip()
-        phrases: list[dict[str, Any]] = []
-        try:
-            for phrase, g in groundings.items():
-                rles = [to_compressed(r) for r in g.get("rle_masks", [])]
-                rles = [r for r in rles if r["size"] == [h, w]]
-                if not rles:
-                    continue
-                phrases.append({"phrase": phrase, "span": list(g.get("token_positives") or []),
-                                "mask_rle": union_rles(rles)})  # fmt: skip
-        except (KeyError, TypeError, ValueError):
-            stats.drop("glamm", rid, REASON_BAD_RECORD)
-            continue
-        if not phrases:
-            stats.drop("glamm", rid, REASON_NO_GROUNDINGS)
-            continue
-        phrases.sort(key=lambda p: (p["span"][:1] or [0])[0])
-        union = union_rles([p["mask_rle"] for p in phrases])
-        area = int(decode_mask(union).sum())
-        reason = degenerate_mask_reason(area, h, w, cfg.min_mask_area, cfg.max_mask_frac)
-        if reason is not None:
-            stats.drop("glamm", rid, reason)
-            continue
-        digest = bytes_digest(data)
-        tokens, _ = _tokens(depth_tokens, digest)  # optional here: GLaMM images rarely have a teacher map
-        key = make_key("glamm", idx, Path(name).stem)
-        sample = Sample(
-            key=key, source="glamm", split="train", task="grounded_conv", image_digest=digest,
-            image=data, prompt=render_prompt("grounded_conv", key),
-            target=format_target(True, tokens, caption), answer=caption, mask_rle=union,
-            depth_tokens=tokens, upstream=dict(upstream),
-            meta={"file_name": name, "groundings": phrases},
-        )  # fmt: skip
-        stats.kept(sample)
-        yield sample
 
 
 # ------------------------------------------------------------------------------------------
@@ -664,11 +315,11 @@ def iter_samples(
         if teacher_maps is None:
             stats.skip("depth_cot: no teacher maps given")
         else:
-            yield from _depth_cot_samples(sources, depth_tokens, teacher_maps, cfg, upstream, stats, eval_images)
+            yield from depth_cot_samples(sources, depth_tokens, teacher_maps, cfg, upstream, stats, eval_images)
     if "instruct" in tasks and llava_json:
-        yield from _llava_samples(llava_json, cfg.llava_image_root, upstream, stats)
+        yield from llava_samples(llava_json, cfg.llava_image_root, upstream, stats)
     if "grounded_conv" in tasks and glamm_json:
-        yield from _glamm_samples(glamm_json, cfg.glamm_image_root, depth_tokens, cfg, upstream, stats)
+        yield from glamm_samples(glamm_json, cfg.glamm_image_root, depth_tokens, cfg, upstream, stats)
 
 
 @dataclass

@@ -12,15 +12,14 @@ import pytest
 from PIL import Image
 
 from perceptio_core.config import CurateConfig, DataConfig, SynthConfig
-from perceptio_core.curation.curate import (
+from perceptio_core.curation.curate import curate, iter_samples
+from perceptio_core.curation.inputs import (
     REASON_EVAL_OVERLAP,
     REASON_NO_DEPTH_TOKENS,
     REASON_NO_IMAGE_FIELD,
     CurateStats,
     DepthTokensMismatch,
     check_depth_tokens,
-    curate,
-    iter_samples,
 )
 from perceptio_core.curation.filters import (
     REASON_AMBIGUOUS,
