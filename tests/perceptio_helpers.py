@@ -5,6 +5,7 @@ prefix)."""
 from __future__ import annotations
 
 import functools
+from typing import Any
 import io
 
 import numpy as np
@@ -161,3 +162,43 @@ def build_tiny(depth_tokenizer=None, **cfg_overrides):
 
     dt = depth_tokenizer if depth_tokenizer is not None else tiny_depth_tokenizer()
     return PerceptioModel.build(tiny_model_config(**cfg_overrides), LossConfig(), dt, tokenizer=tiny_tokenizer())
+
+
+def tiny_vqvae_config(**kw) -> VQVAEConfig:
+    """A VQ-VAE of K = 16 codes on a 4 x 4 grid of 32 px maps, 60 steps (``kw`` overrides)."""
+    base = dict(codebook_size=16, code_dim=8, grid=4, input_size=32, hidden=16, steps=60, batch_size=8,
+                lr=2e-3, seed=0)  # fmt: skip
+    base.update(kw)
+    return VQVAEConfig(**base)
+
+
+def smooth_maps(n: int, size: int = 32, seed: int = 0) -> np.ndarray:
+    """Ground-plane-like maps [n, size, size] in [0, 1]: a vertical ramp (near at the bottom) plus
+    a brighter blob."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size] / (size - 1)
+    out = []
+    for _ in range(n):
+        ramp = np.clip((y - rng.uniform(0.2, 0.5)) / 0.6, 0, 1)
+        cx, cy, r = rng.uniform(0.2, 0.8), rng.uniform(0.4, 0.8), rng.uniform(0.08, 0.2)
+        blob = ((x - cx) ** 2 + (y - cy) ** 2 < r**2) * rng.uniform(0.3, 1.0)
+        m = np.maximum(ramp, blob)
+        out.append((m - m.min()) / (m.max() - m.min()))
+    return np.stack(out).astype(np.float32)
+
+
+def run_trainer(task: Any, loop: Any, out: Any, stop_at: int | None = None) -> Any:
+    """A :class:`~perceptio_core.training.trainer.Trainer` of ``task`` set up, resumed from ``out``
+    if it holds a checkpoint, and trained (to ``stop_at``: a run "killed" there)."""
+    from perceptio_core.training.trainer import Trainer
+
+    t = Trainer(task, loop, out, device="cpu")
+    t.setup()
+    t.resume()
+    t.train(stop_at=stop_at)
+    return t
+
+
+def trained_state(t: Any) -> dict[str, torch.Tensor]:
+    """A copy of the state dict (weights and buffers) of a trainer's unwrapped model."""
+    return {k: v.detach().clone() for k, v in t.accelerator.unwrap_model(t.model).state_dict().items()}

@@ -31,17 +31,11 @@ from perceptio_core.depth.teacher import (
     write_teacher_maps,
 )
 
+from perceptio_helpers import one_torch_thread  # noqa: F401
+
 TINY_FIT = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, fusion_hidden_size=16,
                 steps=12, batch_size=4, lr=1e-3, seed=0)
 INPUT = 42  # 3 x 3 patches of 14
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -12,16 +12,10 @@ from perceptio_core.depth.tokenizer import DepthTokenizer
 from perceptio_core.depth.vqvae import VQVAE
 from perceptio_core.training.vqvae_fit import train_vqvae
 
+from perceptio_helpers import one_torch_thread  # noqa: F401
+
 K, GRID, SIZE = 16, 4, 32
 N = GRID * GRID
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def maps(n: int, seed: int = 0, size: int = SIZE) -> np.ndarray:

@@ -18,36 +18,9 @@ from safetensors.torch import load_file
 from perceptio_core.config import ConfigError, VQVAEConfig
 from perceptio_core.depth.vqvae import VQVAE, EMAVectorQuantizer, code_statistics, num_stages, prepare_maps
 
+from perceptio_helpers import one_torch_thread, smooth_maps, tiny_vqvae_config as tiny_cfg  # noqa: F401
+
 ROOT = Path(__file__).resolve().parents[3]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def tiny_cfg(**kw) -> VQVAEConfig:
-    base = dict(codebook_size=16, code_dim=8, grid=4, input_size=32, hidden=16, steps=60, batch_size=8,
-                lr=2e-3, seed=0)
-    base.update(kw)
-    return VQVAEConfig(**base)
-
-
-def smooth_maps(n: int, size: int = 32, seed: int = 0) -> np.ndarray:
-    """Ground-plane-like maps: a vertical ramp (near at the bottom) plus a brighter blob, in [0, 1]."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:size, 0:size] / (size - 1)
-    out = []
-    for _ in range(n):
-        ramp = np.clip((y - rng.uniform(0.2, 0.5)) / 0.6, 0, 1)
-        cx, cy, r = rng.uniform(0.2, 0.8), rng.uniform(0.4, 0.8), rng.uniform(0.08, 0.2)
-        blob = ((x - cx) ** 2 + (y - cy) ** 2 < r**2) * rng.uniform(0.3, 1.0)
-        m = np.maximum(ramp, blob)
-        out.append((m - m.min()) / (m.max() - m.min()))
-    return np.stack(out).astype(np.float32)
 
 
 def test_num_stages_and_latent_shapes():
@@ -182,6 +155,7 @@ def test_prepare_maps_resizes_clamps_and_checks():
 _EMA_WORKER = """
 import sys, torch, torch.distributed as dist
 from perceptio_core.depth.vqvae import EMAVectorQuantizer
+
 rank, world, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
 dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
 torch.manual_seed(0)

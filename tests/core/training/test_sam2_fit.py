@@ -23,13 +23,7 @@ from perceptio_core.training.sam2_fit import (
     split_examples,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from perceptio_helpers import one_torch_thread  # noqa: F401
 
 
 def _ref(image_id: int, ann_id: int, split: str, dataset: str = "refcoco", iscrowd: int = 0) -> RefRecord:

@@ -24,19 +24,13 @@ from perceptio_core.training.teacher_fit import (
     ssi_loss,
     teacher_loop,
 )
-from perceptio_core.training.trainer import CHECKPOINTS, FINAL, Trainer, latest_checkpoint, read_history
+from perceptio_core.training.trainer import CHECKPOINTS, FINAL, latest_checkpoint, read_history
+
+from perceptio_helpers import one_torch_thread, run_trainer, trained_state  # noqa: F401
 
 TINY_FIT = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, fusion_hidden_size=16,
                 steps=12, batch_size=4, lr=1e-3, seed=0)  # fmt: skip
 INPUT = 42  # 3 x 3 patches of 14
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def world_images(root: Path) -> list[ImageRecord]:
@@ -113,20 +107,13 @@ def test_killed_teacher_fit_resumes_to_the_weights_of_an_uninterrupted_one(tiny_
     loop = teacher_loop(fit_cfg, len(train))
     loop.checkpoint_every = 3
 
-    def run(out: Path, stop_at: int | None = None) -> Trainer:
-        t = Trainer(TeacherFitTask(train, fit_cfg, INPUT), loop, out, device="cpu")
-        t.setup()
-        t.resume()
-        t.train(stop_at=stop_at)
-        return t
+    def run(out: Path, stop_at: int | None = None):
+        return run_trainer(TeacherFitTask(train, fit_cfg, INPUT), loop, out, stop_at)
 
-    def weights(t: Trainer) -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in t.accelerator.unwrap_model(t.model).state_dict().items()}
-
-    ref = weights(run(tmp_path / "full"))
+    ref = trained_state(run(tmp_path / "full"))
     run(tmp_path / "killed", stop_at=5)  # the checkpoint at step 3, then "killed" at 5
     assert latest_checkpoint(tmp_path / "killed").name == "step-00000003"
-    got = weights(run(tmp_path / "killed"))
+    got = trained_state(run(tmp_path / "killed"))
     assert got.keys() == ref.keys()
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], rtol=0, atol=0, msg=k)

@@ -10,39 +10,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from perceptio_core.config import VQVAEConfig
 from perceptio_core.depth.vqvae import VQVAE, prepare_maps
-from perceptio_core.training.trainer import CHECKPOINTS, FINAL, Trainer, latest_checkpoint, read_history
+from perceptio_core.training.trainer import CHECKPOINTS, FINAL, latest_checkpoint, read_history
 from perceptio_core.training.vqvae_fit import VQVAEFitTask, train_vqvae, vqvae_loop
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def tiny_cfg(**kw) -> VQVAEConfig:
-    base = dict(codebook_size=16, code_dim=8, grid=4, input_size=32, hidden=16, steps=60, batch_size=8,
-                lr=2e-3, seed=0)  # fmt: skip
-    base.update(kw)
-    return VQVAEConfig(**base)
-
-
-def smooth_maps(n: int, size: int = 32, seed: int = 0) -> np.ndarray:
-    """Ground-plane-like maps: a vertical ramp (near at the bottom) plus a brighter blob, in [0, 1]."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:size, 0:size] / (size - 1)
-    out = []
-    for _ in range(n):
-        ramp = np.clip((y - rng.uniform(0.2, 0.5)) / 0.6, 0, 1)
-        cx, cy, r = rng.uniform(0.2, 0.8), rng.uniform(0.4, 0.8), rng.uniform(0.08, 0.2)
-        blob = ((x - cx) ** 2 + (y - cy) ** 2 < r**2) * rng.uniform(0.3, 1.0)
-        m = np.maximum(ramp, blob)
-        out.append((m - m.min()) / (m.max() - m.min()))
-    return np.stack(out).astype(np.float32)
+from perceptio_helpers import one_torch_thread, run_trainer, trained_state, smooth_maps, tiny_vqvae_config as tiny_cfg  # noqa: F401
 
 
 def test_train_vqvae_learns_and_keeps_codes_alive(tmp_path):
@@ -95,24 +67,17 @@ def test_killed_vqvae_fit_resumes_to_the_weights_and_codebook_of_an_uninterrupte
     loop = vqvae_loop(cfg, train.shape[0])
     loop.checkpoint_every = 4
 
-    def run(out: Path, stop_at: int | None = None) -> Trainer:
-        t = Trainer(VQVAEFitTask(train, cfg), loop, out, device="cpu")
-        t.setup()
-        t.resume()
-        t.train(stop_at=stop_at)
-        return t
+    def run(out: Path, stop_at: int | None = None):
+        return run_trainer(VQVAEFitTask(train, cfg), loop, out, stop_at)
 
-    def state(t: Trainer) -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in t.accelerator.unwrap_model(t.model).state_dict().items()}
-
-    ref = state(run(tmp_path / "full"))
+    ref = trained_state(run(tmp_path / "full"))
     run(tmp_path / "killed", stop_at=6)  # the checkpoint at step 4, then "killed" at 6
     ck = latest_checkpoint(tmp_path / "killed")
     assert ck.name == "step-00000004"
     with safe_open(str(ck / "model.safetensors"), framework="pt") as f:
         assert {"vqvae.quantizer.embed", "vqvae.quantizer.cluster_size", "vqvae.quantizer.embed_avg",
                 "vqvae.quantizer.initted"} <= set(f.keys())  # fmt: skip
-    got = state(run(tmp_path / "killed"))
+    got = trained_state(run(tmp_path / "killed"))
     assert got.keys() == ref.keys() and "vqvae.quantizer.embed" in got
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], rtol=0, atol=0, msg=k)
