@@ -46,7 +46,7 @@ import tarfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -167,7 +167,30 @@ def _member_bytes(ti: tarfile.TarInfo) -> int:
 # ------------------------------------------------------------------------------------------
 
 
-class ShardWriter:
+_W = TypeVar("_W", bound="_ClosesOrAbandons")
+
+
+class _ClosesOrAbandons:
+    """A writer used as a context manager: ``close()`` (publish) on a clean exit, ``abandon()``
+    (nothing renamed into place) when the block raises."""
+
+    def close(self) -> Any:
+        raise NotImplementedError
+
+    def abandon(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self: _W) -> _W:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abandon()
+
+
+class ShardWriter(_ClosesOrAbandons):
     """Write samples into ``{out_dir}/{prefix}-%06d.tar`` shards, resuming a killed run.
 
     ``write(sample)`` for each sample of the stream, in order, then ``close()``; or use it as a
@@ -362,15 +385,6 @@ class ShardWriter:
         """Samples skipped because an earlier run's complete shards already hold them."""
         return self._skipped
 
-    def __enter__(self) -> ShardWriter:
-        return self
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abandon()
-
 
 # ------------------------------------------------------------------------------------------
 # manifest and quarantine
@@ -406,7 +420,7 @@ def write_manifest(
     return final
 
 
-class QuarantineLog:
+class QuarantineLog(_ClosesOrAbandons):
     """Streaming (source, record, reason) table written to parquet atomically on :meth:`close`.
 
     Rows are buffered ``batch_rows`` at a time, so memory stays bounded however many inputs are set
@@ -456,15 +470,6 @@ class QuarantineLog:
         """Drop the table (on failure): nothing is renamed into place."""
         self._writer.close()
         self._tmp.unlink(missing_ok=True)
-
-    def __enter__(self) -> QuarantineLog:
-        return self
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abandon()
 
 
 # ------------------------------------------------------------------------------------------
