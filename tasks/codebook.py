@@ -60,11 +60,10 @@ def train_vqvae(ctx: StageContext) -> StageOutput:
 
 
 def tokenize_depth(ctx: StageContext) -> StageOutput:
-    cfg = ctx.cfg.vqvae
     maps = DepthMaps(ctx.upstream_dir("teacher_depth"))
     tok = DepthTokenizer.from_pretrained(ctx.upstream_dir("train_vqvae"), device=ctx.cfg.run.device)
     digests = sorted(maps.digests)
-    out = np.zeros((len(digests), cfg.num_tokens), dtype=np.int32)
+    out = np.zeros((len(digests), tok.num_tokens), dtype=np.int32)  # K and N are the codebook's
     prog = Progress("tokenize depth", ctx.log)
     for i, (ds, batch) in enumerate(maps.batches(digests, 256)):
         out[i * 256 : i * 256 + len(ds)] = tok.encode(batch).cpu().numpy()
@@ -73,10 +72,10 @@ def tokenize_depth(ctx: StageContext) -> StageOutput:
     with ctx.writer.atomic("tokens.npy") as f:
         np.save(f, out)
     ctx.writer.write_json("digests.json", digests)
-    stats = code_statistics(torch.from_numpy(out), cfg.codebook_size)
+    stats = code_statistics(torch.from_numpy(out), tok.codebook_size)
     metrics = {
         "images": len(digests),
-        "tokens_per_image": cfg.num_tokens,
+        "tokens_per_image": tok.num_tokens,
         "code_usage": stats["usage"],
         "perplexity": stats["perplexity"],
         "tokens_sha256": hashlib.sha256(out.tobytes()).hexdigest()[:16],
@@ -89,12 +88,12 @@ TRAIN_VQVAE = StageSpec(
     upstream=("sources", "teacher_depth"),
     sections=("vqvae",),
     body=train_vqvae,
-    description="VQ-VAE depth codebook (10x10 grid of K codes) trained on the teacher maps",
+    description="VQ-VAE depth codebook (a grid of K codes) trained on the teacher maps",
 )
 TOKENIZE_DEPTH = StageSpec(
     name="tokenize_depth",
     upstream=("teacher_depth", "train_vqvae"),
-    sections=("vqvae.grid", "vqvae.input_size"),
+    sections=(),  # everything it depends on is in the codebook artifact (K, grid, map size)
     body=tokenize_depth,
-    description="100 depth-code indices per image",
+    description="N depth-code indices per image (N = grid^2 of the codebook)",
 )
