@@ -24,7 +24,7 @@ several processes DDP averages the per-process losses' gradients (a per-process 
 L_llm, as the HF Trainer does by default).
 
 Data order and exact resume: the dataset is map-style, ordered per epoch by
-:class:`perceptio_core.curation.wds_loader.EpochSampler` (a function of (seed, epoch)); the loader's own
+:class:`perceptio_core.training.sampler.EpochSampler` (a function of (seed, epoch)); the loader's own
 generator is reseeded from (seed, epoch) (it seeds the workers), so nothing about the order depends
 on the global RNG. After optimizer step k each process has consumed ``k * grad_accum`` micro-batches:
 epoch ``e = k * A // L`` and position ``k * A % L`` (L = micro-batches per process per epoch), so a
@@ -72,7 +72,7 @@ from perceptio_core.atomic_io import fsync_dir, fsync_tree, write_json
 from perceptio_core.device import ProgressFn
 from perceptio_core.config import TrainLoopConfig, canonical_json, to_dict
 from perceptio_core.training.schedule import build_scheduler, warmup_steps
-from perceptio_core.curation.wds_loader import EpochSampler
+from perceptio_core.training.sampler import EpochSampler
 
 log = logging.getLogger(__name__)
 

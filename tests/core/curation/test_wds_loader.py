@@ -1,11 +1,11 @@
-"""Map-style reading of the curated shards by manifest offset, and the (seed, epoch) sample order."""
+"""Map-style reading of the curated shards by manifest offset, and the (seed, epoch) sample order
+over them."""
 
 import io
 import pickle
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -13,7 +13,8 @@ from perceptio_core.atomic_io import bytes_digest
 
 from perceptio_core.curation.sample import Sample, make_key
 from perceptio_core.curation.shards import read_shards, shard_paths, write_shards
-from perceptio_core.curation.wds_loader import EpochSampler, ShardIndex, ShardSampleDataset
+from perceptio_core.curation.wds_loader import ShardIndex, ShardSampleDataset
+from perceptio_core.training.sampler import EpochSampler
 
 
 def _samples(n: int):
