@@ -246,7 +246,24 @@ def load_internvl(name_or_path: str | Path, dtype: str = "float32") -> InternVLF
     """``InternVLForConditionalGeneration.from_pretrained`` of a directory or hub id, in ``dtype``."""
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r} (one of {', '.join(DTYPES)})")
-    return InternVLForConditionalGeneration.from_pretrained(str(name_or_path), dtype=DTYPES[dtype])
+    model = InternVLForConditionalGeneration.from_pretrained(str(name_or_path), dtype=DTYPES[dtype])
+    keep_head_as_loaded(model)
+    return model
+
+
+def keep_head_as_loaded(model: InternVLForConditionalGeneration) -> bool:
+    """Record in ``model.config`` (and its text config) whether the LM head IS the input embedding,
+    as the checkpoint loaded it; returns that. A config without ``tie_word_embeddings`` (as
+    transformers' InternVL conversion writes it, and as the hub ships several) defaults to tied, so
+    a checkpoint whose ``lm_head.weight`` differs from its embeddings loads untied but would be tied
+    by the next ``tie_weights()`` (``resize_token_embeddings`` calls it), silently replacing the
+    output layer with the embeddings. After this call the config says what the weights are, and
+    every later resize, save and reload keeps it."""
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = head is not None and head.weight.data_ptr() == emb.weight.data_ptr()
+    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        config.tie_word_embeddings = tied
+    return tied
 
 
 @functools.cache

@@ -255,3 +255,63 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(batch):
     assert torch.allclose(grads[0]["__loss__"], grads[1]["__loss__"], rtol=1e-5)
     for n in grads[0]:
         assert torch.allclose(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-6), n
+
+
+def _strip_tie_keys(config_json: Path) -> None:
+    """Remove every ``tie_word_embeddings`` key, as transformers' InternVL conversion writes the config
+    (the default is then True, whatever the weights are)."""
+    def strip(d: dict) -> None:
+        d.pop("tie_word_embeddings", None)
+        for v in d.values():
+            if isinstance(v, dict):
+                strip(v)
+
+    cfg = json.loads(config_json.read_text())
+    strip(cfg)
+    config_json.write_text(json.dumps(cfg))
+
+
+def test_an_untied_head_stays_the_checkpoints_through_tokens_a_step_save_and_reload(tmp_path):
+    """A base whose config lacks ``tie_word_embeddings`` but whose ``lm_head`` differs from its
+    embeddings (InternVL2.5-8B's InternLM2 head; the converted -hf configs): after loading, adding the
+    K + 3 tokens, one optimizer step, saving and reloading, the head's original rows are still the
+    checkpoint's, never the embeddings."""
+    from perceptio_core.model.internvl import build_tiny_internvl, load_internvl, new_token_rows
+    from perceptio_helpers import tiny_model_config, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    base = build_tiny_internvl(tiny_model_config().tiny, tok)
+    n = base.get_input_embeddings().weight.shape[0]
+    head = base.get_output_embeddings().weight.detach().clone()
+    assert not torch.equal(head, base.get_input_embeddings().weight)
+    base.save_pretrained(tmp_path / "base")
+    _strip_tie_keys(tmp_path / "base" / "config.json")
+
+    loaded = load_internvl(tmp_path / "base")
+    assert loaded.config.tie_word_embeddings is False and loaded.config.get_text_config().tie_word_embeddings is False
+    model = PerceptioModel.build(tiny_model_config(base=str(tmp_path / "base")), LossConfig(), tiny_depth_tokenizer(),
+                                 tokenizer=tok)  # fmt: skip
+    batch = model.collator()(examples(model.num_depth_tokens, model.codebook_size))
+    opt = torch.optim.SGD(list(model.trainable_parameters().values()), lr=0.1)
+    model.train()
+    model(batch)["loss"].backward()
+    opt.step()
+    original = list(range(n))
+    assert torch.equal(new_token_rows(model.vlm, original)[1], head)
+    model.save_pretrained(tmp_path / "ft")
+    again = PerceptioModel.from_pretrained(tmp_path / "ft")
+    assert torch.equal(new_token_rows(again.vlm, original)[1], head)
+    assert not torch.equal(new_token_rows(again.vlm, original)[1], new_token_rows(again.vlm, original)[0])
+
+
+def test_a_tied_checkpoint_loads_tied(tmp_path):
+    from perceptio_core.model.internvl import build_tiny_internvl, load_internvl
+    from perceptio_helpers import tiny_model_config, tiny_tokenizer
+
+    base = build_tiny_internvl(tiny_model_config().tiny, tiny_tokenizer())
+    base.config.tie_word_embeddings = base.config.get_text_config().tie_word_embeddings = True
+    base.tie_weights()
+    base.save_pretrained(tmp_path / "tied")
+    loaded = load_internvl(tmp_path / "tied")
+    assert loaded.get_output_embeddings().weight.data_ptr() == loaded.get_input_embeddings().weight.data_ptr()
+    assert loaded.config.tie_word_embeddings is True
