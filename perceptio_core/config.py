@@ -235,9 +235,8 @@ class TinyVLMConfig:
     """The offline default base (ARCHITECTURE "finetune"): a small InternVL built from
     ``InternVLConfig`` (InternVL vision tower, 2 layers x 64; Qwen2 text model, 4 layers x 128) with a
     byte-level BPE tokenizer trained on the world's texts. Used only when ``model.base`` is unset.
-    A 2 x 64 text model (the smoke profile's) trains 40% faster but does not learn to answer from
-    its depth block: HardBLINK 0.08 vs 0.42 with 4 x 128 (base 0.17-0.38), measured on the default
-    world."""
+    4 x 128 is the smallest text model that learns to answer from its depth block
+    (docs/experiments.md)."""
 
     tokenizer_vocab_size: int = 512  # BPE vocabulary before the K + 3 perception tokens are added
     image_size: int = 64  # InternVL tile side; (image_size / patch_size)^2 / 4 image tokens

@@ -21,11 +21,9 @@ Two phases, for a variant whose mask decoder reads SAM2's high-resolution (strid
 2. ``refine`` (``sam2_fit.refine_steps``): from the first phase's weights, the projections train
    (starting at zero, so the first step is the first phase's model) and sharpen the masks.
 
-Measured on the default world: trained with its high-resolution features from the start, a small
-SAM2 settles within 250 steps on "every object" masks and never follows its prompts (the same mask
-for every point or box; also with zero-initialised projections); the stride-16 embedding alone
-(8 x 8 at 128 px) caps RefCOCO cIoU near 0.60 even for a perfect decoder, and the first phase alone
-reached point-prompt cIoU 0.41 on RefCOCO val; the second phase takes it to 0.59 in 1000 steps.
+Why two phases: a small SAM2 trained from scratch with its high-resolution features from the start
+settles on "every object" masks and never follows its prompts, and the stride-16 embedding alone
+caps its masks (docs/experiments.md has the figures).
 
 The result is saved in Meta's release format, ``sam2.pt`` = ``{"model": state_dict}`` with
 ``SAM2Base`` key names, so the ``finetune`` stage loads it through
