@@ -161,12 +161,18 @@ def base_predictor(base_model: Any, tokenizer: Any, depth_spec: DepthCodecSpec, 
 
     from perceptio_core.model.batching import encode_prompt
     from perceptio_core.model.generation import generate_ids
-    from perceptio_core.model.internvl import image_seq_length, internvl_pixel_values, to_pil_rgb, vision_image_size
+    from perceptio_core.model.internvl import (
+        image_seq_length,
+        internvl_pixel_values,
+        stop_token_ids,
+        to_pil_rgb,
+        vision_image_size,
+    )
 
     lm = TextOnlyLM(base_model)
     cfg = base_model.config
     seq_len, size = image_seq_length(cfg), vision_image_size(cfg)
-    stops = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
+    stops = stop_token_ids(base_model, tokenizer)
 
     @torch.no_grad()
     def predict(image: Any, prompt: str) -> Any:

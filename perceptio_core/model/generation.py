@@ -31,7 +31,7 @@ import torch
 from transformers import LogitsProcessor
 
 from perceptio_core.model.batching import encode_prompt
-from perceptio_core.model.internvl import PerceptionTokenIds, internvl_pixel_values, to_pil_rgb
+from perceptio_core.model.internvl import PerceptionTokenIds, internvl_pixel_values, stop_token_ids, to_pil_rgb
 from perceptio_core.format.target import Parsed, ParseStatus, parse_generation
 from perceptio_core.model.sam2_decoder import sam2_pixel_values
 
@@ -120,13 +120,6 @@ class _Beam:
     tokens: list[int]
     score: float
     finished: bool = False
-
-
-def _stop_ids(tokenizer: Any, extra: Sequence[int] | None) -> set[int]:
-    ids = set(int(i) for i in (extra or ()))
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    return ids
 
 
 def _process(scores: torch.Tensor, seqs: list[list[int]], constraint: PerceptionConstraint | None) -> torch.Tensor:
@@ -274,7 +267,7 @@ def generate(
     want_depth: bool = True,
     response_prefix: str = "",
     use_cache: bool = True,
-    stop_token_ids: Sequence[int] | None = None,
+    extra_stop_ids: Sequence[int] = (),
     length_penalty: float = 1.0,
 ) -> GenerationResult:
     """Answer ``prompt`` about ``image`` with a :class:`~perceptio_core.model.perceptio_model.PerceptioModel`.
@@ -291,7 +284,8 @@ def generate(
         want_depth: decode a well-formed depth block through the VQ-VAE decoder.
         response_prefix: text forced at the start of the response (e.g. ``"[SEG]<d_start>"``).
         use_cache: decode with the KV cache (identical output, faster).
-        stop_token_ids: extra ids that end the response besides eos.
+        extra_stop_ids: ids that end the response besides the eos ids of the tokenizer and the
+            checkpoint's generation config (:func:`~perceptio_core.model.internvl.stop_token_ids`).
         length_penalty: beam-score normalisation exponent.
     """
     model.eval()
@@ -301,7 +295,7 @@ def generate(
     prefix_ids = tokenizer(response_prefix, add_special_tokens=False).input_ids if response_prefix else []
     dtype = model.base_model.dtype
     pixel_values = internvl_pixel_values(pil, model.image_size)[None].to(device=device, dtype=dtype)
-    stops = _stop_ids(tokenizer, stop_token_ids)
+    stops = stop_token_ids(model.base_model, tokenizer, extra_stop_ids)
     constraint = PerceptionConstraint(model.token_ids, model.num_depth_tokens) if constrained else None
     tokens, score = generate_ids(
         model,

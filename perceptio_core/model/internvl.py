@@ -251,6 +251,19 @@ def load_internvl(name_or_path: str | Path, dtype: str = "float32") -> InternVLF
     return model
 
 
+def stop_token_ids(vlm: nn.Module, tokenizer: PreTrainedTokenizerBase, extra: Sequence[int] = ()) -> set[int]:
+    """Every id that ends a response: the tokenizer's eos and every id of the checkpoint's
+    ``generation_config.eos_token_id`` (an int or a list: InternVL2.5-8B's tokenizer eos is
+    ``</s>`` while its turns end with ``<|im_end|>``), plus ``extra``."""
+    ids = {int(i) for i in extra}
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    eos = getattr(getattr(vlm, "generation_config", None), "eos_token_id", None)
+    if eos is not None:
+        ids |= {int(i) for i in (eos if isinstance(eos, (list, tuple)) else [eos])}
+    return ids
+
+
 def keep_head_as_loaded(model: InternVLForConditionalGeneration) -> bool:
     """Record in ``model.config`` (and its text config) whether the LM head IS the input embedding,
     as the checkpoint loaded it; returns that. A config without ``tie_word_embeddings`` (as

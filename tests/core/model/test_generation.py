@@ -168,3 +168,26 @@ def test_no_seg_no_mask(model):
     assert r.text == "(A)"
     assert model.token_ids.seg not in r.token_ids
     assert r.seg_hidden is None and r.mask is None and r.depth_indices is None
+
+
+def test_generation_stops_on_every_eos_id_of_the_checkpoint(model):
+    """InternVL2.5-8B's tokenizer eos is ``</s>`` but its turns end with ``<|im_end|>``, listed in
+    ``generation_config.eos_token_id``: generation stops on any id there, not only the tokenizer's."""
+    from perceptio_core.model.internvl import stop_token_ids
+
+    gc = model.base_model.generation_config
+    saved = gc.eos_token_id
+    try:
+        free = generate(model, model.tokenizer, png_bytes(), PROMPT, max_new_tokens=6, constrained=False,
+                        want_mask=False, want_depth=False)  # fmt: skip
+        third = free.token_ids[2]
+        assert third not in free.token_ids[:2] and third != model.tokenizer.eos_token_id
+        gc.eos_token_id = [int(model.tokenizer.eos_token_id), int(third)]
+        assert stop_token_ids(model.base_model, model.tokenizer) == {model.tokenizer.eos_token_id, third}
+        stopped = generate(model, model.tokenizer, png_bytes(), PROMPT, max_new_tokens=6, constrained=False,
+                           want_mask=False, want_depth=False)  # fmt: skip
+        assert stopped.token_ids == free.token_ids[:2]  # ends at the checkpoint's end-of-turn id
+        gc.eos_token_id = int(third)
+        assert stop_token_ids(model.base_model, model.tokenizer, [7]) == {model.tokenizer.eos_token_id, third, 7}
+    finally:
+        gc.eos_token_id = saved
