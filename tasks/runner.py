@@ -155,6 +155,17 @@ def project_imports_closure(roots: list[str]) -> set[str]:
     return seen
 
 
+def versioned_modules(roots: list[str]) -> list[str]:
+    """``roots`` and every project module they reach by import, less :data:`UNVERSIONED` and the
+    package inits: the modules whose source versions what ``roots`` compute."""
+    return sorted(m for m in project_imports_closure(roots) - UNVERSIONED if not _is_package_init(m))
+
+
+def module_files(modules: list[str]) -> list[Path]:
+    """The source files of ``modules`` (those that exist)."""
+    return [p for m in modules if (p := _module_file(m)) is not None]
+
+
 @dataclass(frozen=True)
 class StageSpec:
     """A stage: its name, inputs, the config and code that make its key, and its body."""
@@ -186,11 +197,10 @@ class StageSpec:
         for mod in self.code:
             if _module_file(mod) is None:
                 raise FileNotFoundError(f"stage {self.name}: code module {mod} not found under {REPO_ROOT}")
-        found = project_imports_closure([self.body.__module__, *self.code])
-        return sorted({m for m in found - UNVERSIONED if not _is_package_init(m)} | {"tasks.runner"})
+        return sorted({*versioned_modules([self.body.__module__, *self.code]), "tasks.runner"})
 
     def code_files(self) -> list[Path]:
-        return [p for m in self.code_modules() if (p := _module_file(m)) is not None]
+        return module_files(self.code_modules())
 
     def config_view(self, cfg: PerceptioConfig) -> dict[str, Any]:
         return {s: to_dict(cfg.section(s)) for s in self.sections}

@@ -10,16 +10,7 @@ from perceptio_core.data import sources as data_sources
 from perceptio_core.world.synth import generate_world
 from storage import code_digest
 from storage.keys import digest_text
-from tasks.runner import (
-    UNVERSIONED,
-    RunContext,
-    StageContext,
-    StageOutput,
-    StageSpec,
-    _is_package_init,
-    _module_file,
-    project_imports_closure,
-)
+from tasks.runner import RunContext, StageContext, StageOutput, StageSpec, module_files, versioned_modules
 
 SYNTH_ENTRY = "perceptio_core.world.synth"
 
@@ -28,13 +19,11 @@ def synth_code_modules() -> list[str]:
     """The modules whose source versions the synthetic world: the generator and every project module
     it reaches by import, less the config schema and package inits, as for a stage's code version
     (the synth config's values are keyed directly)."""
-    found = project_imports_closure([SYNTH_ENTRY])
-    return sorted(m for m in found - UNVERSIONED if not _is_package_init(m))
+    return versioned_modules([SYNTH_ENTRY])
 
 
 def _synth_digest(cfg: PerceptioConfig) -> str:
-    files = [p for m in synth_code_modules() if (p := _module_file(m)) is not None]
-    return digest_text(canonical_json(cfg.synth), code_digest(files))
+    return digest_text(canonical_json(cfg.synth), code_digest(module_files(synth_code_modules())))
 
 
 def world_dir(cfg: PerceptioConfig, workdir: Path) -> Path:

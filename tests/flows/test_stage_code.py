@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from perceptio_core.config import load_config
 from tasks import sources
-from tasks.runner import UNVERSIONED, _is_package_init, _module_file, project_imports_closure
+from tasks.runner import UNVERSIONED, _is_package_init, _module_file, module_files, project_imports_closure
 from tasks.stages import BY_NAME, STAGES
 
 
@@ -50,6 +50,7 @@ def test_the_world_is_versioned_by_every_module_its_generator_reaches(tmp_path, 
     edited = tmp_path / "data" / "markers.py"  # same "data/markers.py" name in the digest
     edited.parent.mkdir()
     edited.write_bytes(_module_file("perceptio_core.data.markers").read_bytes() + b"\n")
-    monkeypatch.setattr(sources, "_module_file",
-                        lambda m: edited if m == "perceptio_core.data.markers" else _module_file(m))
+    marker = _module_file("perceptio_core.data.markers")
+    monkeypatch.setattr(sources, "module_files",
+                        lambda mods: [edited if f == marker else f for f in module_files(mods)])
     assert sources.world_dir(cfg, tmp_path) != before
