@@ -43,6 +43,7 @@ import io
 import json
 import os
 import tarfile
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,15 +171,17 @@ def _member_bytes(ti: tarfile.TarInfo) -> int:
 _W = TypeVar("_W", bound="_ClosesOrAbandons")
 
 
-class _ClosesOrAbandons:
+class _ClosesOrAbandons(ABC):
     """A writer used as a context manager: ``close()`` (publish) on a clean exit, ``abandon()``
     (nothing renamed into place) when the block raises."""
 
+    @abstractmethod
     def close(self) -> Any:
-        raise NotImplementedError
+        """Finish and publish what was written."""
 
+    @abstractmethod
     def abandon(self) -> None:
-        raise NotImplementedError
+        """Drop what was written; nothing is renamed into place."""
 
     def __enter__(self: _W) -> _W:
         return self
