@@ -276,6 +276,8 @@ class ModelConfig:
     mask_threshold: float = 0.5  # sigmoid(mask logits) > threshold at inference (SPEC §1)
     max_length: int = 8192  # tokens per sequence (SPEC §4); longer targets are cut at the end
     gradient_checkpointing: bool = False  # on the language model; for paper-scale training
+    max_tiles: int = 1  # dynamic tiling in training: 1 to max_tiles aspect-matched tiles + a thumbnail
+    # (perceptio_core/model/processor.py); InternVL's fine-tuning uses 6; 1: one square tile
     tiny: TinyVLMConfig = field(default_factory=TinyVLMConfig)
 
     def __post_init__(self) -> None:
@@ -283,6 +285,8 @@ class ModelConfig:
             raise ConfigError(f"model.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if not 0.0 < self.mask_threshold < 1.0:
             raise ConfigError(f"model.mask_threshold must be in (0, 1), got {self.mask_threshold}")
+        if not 1 <= self.max_tiles <= 40:
+            raise ConfigError(f"model.max_tiles must be in 1..40, got {self.max_tiles}")
 
 
 @dataclass
@@ -407,6 +411,7 @@ class EvaluateConfig:
     constrained: bool = True  # constrained perception decoding (SPEC §1) for the main run
     max_new_tokens: int = 160  # N + 3 + the answer
     num_beams: int = 1  # 1: greedy
+    max_tiles: int = 0  # dynamic tiling at evaluation (InternVL evaluates with 12); 0: model.max_tiles
     compare_base: bool = True  # run the same benchmarks with the base model (text only)
     report_samples: int = 2  # pictures of right and of wrong samples per benchmark
     depth_pairs: int = 2000  # random pixel pairs per map for the pair-order accuracy
@@ -419,6 +424,8 @@ class EvaluateConfig:
             raise ConfigError("evaluate.refer_splits must not contain 'train'")
         if self.max_new_tokens < 1 or self.num_beams < 1 or self.depth_pairs < 1:
             raise ConfigError("evaluate.max_new_tokens, num_beams and depth_pairs must be >= 1")
+        if not 0 <= self.max_tiles <= 40:
+            raise ConfigError(f"evaluate.max_tiles must be in 0..40 (0: model.max_tiles), got {self.max_tiles}")
 
 
 @dataclass

@@ -121,15 +121,18 @@ def model_predictor(
     num_beams: int = 1,
     want_mask: bool = True,
     want_depth: bool = True,
+    max_tiles: int | None = None,
 ) -> Predict:
     """``predict(image path or PIL, prompt) -> GenerationResult`` for a loaded
     :class:`~perceptio_core.model.perceptio_model.PerceptioModel` (its own tokenizer), through
-    :func:`perceptio_core.model.generation.generate`."""
+    :func:`perceptio_core.model.generation.generate`; images tiled up to ``max_tiles`` (None or 0:
+    the model's ``model.max_tiles``)."""
     from perceptio_core.model.generation import generate
 
     def predict(image: Any, prompt: str) -> Any:
         return generate(model, model.tokenizer, _image_arg(image), prompt, max_new_tokens, constrained,
-                        num_beams, want_mask=want_mask, want_depth=want_depth)  # fmt: skip
+                        num_beams, want_mask=want_mask, want_depth=want_depth,
+                        max_tiles=max_tiles or None)  # fmt: skip
 
     return predict
 
@@ -151,7 +154,7 @@ class TextOnlyLM:
 
 
 def base_predictor(base_model: Any, tokenizer: Any, depth_spec: DepthCodecSpec, *, max_new_tokens: int = 160,
-                   num_beams: int = 1) -> Predict:
+                   num_beams: int = 1, processor: Any = None) -> Predict:
     """``predict(image, prompt)`` for the base InternVL (text only): the prompt encoded as in
     training (:func:`perceptio_core.model.batching.encode_prompt`), greedy (or beam) decoding with the KV
     cache, no constraint. Its text is read by the parser the Perceptio model's is, with the K and N
@@ -159,29 +162,23 @@ def base_predictor(base_model: Any, tokenizer: Any, depth_spec: DepthCodecSpec, 
     prediction has ``mask``, ``depth_map`` and ``depth_indices`` None."""
     import torch
 
-    from perceptio_core.model.batching import encode_prompt
+    from perceptio_core.model.batching import encode_image, encode_prompt
     from perceptio_core.model.generation import generate_ids
-    from perceptio_core.model.internvl import (
-        image_seq_length,
-        internvl_pixel_values,
-        stop_token_ids,
-        to_pil_rgb,
-        vision_image_size,
-    )
+    from perceptio_core.model.internvl import stop_token_ids
+    from perceptio_core.model.processor import TileProcessor
 
     lm = TextOnlyLM(base_model)
-    cfg = base_model.config
-    seq_len, size = image_seq_length(cfg), vision_image_size(cfg)
+    processor = processor or TileProcessor.for_model(base_model.config)
     stops = stop_token_ids(base_model, tokenizer)
 
     @torch.no_grad()
     def predict(image: Any, prompt: str) -> Any:
         base_model.eval()
         param = next(base_model.parameters())
-        pil = to_pil_rgb(_image_arg(image))
-        px = internvl_pixel_values(pil, size)[None].to(device=param.device, dtype=param.dtype)
-        ids, _ = generate_ids(lm, encode_prompt(tokenizer, prompt, seq_len), px, max_new_tokens, stops,
-                              num_beams=num_beams)  # fmt: skip
+        _, tiles = encode_image(processor, _image_arg(image))
+        px = tiles.to(device=param.device, dtype=param.dtype)
+        prompt_ids = encode_prompt(tokenizer, prompt, processor.tokens_per_tile * len(tiles))
+        ids, _ = generate_ids(lm, prompt_ids, px, max_new_tokens, stops, num_beams=num_beams)
         ids = [t for t in ids if t not in stops]
         raw = tokenizer.decode(ids, skip_special_tokens=False)
         parsed = parse_generation(raw, depth_spec.num_tokens, depth_spec.codebook_size)
@@ -203,22 +200,27 @@ def make_predictors(
     without the constraint (None when ``unconstrained_limit`` is 0); ``base_predict`` wraps
     ``base_model`` (None without one or when ``cfg.compare_base`` is off). K and N are the model's
     (``model.depth_spec``); ``cfg.max_new_tokens`` must hold its perception block ([SEG], the two
-    markers and N codes), else ``ValueError``."""
+    markers and N codes), else ``ValueError``. Images are tiled up to ``cfg.max_tiles`` (0: the
+    model's ``model.max_tiles``), the base's alike."""
+    from perceptio_core.model.processor import TileProcessor
+
     cfg = cfg or EvaluateConfig()
     spec = model.depth_spec
     block = spec.num_tokens + 3
     if cfg.max_new_tokens <= block:
         raise ValueError(f"evaluate.max_new_tokens = {cfg.max_new_tokens} leaves no room for an answer after the "
                          f"perception block of this model ({block} tokens: [SEG], 2 markers, N = {spec.num_tokens})")
+    tiles = cfg.max_tiles or model.image_processor.max_tiles
     kw = dict(max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams)
     return {
-        "predict": model_predictor(model, constrained=cfg.constrained, **kw),
+        "predict": model_predictor(model, constrained=cfg.constrained, max_tiles=tiles, **kw),
         "predict_unconstrained": (
-            model_predictor(model, constrained=False, want_mask=False, want_depth=False, **kw)
+            model_predictor(model, constrained=False, want_mask=False, want_depth=False, max_tiles=tiles, **kw)
             if cfg.unconstrained_limit > 0 else None
         ),
         "base_predict": (
-            base_predictor(base_model, base_tokenizer, spec, **kw)
+            base_predictor(base_model, base_tokenizer, spec,
+                           processor=TileProcessor.for_model(base_model.config).with_max_tiles(tiles), **kw)
             if base_model is not None and cfg.compare_base else None
         ),
     }

@@ -2,24 +2,31 @@
 
 The sequence of one example is
 
-    prompt part: [chat template] <img> <IMG_CONTEXT> x L </img> \\n prompt [assistant turn]
-    target part: target text (``[SEG]<d_start><d_i>...<d_end> answer``) + eos
+    prompt part: [chat template] <img> <IMG_CONTEXT> x (L x tiles) </img> \\n prompt [assistant turn]
+    target part: target text (``[SEG]<d_start><d_i>...<d_end> answer``) + turn end
 
 ``labels`` copy ``input_ids`` on the target part and are -100 on the prompt part (image tokens
 included) and on padding, so L_llm is the teacher-forced NLL of the target only (SPEC §3).
 Sequences are right-padded; a sequence longer than ``max_length`` loses the end of its target (the
-prompt, image tokens included, is never cut).
+prompt, image tokens included, is never cut). The target ends with the chat template's turn-end
+token (``<|im_end|>`` for InternVL; :func:`perceptio_core.model.internvl.turn_end_id`), the token
+generation stops on.
 
-The prompt part uses the tokenizer's chat template when it has one (the released InternVL "-hf"
-tokenizers do), with the expanded image string in front of the user text; without one (the tiny
-tokenizer) it is the plain layout above. :func:`encode_prompt` is shared with generation, so
-training and inference see the same prompt tokens.
+The image goes through the checkpoint's processor (:class:`perceptio_core.model.processor.TileProcessor`):
+1 to ``max_tiles`` aspect-matched tiles plus a thumbnail, L context tokens per tile, so the number
+of ``<IMG_CONTEXT>`` tokens follows the image's aspect ratio. The prompt part uses the tokenizer's
+chat template when it has one (the released InternVL tokenizers and the tiny one do), with the
+expanded image string in front of the user text; without one it is the plain layout above.
+:func:`encode_prompt` is shared with generation, so training and inference see the same prompt
+tokens.
 
-A batch (``dict`` of tensors, every one with the batch first) is:
+A batch (``dict`` of tensors) is:
 
     input_ids        [B, T] long      attention_mask   [B, T] long (1 = token, 0 = pad)
     labels           [B, T] long      (-100 on image, prompt and padding)
-    pixel_values     [B, 3, S, S]     InternVL tile (S = vision image_size), ImageNet-normalised
+    pixel_values     [P, 3, S, S]     the InternVL tiles of every example, in example order
+                                      (P = sum of num_tiles; S = vision image_size), ImageNet-normalised
+    num_tiles        [B] long         tiles of each example
     sam2_pixel_values[B, 3, S2, S2]   SAM2 input (S2 = SAM2 image_size); zeros where no mask
     masks            [B, S2, S2]      ground-truth mask resized (nearest) to the SAM2 frame, 0/1
     has_mask         [B] bool
@@ -28,6 +35,8 @@ A batch (``dict`` of tensors, every one with the batch first) is:
     seg_positions    [B] long         input index of the first [SEG] of the target, -1 if none
     d_start_positions[B] long         input index of the first <d_start> of the target, -1 if none
     d_end_positions  [B] long         input index of the first <d_end> after it, -1 if none
+
+:func:`select_examples` takes a sub-batch (rows and their tiles) out of a batch.
 
 SAM2 sees the image squashed to a square (as ``SAM2Transforms`` does), so the mask is resized the
 same way and the loss is computed in that frame; at inference the predicted logits are resized back
@@ -45,9 +54,10 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
-from perceptio_core.model.internvl import PerceptionTokenIds, image_tokens, internvl_pixel_values, to_pil_rgb
-from perceptio_core.model.losses import IGNORE
 from perceptio_core.data.masks import decode_mask, resize_nearest
+from perceptio_core.model.internvl import PerceptionTokenIds, image_tokens, to_pil_rgb, turn_end_id
+from perceptio_core.model.losses import IGNORE
+from perceptio_core.model.processor import TileProcessor
 from perceptio_core.model.sam2_decoder import sam2_pixel_values
 
 
@@ -85,16 +95,16 @@ def example_from_sample(sample: Any, depth_map: np.ndarray | None = None) -> Tra
     )
 
 
-def image_placeholder(tokenizer: PreTrainedTokenizerBase, image_seq_length: int) -> str:
-    """``<img>`` + ``<IMG_CONTEXT>`` x ``image_seq_length`` + ``</img>`` in the tokenizer's spelling."""
+def image_placeholder(tokenizer: PreTrainedTokenizerBase, num_image_tokens: int) -> str:
+    """``<img>`` + ``<IMG_CONTEXT>`` x ``num_image_tokens`` + ``</img>`` in the tokenizer's spelling."""
     start, context, end = image_tokens(tokenizer)
-    return start + context * image_seq_length + end
+    return start + context * num_image_tokens + end
 
 
-def prompt_text(tokenizer: PreTrainedTokenizerBase, prompt: str, image_seq_length: int) -> str:
+def prompt_text(tokenizer: PreTrainedTokenizerBase, prompt: str, num_image_tokens: int) -> str:
     """The prompt part as text (see the module docstring): chat template when the tokenizer has
     one (user turn = image string + newline + prompt, generation prompt added), else plain."""
-    content = image_placeholder(tokenizer, image_seq_length) + "\n" + prompt.strip()
+    content = image_placeholder(tokenizer, num_image_tokens) + "\n" + prompt.strip()
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(
             [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
@@ -102,26 +112,43 @@ def prompt_text(tokenizer: PreTrainedTokenizerBase, prompt: str, image_seq_lengt
     return content + "\n"
 
 
-def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, image_seq_length: int) -> list[int]:
-    """Token ids of the prompt part; checks that exactly ``image_seq_length`` context tokens came out."""
-    text = prompt_text(tokenizer, prompt, image_seq_length)
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, num_image_tokens: int) -> list[int]:
+    """Token ids of the prompt part; checks that exactly ``num_image_tokens`` context tokens came
+    out (``TileProcessor.num_image_tokens`` of the image)."""
+    text = prompt_text(tokenizer, prompt, num_image_tokens)
     ids = tokenizer(text, add_special_tokens=not getattr(tokenizer, "chat_template", None)).input_ids
     _, context, _ = image_tokens(tokenizer)
     ctx_id = tokenizer.convert_tokens_to_ids(context)
     n = sum(1 for i in ids if i == ctx_id)
-    if n != image_seq_length:
-        raise ValueError(f"prompt has {n} image context tokens, expected {image_seq_length}")
+    if n != num_image_tokens:
+        raise ValueError(f"prompt has {n} image context tokens, expected {num_image_tokens}")
     return list(ids)
 
 
-def encode_target(tokenizer: PreTrainedTokenizerBase, target: str, add_eos: bool = True) -> list[int]:
-    """Token ids of the target text (+ eos)."""
+def encode_target(tokenizer: PreTrainedTokenizerBase, target: str, end_id: int | None = None) -> list[int]:
+    """Token ids of the target text + the turn end (``end_id``; default
+    :func:`~perceptio_core.model.internvl.turn_end_id` of the tokenizer)."""
     ids = list(tokenizer(target, add_special_tokens=False).input_ids)
-    if add_eos:
-        if tokenizer.eos_token_id is None:
-            raise ValueError("tokenizer has no eos token")
-        ids.append(int(tokenizer.eos_token_id))
+    ids.append(int(turn_end_id(tokenizer) if end_id is None else end_id))
     return ids
+
+
+def encode_image(processor: TileProcessor, image: Any) -> tuple[Any, torch.Tensor]:
+    """``(RGB PIL image, its tiles [n, 3, S, S])``: the image decoded once, for InternVL and SAM2."""
+    pil = to_pil_rgb(image)
+    return pil, processor(pil)
+
+
+def select_examples(batch: dict[str, torch.Tensor], rows: slice) -> dict[str, torch.Tensor]:
+    """The examples ``rows`` of a collated batch: every per-example tensor sliced, and
+    ``pixel_values`` cut to those examples' tiles (by ``num_tiles``)."""
+    tiles = batch["num_tiles"]
+    idx = range(len(tiles))[rows]
+    if idx.step != 1:
+        raise ValueError("select_examples takes a contiguous slice")
+    bounds = torch.cat([tiles.new_zeros(1), tiles.cumsum(0)])
+    lo, hi = (int(bounds[idx.start]), int(bounds[idx.stop])) if len(idx) else (0, 0)
+    return {k: (v[lo:hi] if k == "pixel_values" else v[rows]) for k, v in batch.items()}
 
 
 def _first(ids: Sequence[int], token: int, start: int = 0) -> int:
@@ -147,7 +174,7 @@ class PerceptioCollator:
     Args:
         tokenizer: the extended tokenizer (perception tokens added).
         token_ids: ids of the perception tokens in ``tokenizer``.
-        image_size: InternVL tile side S; image_seq_length: image context tokens per tile.
+        processor: the checkpoint's image processor (tiles, tokens per tile).
         sam2_image_size: SAM2 input side S2; depth_size: VQ-VAE input side D.
         max_length: tokens per sequence at most.
     """
@@ -156,27 +183,27 @@ class PerceptioCollator:
         self,
         tokenizer: PreTrainedTokenizerBase,
         token_ids: PerceptionTokenIds,
-        image_size: int,
-        image_seq_length: int,
+        processor: TileProcessor,
         sam2_image_size: int,
         depth_size: int,
         max_length: int = 8192,
     ) -> None:
         self.tokenizer = tokenizer
         self.token_ids = token_ids
-        self.image_size = image_size
-        self.image_seq_length = image_seq_length
+        self.processor = processor
         self.sam2_image_size = sam2_image_size
         self.depth_size = depth_size
         self.max_length = max_length
         if tokenizer.pad_token_id is None:
             raise ValueError("tokenizer has no pad token")
         self.pad_id = int(tokenizer.pad_token_id)
+        self.end_id = turn_end_id(tokenizer)
 
-    def encode(self, example: TrainExample) -> tuple[list[int], list[int], int]:
-        """(input ids, labels, index where the target starts) of one example, cut to max_length."""
-        prompt_ids = encode_prompt(self.tokenizer, example.prompt, self.image_seq_length)
-        target_ids = encode_target(self.tokenizer, example.target)
+    def encode(self, example: TrainExample, num_tiles: int) -> tuple[list[int], list[int], int]:
+        """(input ids, labels, index where the target starts) of one example whose image is
+        ``num_tiles`` tiles, cut to max_length."""
+        prompt_ids = encode_prompt(self.tokenizer, example.prompt, self.processor.tokens_per_tile * num_tiles)
+        target_ids = encode_target(self.tokenizer, example.target, self.end_id)
         if len(prompt_ids) >= self.max_length:
             raise ValueError(f"prompt of {len(prompt_ids)} tokens does not fit max_length {self.max_length}")
         ids = (prompt_ids + target_ids)[: self.max_length]
@@ -186,7 +213,8 @@ class PerceptioCollator:
     def __call__(self, examples: Sequence[TrainExample]) -> dict[str, torch.Tensor]:
         if not examples:
             raise ValueError("empty batch")
-        encoded = [self.encode(e) for e in examples]
+        images = [encode_image(self.processor, e.image) for e in examples]
+        encoded = [self.encode(e, len(tiles)) for e, (_, tiles) in zip(examples, images)]
         b = len(examples)
         t = max(len(ids) for ids, _, _ in encoded)
         input_ids = torch.full((b, t), self.pad_id, dtype=torch.long)
@@ -207,15 +235,15 @@ class PerceptioCollator:
                 d_end[i] = _first(ids, tid.d_end, int(d_start[i]) + 1)
 
         s2 = self.sam2_image_size
-        pixel_values = torch.stack([internvl_pixel_values(e.image, self.image_size) for e in examples])
+        pixel_values = torch.cat([tiles for _, tiles in images])
+        num_tiles = torch.tensor([len(tiles) for _, tiles in images], dtype=torch.long)
         sam2_pixels = torch.zeros((b, 3, s2, s2), dtype=torch.float32)
         masks = torch.zeros((b, s2, s2), dtype=torch.float32)
         has_mask = torch.zeros((b,), dtype=torch.bool)
         depth_maps = torch.zeros((b, self.depth_size, self.depth_size), dtype=torch.float32)
         has_depth = torch.zeros((b,), dtype=torch.bool)
-        for i, e in enumerate(examples):
+        for i, (e, (image, _)) in enumerate(zip(examples, images)):
             if e.mask is not None:
-                image = to_pil_rgb(e.image)
                 m = np.asarray(e.mask)
                 if m.shape[:2] != (image.height, image.width):
                     raise ValueError(
@@ -232,6 +260,7 @@ class PerceptioCollator:
             "attention_mask": attention_mask,
             "labels": labels,
             "pixel_values": pixel_values,
+            "num_tiles": num_tiles,
             "sam2_pixel_values": sam2_pixels,
             "masks": masks,
             "has_mask": has_mask,
@@ -246,10 +275,12 @@ class PerceptioCollator:
 __all__ = [
     "PerceptioCollator",
     "TrainExample",
+    "encode_image",
     "encode_prompt",
     "encode_target",
     "example_from_sample",
     "image_placeholder",
     "prompt_text",
     "resize_map",
+    "select_examples",
 ]

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from transformers import LogitsProcessor
 
-from perceptio_core.model.batching import encode_prompt
-from perceptio_core.model.internvl import PerceptionTokenIds, internvl_pixel_values, stop_token_ids, to_pil_rgb
+from perceptio_core.model.batching import encode_image, encode_prompt
+from perceptio_core.model.internvl import PerceptionTokenIds, stop_token_ids
 from perceptio_core.format.target import Parsed, ParseStatus, parse_generation
 from perceptio_core.model.sam2_decoder import sam2_pixel_values
 
@@ -138,7 +138,7 @@ def _process(scores: torch.Tensor, seqs: list[list[int]], constraint: Perception
 def generate_ids(
     model: Any,
     prompt_ids: Sequence[int],
-    pixel_values: torch.Tensor,
+    pixel_values: torch.Tensor,  # [n, 3, S, S]: the tiles of the one image
     max_new_tokens: int,
     stop_ids: set[int],
     constraint: PerceptionConstraint | None = None,
@@ -167,7 +167,7 @@ def generate_ids(
 
     def full_logits(seqs: list[list[int]]) -> torch.Tensor:
         ids = torch.tensor([list(prompt_ids) + s for s in seqs], dtype=torch.long, device=device)
-        pv = pixel_values.expand(len(seqs), -1, -1, -1)
+        pv = pixel_values.repeat(len(seqs), 1, 1, 1)  # every sequence's copy of the tiles
         return model.lm_forward(ids, pixel_values=pv, use_cache=False).logits[:, -1].float()
 
     # prefill
@@ -269,6 +269,7 @@ def generate(
     use_cache: bool = True,
     extra_stop_ids: Sequence[int] = (),
     length_penalty: float = 1.0,
+    max_tiles: int | None = None,
 ) -> GenerationResult:
     """Answer ``prompt`` about ``image`` with a :class:`~perceptio_core.model.perceptio_model.PerceptioModel`.
 
@@ -287,14 +288,15 @@ def generate(
         extra_stop_ids: ids that end the response besides the eos ids of the tokenizer and the
             checkpoint's generation config (:func:`~perceptio_core.model.internvl.stop_token_ids`).
         length_penalty: beam-score normalisation exponent.
+        max_tiles: dynamic tiling bound for this image (None: the model's ``model.max_tiles``).
     """
     model.eval()
     device = next(model.parameters()).device
-    pil = to_pil_rgb(image)
-    prompt_ids = encode_prompt(tokenizer, prompt, model.image_seq_length)
+    processor = model.image_processor.with_max_tiles(max_tiles)
+    pil, tiles = encode_image(processor, image)
+    prompt_ids = encode_prompt(tokenizer, prompt, processor.tokens_per_tile * len(tiles))
     prefix_ids = tokenizer(response_prefix, add_special_tokens=False).input_ids if response_prefix else []
-    dtype = model.base_model.dtype
-    pixel_values = internvl_pixel_values(pil, model.image_size)[None].to(device=device, dtype=dtype)
+    pixel_values = tiles.to(device=device, dtype=model.base_model.dtype)
     stops = stop_token_ids(model.base_model, tokenizer, extra_stop_ids)
     constraint = PerceptionConstraint(model.token_ids, model.num_depth_tokens) if constrained else None
     tokens, score = generate_ids(

@@ -23,7 +23,14 @@ How InternVL takes the image (transformers 5, ``modeling_internvl.py``): the pro
 (CLS dropped) are pixel-shuffled by ``downsample_ratio`` (0.5) and projected, and
 ``masked_scatter`` puts them at the ``image_token_id`` (= ``<IMG_CONTEXT>``) positions. So
 ``image_seq_length = (image_size / patch_size)^2 * downsample_ratio^2`` per 448-px tile (256 for
-the released models). We feed one tile per image (no dynamic tiling), resized square.
+the released models). An image is one or more tiles (dynamic tiling:
+:mod:`perceptio_core.model.processor`).
+
+Chat template and turn end: the tiny tokenizer carries an InternVL-style chat template
+(``<|im_start|>role\n ... <|im_end|>\n``, :data:`CHAT_TEMPLATE`, saved as ``chat_template.jinja``
+as the released "-hf" checkpoints ship it); a response ends with the template's turn-end token
+(:func:`turn_end_id`: ``<|im_end|>``), which is what the targets end with and what generation stops
+on, whatever the tokenizer's own eos (``</s>`` for InternVL2.5-8B).
 """
 
 from __future__ import annotations
@@ -55,6 +62,16 @@ from perceptio_core.format.tokens import perception_tokens
 log = logging.getLogger(__name__)
 
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"  # InternVL's turn markers (Qwen2 / InternLM2 chat format)
+# InternVL's "-hf" chat template, without a default system prompt (InternVL3's; InternVL2.5's adds
+# one): a message's content is a string or a list of {"type": "image"} / {"type": "text", "text"}.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for content in message['content'] %}{% if content['type'] == 'image' %}{{ '<IMG_CONTEXT>\\n' }}"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 # InternVL's image tokens, under the attribute names transformers' InternVLProcessor reads.
 IMAGE_TOKENS = {
     "start_image_token": "<img>",
@@ -62,8 +79,6 @@ IMAGE_TOKENS = {
     "context_image_token": "<IMG_CONTEXT>",
     "video_token": "<video>",
 }
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # InternVL's image normalisation
-IMAGENET_STD = (0.229, 0.224, 0.225)
 PEFT_ADAPTER = "default"  # PEFT's adapter name
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -78,12 +93,13 @@ def train_tokenizer(
 ) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer on ``texts`` for the tiny base.
 
-    ``vocab_size`` counts the byte alphabet (256), the merges and the 7 special tokens (pad, bos,
-    eos and the four InternVL image tokens). Byte-level: any text round-trips, no unknown token.
-    With ``out_dir`` the tokenizer is also saved there (``AutoTokenizer.from_pretrained(out_dir)``
-    gives it back, image-token attributes included).
+    ``vocab_size`` counts the byte alphabet (256), the merges and the 9 special tokens (pad, bos,
+    eos, the two turn markers and the four InternVL image tokens). Byte-level: any text
+    round-trips, no unknown token. The tokenizer carries :data:`CHAT_TEMPLATE`. With ``out_dir``
+    it is also saved there (``AutoTokenizer.from_pretrained(out_dir)`` gives it back, image-token
+    attributes and chat template included).
     """
-    specials = [PAD, BOS, EOS, *IMAGE_TOKENS.values()]
+    specials = [PAD, BOS, EOS, IM_START, IM_END, *IMAGE_TOKENS.values()]
     if vocab_size < 256 + len(specials):
         raise ValueError(f"vocab_size {vocab_size} is below the byte alphabet + specials ({256 + len(specials)})")
     tok = Tokenizer(models.BPE())
@@ -104,6 +120,7 @@ def train_tokenizer(
         extra_special_tokens=dict(IMAGE_TOKENS),
         padding_side="right",
     )
+    fast.chat_template = CHAT_TEMPLATE
     if out_dir is not None:
         fast.save_pretrained(str(out_dir))
     return fast
@@ -112,6 +129,29 @@ def train_tokenizer(
 def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
     """``AutoTokenizer.from_pretrained`` (fast) of a directory or hub id."""
     return AutoTokenizer.from_pretrained(str(name_or_path))
+
+
+def turn_end_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id a response ends with: the first token the chat template writes after an assistant
+    message's content when that token is special (``<|im_end|>`` for InternVL), else (no template,
+    or a template that ends turns with plain text) the tokenizer's eos."""
+    template = getattr(tokenizer, "chat_template", None)
+    if template:
+        marker = "\x00PERCEPTIO\x00"
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "u"}, {"role": "assistant", "content": marker}], tokenize=False
+        )
+        after = text.split(marker, 1)[1] if marker in text else ""
+        ids = tokenizer(after, add_special_tokens=False).input_ids if after else []
+        if ids and int(ids[0]) in set(tokenizer.all_special_ids) | _added_special_ids(tokenizer):
+            return int(ids[0])
+    if tokenizer.eos_token_id is None:
+        raise ValueError("tokenizer has neither a chat template with a special turn-end token nor an eos token")
+    return int(tokenizer.eos_token_id)
+
+
+def _added_special_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    return {int(i) for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if getattr(t, "special", False)}
 
 
 def image_tokens(tokenizer: PreTrainedTokenizerBase) -> tuple[str, str, str]:
@@ -252,10 +292,11 @@ def load_internvl(name_or_path: str | Path, dtype: str = "float32") -> InternVLF
 
 
 def stop_token_ids(vlm: nn.Module, tokenizer: PreTrainedTokenizerBase, extra: Sequence[int] = ()) -> set[int]:
-    """Every id that ends a response: the tokenizer's eos and every id of the checkpoint's
-    ``generation_config.eos_token_id`` (an int or a list: InternVL2.5-8B's tokenizer eos is
-    ``</s>`` while its turns end with ``<|im_end|>``), plus ``extra``."""
-    ids = {int(i) for i in extra}
+    """Every id that ends a response: the tokenizer's eos, its chat template's turn end
+    (:func:`turn_end_id`) and every id of the checkpoint's ``generation_config.eos_token_id`` (an
+    int or a list: InternVL2.5-8B's tokenizer eos is ``</s>`` while its turns end with
+    ``<|im_end|>``), plus ``extra``."""
+    ids = {int(i) for i in extra} | {turn_end_id(tokenizer)}
     if tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
     eos = getattr(getattr(vlm, "generation_config", None), "eos_token_id", None)
@@ -442,16 +483,14 @@ def normalize_image(
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
 
 
-def internvl_pixel_values(image: Image.Image | bytes | np.ndarray, size: int) -> torch.Tensor:
-    """InternVL preprocessing of one tile: bicubic square resize to ``size``, ImageNet mean/std.
-    Returns [3, size, size] float32."""
-    return normalize_image(to_pil_rgb(image), size, IMAGENET_MEAN, IMAGENET_STD)
-
 
 __all__ = [
     "BOS",
     "EOS",
+    "CHAT_TEMPLATE",
     "IMAGE_TOKENS",
+    "IM_END",
+    "IM_START",
     "PAD",
     "PerceptionTokenIds",
     "add_perception_tokens",
@@ -459,7 +498,6 @@ __all__ = [
     "build_tiny_internvl",
     "image_seq_length",
     "image_tokens",
-    "internvl_pixel_values",
     "load_internvl",
     "load_tokenizer",
     "lora_target_regex",
@@ -471,5 +509,6 @@ __all__ = [
     "tiny_internvl_config",
     "to_pil_rgb",
     "train_tokenizer",
+    "turn_end_id",
     "vision_image_size",
 ]

@@ -62,7 +62,6 @@ from perceptio_core.model.internvl import (
     add_perception_tokens,
     apply_lora,
     build_tiny_internvl,
-    image_seq_length,
     init_new_token_rows,
     lm_pass,
     load_internvl,
@@ -70,7 +69,6 @@ from perceptio_core.model.internvl import (
     new_token_rows,
     perception_token_ids,
     set_token_rows,
-    vision_image_size,
 )
 from perceptio_core.model.losses import (
     IGNORE,
@@ -81,6 +79,7 @@ from perceptio_core.model.losses import (
     span_bounds,
     total_loss,
 )
+from perceptio_core.model.processor import TileProcessor
 from perceptio_core.model.sam2_decoder import SAM2Segmenter, build_sam2, upsample_logits
 
 log = logging.getLogger(__name__)
@@ -142,6 +141,7 @@ class PerceptioModel(nn.Module):
         depth_tokenizer: DepthCodec,
         model_cfg: ModelConfig,
         loss_cfg: LossConfig,
+        image_processor: TileProcessor | None = None,
     ) -> None:
         super().__init__()
         self.vlm = vlm
@@ -151,6 +151,10 @@ class PerceptioModel(nn.Module):
         self.depth_spec: DepthCodecSpec = check_depth_codec(depth_tokenizer)
         self.token_ids: PerceptionTokenIds = perception_token_ids(tokenizer, self.codebook_size)
         base = self.base_model
+        # the checkpoint's processor (tile size, mean/std), tiled up to model.max_tiles
+        self.image_processor = (image_processor or TileProcessor.for_model(base.config)).with_max_tiles(
+            model_cfg.max_tiles
+        )
         d = int(base.config.text_config.hidden_size)
         self.hidden_size = d
         self.seg_projection = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, sam2.embed_dim))
@@ -207,7 +211,9 @@ class PerceptioModel(nn.Module):
             sam2 = build_sam2(
                 model_cfg.sam2_variant, model_cfg.sam2_checkpoint, model_cfg.freeze_sam2_image_encoder, seed=None
             )
-            model = cls(vlm, tokenizer, sam2, depth_tokenizer, model_cfg, loss_cfg)
+            folders = [f for f in (model_cfg.tokenizer, model_cfg.base) if f is not None and Path(f).is_dir()]
+            processor = TileProcessor.for_model(base_model.config, folders)
+            model = cls(vlm, tokenizer, sam2, depth_tokenizer, model_cfg, loss_cfg, processor)
         n_train = sum(p.numel() for p in model.trainable_parameters().values())
         n_all = sum(p.numel() for p in model.parameters())
         log.info("Perceptio model: %d of %d parameters trainable (K = %d, N = %d)", n_train, n_all,
@@ -232,23 +238,12 @@ class PerceptioModel(nn.Module):
         get = getattr(self.vlm, "get_base_model", None)
         return get() if get is not None else self.vlm
 
-    @property
-    def image_size(self) -> int:
-        """InternVL tile side (pixels)."""
-        return vision_image_size(self.base_model.config)
-
-    @property
-    def image_seq_length(self) -> int:
-        """Image context tokens per tile."""
-        return image_seq_length(self.base_model.config)
-
     def collator(self, max_length: int | None = None) -> PerceptioCollator:
         """The batch builder for this model (tokenizer, image sizes, SAM2 and VQ-VAE sizes)."""
         return PerceptioCollator(
             tokenizer=self.tokenizer,
             token_ids=self.token_ids,
-            image_size=self.image_size,
-            image_seq_length=self.image_seq_length,
+            processor=self.image_processor,
             sam2_image_size=self.sam2.image_size,
             depth_size=self.depth_spec.map_size,
             max_length=max_length or self.model_cfg.max_length,
@@ -279,8 +274,8 @@ class PerceptioModel(nn.Module):
     ) -> LMOutput:
         """One pass of InternVL (with LoRA) over ``input_ids`` [B, T].
 
-        ``pixel_values`` [B, 3, S, S] fill the ``<IMG_CONTEXT>`` places (prefill only; None when
-        decoding with a cache). ``logits_from``: the LM head runs on ``hidden[:, logits_from:]``
+        ``pixel_values`` [tiles, 3, S, S] (every image's tiles, in batch order) fill the
+        ``<IMG_CONTEXT>`` places (prefill only; None when decoding with a cache). ``logits_from``: the LM head runs on ``hidden[:, logits_from:]``
         (-1: the last position; None: no logits).
         """
         hidden, logits, cache = lm_pass(self.base_model, input_ids, attention_mask, pixel_values,

@@ -49,7 +49,8 @@ from sam2.modeling.sam.prompt_encoder import PromptEncoder
 from sam2.modeling.sam.transformer import TwoWayTransformer
 from torch import nn
 
-from perceptio_core.model.internvl import IMAGENET_MEAN, IMAGENET_STD, normalize_image, to_pil_rgb
+from perceptio_core.model.internvl import normalize_image, to_pil_rgb
+from perceptio_core.model.processor import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger(__name__)
 

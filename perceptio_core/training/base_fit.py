@@ -32,17 +32,10 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from perceptio_core.model.batching import encode_prompt, encode_target
+from perceptio_core.model.batching import encode_image, encode_prompt, encode_target
 from perceptio_core.config import PerceptioConfig
-from perceptio_core.model.internvl import (
-    build_tiny_internvl,
-    image_seq_length,
-    internvl_pixel_values,
-    load_internvl,
-    load_tokenizer,
-    train_tokenizer,
-    vision_image_size,
-)
+from perceptio_core.model.internvl import build_tiny_internvl, load_internvl, load_tokenizer, train_tokenizer, turn_end_id
+from perceptio_core.model.processor import TileProcessor
 from perceptio_core.curation.describe import describe_object, position_phrase
 from perceptio_core.model.losses import IGNORE, llm_loss, shift_for_next_token
 from perceptio_core.data.masks import mask_centroid
@@ -140,22 +133,25 @@ class ExampleDataset(Dataset):
 
 
 class LMCollator:
-    """``[(image, prompt, answer)] -> {input_ids, attention_mask, labels, pixel_values}``: the
-    prompt part as in fine-tuning (image tokens + prompt, masked with -100), the answer + eos as the
-    target; right padding; sequences longer than ``max_length`` lose the end of their answer."""
+    """``[(image, prompt, answer)] -> {input_ids, attention_mask, labels, pixel_values, num_tiles}``:
+    the prompt part as in fine-tuning (chat template, image tokens + prompt, masked with -100), the
+    answer + turn end as the target; the image through ``processor`` (dynamic tiling; the tiles of
+    every item concatenated, ``num_tiles`` [B] per item); right padding; sequences longer than
+    ``max_length`` lose the end of their answer."""
 
-    def __init__(self, tokenizer: Any, image_size: int, image_seq_length: int, max_length: int) -> None:
+    def __init__(self, tokenizer: Any, processor: TileProcessor, max_length: int) -> None:
         self.tokenizer = tokenizer
-        self.image_size = image_size
-        self.image_seq_length = image_seq_length
+        self.processor = processor
         self.max_length = max_length
         self.pad_id = int(tokenizer.pad_token_id)
+        self.end_id = turn_end_id(tokenizer)
 
     def __call__(self, items: Sequence[tuple[Any, str, str]]) -> dict[str, torch.Tensor]:
         seqs = []
-        for _, prompt, answer in items:
-            p = encode_prompt(self.tokenizer, prompt, self.image_seq_length)
-            t = encode_target(self.tokenizer, answer)
+        tiles = [encode_image(self.processor, img)[1] for img, _, _ in items]
+        for (_, prompt, answer), px in zip(items, tiles):
+            p = encode_prompt(self.tokenizer, prompt, self.processor.tokens_per_tile * len(px))
+            t = encode_target(self.tokenizer, answer, self.end_id)
             ids = (p + t)[: self.max_length]
             seqs.append((ids, [IGNORE] * len(p) + ids[len(p) :]))
         b, t = len(seqs), max(len(ids) for ids, _ in seqs)
@@ -166,9 +162,8 @@ class LMCollator:
             input_ids[i, : len(ids)] = torch.tensor(ids)
             attention_mask[i, : len(ids)] = 1
             labels[i, : len(ids)] = torch.tensor(lab)
-        pixel_values = torch.stack([internvl_pixel_values(img, self.image_size) for img, _, _ in items])
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-                "pixel_values": pixel_values}  # fmt: skip
+                "pixel_values": torch.cat(tiles), "num_tiles": torch.tensor([len(t) for t in tiles])}  # fmt: skip
 
 
 def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -185,35 +180,37 @@ def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 @torch.no_grad()
 def image_reliance(
     model: nn.Module, tokenizer: Any, examples: Sequence[tuple[str, str, str]], max_examples: int = 64,
-    batch_size: int = 16,
+    batch_size: int = 16, processor: TileProcessor | None = None,
 ) -> dict[str, float]:
     """How much a fitted base reads its image: the answer NLL per token of ``examples`` (``(image
     path, prompt, answer)``, at most ``max_examples`` spread evenly) with their own images
     (``image_loss``) and with each example given the next example's image (``shuffled_image_loss``);
     ``image_gain`` is the difference. A base that answers from the text alone has a gain near 0,
     whatever its loss: its vision tower is then no use to fine-tuning. Pass examples whose answer
-    depends on the image (captions), of distinct images."""
+    depends on the image (captions), of distinct images. ``processor``: the model's image
+    processor (default: one tile of its vision size)."""
     items = list(examples)
     if len(items) < 2:
         raise ValueError("image_reliance needs at least 2 examples of distinct images")
     if len(items) > max_examples:
         items = [items[i * len(items) // max_examples] for i in range(max_examples)]
-    cfg = model.config
-    collate = LMCollator(tokenizer, vision_image_size(cfg), image_seq_length(cfg), 1 << 30)
-    batch = collate([(Path(path).read_bytes(), prompt, answer) for path, prompt, answer in items])
-    shuffled = batch["pixel_values"].roll(1, dims=0)
+    collate = LMCollator(tokenizer, processor or TileProcessor.for_model(model.config), 1 << 30)
+    images = [Path(path).read_bytes() for path, _, _ in items]
+    views = {
+        "image_loss": [(img, p, a) for img, (_, p, a) in zip(images, items)],
+        "shuffled_image_loss": [(images[i - 1], p, a) for i, (_, p, a) in enumerate(items)],
+    }
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    totals = {"image_loss": 0.0, "shuffled_image_loss": 0.0}
+    totals = {name: 0.0 for name in views}
     count = 0
-    for lo in range(0, len(items), batch_size):
-        part = {k: v[lo : lo + batch_size].to(device) for k, v in batch.items()}
-        n = int((part["labels"][:, 1:] != IGNORE).sum())
-        count += n
-        views = (("image_loss", part["pixel_values"]), ("shuffled_image_loss", shuffled[lo : lo + batch_size]))
-        for name, pixels in views:  # lm_loss is this part's token mean: weight it by its tokens
-            totals[name] += float(lm_loss(model, {**part, "pixel_values": pixels.to(device)})) * n
+    for name, view in views.items():
+        for lo in range(0, len(view), batch_size):
+            part = {k: v.to(device) for k, v in collate(view[lo : lo + batch_size]).items()}
+            n = int((part["labels"][:, 1:] != IGNORE).sum())
+            count += n if name == "image_loss" else 0
+            totals[name] += float(lm_loss(model, part)) * n  # lm_loss is this part's token mean
     model.train(was_training)
     result = {k: v / max(count, 1) for k, v in totals.items()}
     result["image_gain"] = result["shuffled_image_loss"] - result["image_loss"]
@@ -226,7 +223,9 @@ def caption_reliance(model_dir: str | os.PathLike[str], examples: Sequence[tuple
     captions = list({path: (path, p, a) for path, p, a in examples if p == CAPTION_PROMPT}.values())
     if len(captions) < 2:
         return {}
-    return image_reliance(load_internvl(model_dir), load_tokenizer(model_dir), captions)
+    model = load_internvl(model_dir)
+    return image_reliance(model, load_tokenizer(model_dir), captions,
+                          processor=TileProcessor.for_model(model.config, [model_dir]))  # fmt: skip
 
 
 class BaseFitTask(TrainTask):
@@ -280,13 +279,13 @@ class BaseFitTask(TrainTask):
     def build_dataset(self) -> Dataset:
         return ExampleDataset(self.examples)
 
+    @property
+    def processor(self) -> TileProcessor:
+        """The tiny base's image processor, tiled up to ``model.max_tiles`` (saved with the model)."""
+        return TileProcessor.for_model(self.model_config).with_max_tiles(self.cfg.model.max_tiles)
+
     def build_collate(self) -> LMCollator:
-        return LMCollator(
-            self.tokenizer,
-            vision_image_size(self.model_config),
-            image_seq_length(self.model_config),
-            self.cfg.model.max_length,
-        )
+        return LMCollator(self.tokenizer, self.processor, self.cfg.model.max_length)
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         llm = lm_loss(model, batch)
@@ -295,6 +294,7 @@ class BaseFitTask(TrainTask):
     def save_final(self, model: nn.Module, out_dir: Path) -> None:
         model.save_pretrained(str(out_dir))
         self.tokenizer.save_pretrained(str(out_dir))
+        self.processor.save_pretrained(out_dir)  # as a released "-hf" checkpoint ships it
 
     def fingerprint(self) -> dict[str, Any]:
         h = hashlib.sha256(json.dumps(self.examples).encode())
@@ -303,7 +303,7 @@ class BaseFitTask(TrainTask):
         from perceptio_core.config import to_dict
 
         return {"examples": h.hexdigest()[:16], "tiny": to_dict(self.cfg.model.tiny),
-                "max_length": self.cfg.model.max_length}  # fmt: skip
+                "max_length": self.cfg.model.max_length, "max_tiles": self.cfg.model.max_tiles}  # fmt: skip
 
 
 def fit_base(

@@ -12,8 +12,10 @@ from perceptio_core.model.batching import (
     encode_prompt,
     example_from_sample,
     prompt_text,
+    select_examples,
 )
-from perceptio_core.model.internvl import add_perception_tokens
+from perceptio_core.model.internvl import add_perception_tokens, turn_end_id
+from perceptio_core.model.processor import TileProcessor
 from perceptio_core.model.losses import IGNORE
 from perceptio_core.data.masks import encode_mask
 from perceptio_core.format.target import format_target
@@ -28,7 +30,8 @@ K, N, L = 16, 9, 16  # codebook, tokens per map, image tokens
 def setup():
     tok = tiny_tokenizer()
     ids = add_perception_tokens(tok, K)
-    collate = PerceptioCollator(tok, ids, image_size=64, image_seq_length=L, sam2_image_size=32, depth_size=12)
+    collate = PerceptioCollator(tok, ids, TileProcessor(tile_size=64, tokens_per_tile=L), sam2_image_size=32,
+                                depth_size=12)
     return tok, ids, collate
 
 
@@ -38,23 +41,51 @@ def test_batch_layout(setup):
     batch = collate(exs)
     b, t = batch["input_ids"].shape
     assert b == 2
-    assert batch["pixel_values"].shape == (2, 3, 64, 64)
+    assert batch["pixel_values"].shape == (2, 3, 64, 64) and batch["num_tiles"].tolist() == [1, 1]
     assert batch["sam2_pixel_values"].shape == (2, 3, 32, 32)
     assert batch["masks"].shape == (2, 32, 32) and batch["has_mask"].tolist() == [True, False]
     assert batch["depth_maps"].shape == (2, 12, 12) and batch["has_depth_map"].tolist() == [True, False]
     assert float(batch["sam2_pixel_values"][1].abs().sum()) == 0.0  # no mask: SAM2 input left empty
     for i, ex in enumerate(exs):
         prompt = encode_prompt(tok, ex.prompt, L)
-        target = tok(ex.target, add_special_tokens=False).input_ids + [tok.eos_token_id]
+        target = tok(ex.target, add_special_tokens=False).input_ids + [tok.convert_tokens_to_ids("<|im_end|>")]
         n = len(prompt) + len(target)
         assert batch["input_ids"][i, :n].tolist() == prompt + target
         assert batch["attention_mask"][i].tolist() == [1] * n + [0] * (t - n)
-        # labels: image and prompt masked, the target (eos included) kept, padding masked
+        # labels: image and prompt masked, the target (turn end included) kept, padding masked
         assert batch["labels"][i].tolist() == [IGNORE] * len(prompt) + target + [IGNORE] * (t - n)
         assert (batch["input_ids"][i, n:] == tok.pad_token_id).all()
         # every image context token is masked
         ctx = batch["input_ids"][i] == tok.context_image_token_id
         assert int(ctx.sum()) == L and (batch["labels"][i][ctx] == IGNORE).all()
+
+
+def test_tiles_follow_the_aspect_ratio_and_the_context_tokens_follow_the_tiles(setup):
+    tok, ids, _ = setup
+    collate = PerceptioCollator(tok, ids, TileProcessor(tile_size=64, tokens_per_tile=L, max_tiles=6),
+                                sam2_image_size=32, depth_size=12)  # fmt: skip
+    wide, square = examples(N, K)
+    wide.image, wide.mask = png_bytes(40, 130), None  # 40 x 130 (h x w): aspect 3.25 -> 3 x 1 + thumbnail
+    square.image = png_bytes(64, 64)  # one tile, no thumbnail
+    batch = collate([wide, square])
+    assert batch["num_tiles"].tolist() == [4, 1]
+    assert batch["pixel_values"].shape == (5, 3, 64, 64)
+    ctx = (batch["input_ids"] == tok.context_image_token_id).sum(1).tolist()
+    assert ctx == [4 * L, L]
+    # the second example's tile is the last one of pixel_values; select_examples cuts by num_tiles
+    second = select_examples(batch, slice(1, 2))
+    assert torch.equal(second["pixel_values"], batch["pixel_values"][4:])
+    assert torch.equal(second["input_ids"], batch["input_ids"][1:])
+    first = select_examples(batch, slice(0, 1))
+    assert first["pixel_values"].shape[0] == 4 and first["num_tiles"].tolist() == [4]
+
+
+def test_targets_end_with_the_chat_templates_turn_end(setup):
+    tok, _, _ = setup
+    assert tok.chat_template  # the tiny tokenizer carries InternVL's template
+    assert turn_end_id(tok) == tok.convert_tokens_to_ids("<|im_end|>") != tok.eos_token_id
+    text = prompt_text(tok, "Where is it?", 2)
+    assert text.startswith("<|im_start|>user\n<img>") and text.endswith("Where is it?<|im_end|>\n<|im_start|>assistant\n")
 
 
 def test_positions_point_at_the_perception_tokens(setup):
@@ -86,11 +117,11 @@ def test_truncation_cuts_the_target_never_the_prompt(setup):
     tok, ids, _ = setup
     ex = examples(N, K)[0]
     prompt_len = len(encode_prompt(tok, ex.prompt, L))
-    collate = PerceptioCollator(tok, ids, 64, L, 32, 12, max_length=prompt_len + 4)
+    collate = PerceptioCollator(tok, ids, TileProcessor(tile_size=64, tokens_per_tile=L), 32, 12, max_length=prompt_len + 4)
     batch = collate([ex])
     assert batch["input_ids"].shape[1] == prompt_len + 4
     assert int(batch["d_start_positions"][0]) == prompt_len + 1 and int(batch["d_end_positions"][0]) == -1
-    tight = PerceptioCollator(tok, ids, 64, L, 32, 12, max_length=prompt_len)
+    tight = PerceptioCollator(tok, ids, TileProcessor(tile_size=64, tokens_per_tile=L), 32, 12, max_length=prompt_len)
     with pytest.raises(ValueError, match="does not fit"):
         tight([ex])
 
@@ -131,4 +162,5 @@ def test_chat_template_is_used_when_present():
     ids = encode_prompt(tok, "What is it?", 4)
     assert ids[0] == tok.bos_token_id and ids.count(tok.context_image_token_id) == 4
     plain = tiny_tokenizer()
+    plain.chat_template = None
     assert prompt_text(plain, " What is it? ", 2) == "<img><IMG_CONTEXT><IMG_CONTEXT></img>\nWhat is it?\n"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from perceptio_core.model.generation import PerceptionConstraint, generate, generate_ids
-from perceptio_core.model.internvl import PerceptionTokenIds, internvl_pixel_values
+from perceptio_core.model.internvl import PerceptionTokenIds, to_pil_rgb
 from perceptio_core.model.batching import encode_prompt
 from perceptio_core.format.target import ParseStatus, parse_generation
 
@@ -105,8 +105,8 @@ def test_unconstrained_decoding_is_not_forced(model):
 @pytest.mark.parametrize("beams", [1, 3])
 def test_kv_cache_and_full_recompute_agree(model, beams):
     tok = model.tokenizer
-    prompt = encode_prompt(tok, PROMPT, model.image_seq_length)
-    px = internvl_pixel_values(png_bytes(), model.image_size)[None]
+    px = model.image_processor(to_pil_rgb(png_bytes()))
+    prompt = encode_prompt(tok, PROMPT, model.image_processor.tokens_per_tile * len(px))
     stops = {tok.eos_token_id}
     for constraint in (None, PerceptionConstraint(model.token_ids, model.num_depth_tokens)):
         prefix = tok("[SEG]<d_start>", add_special_tokens=False).input_ids if constraint else []
@@ -119,8 +119,8 @@ def test_kv_cache_and_full_recompute_agree(model, beams):
 
 def test_greedy_picks_the_argmax_of_the_full_forward(model):
     tok = model.tokenizer
-    prompt = encode_prompt(tok, PROMPT, model.image_seq_length)
-    px = internvl_pixel_values(png_bytes(), model.image_size)[None]
+    px = model.image_processor(to_pil_rgb(png_bytes()))
+    prompt = encode_prompt(tok, PROMPT, model.image_processor.tokens_per_tile * len(px))
     ids, _ = generate_ids(model, prompt, px, 5, {tok.eos_token_id})
     with torch.no_grad():
         logits = model.lm_forward(torch.tensor([prompt + ids[:-1]]), pixel_values=px, logits_from=0).logits
@@ -140,8 +140,8 @@ def test_generate_returns_mask_depth_and_seg_state(model):
     assert np.allclose(r.depth_map, expected_map)
     # seg_hidden is the state at the [SEG] token's own position in a full pass
     tok = model.tokenizer
-    prompt = encode_prompt(tok, PROMPT, model.image_seq_length)
-    px = internvl_pixel_values(image, model.image_size)[None]
+    px = model.image_processor(to_pil_rgb(image))
+    prompt = encode_prompt(tok, PROMPT, model.image_processor.tokens_per_tile * len(px))
     with torch.no_grad():
         h = model.lm_forward(torch.tensor([prompt + r.token_ids]), pixel_values=px, logits_from=None).hidden
     assert torch.allclose(r.seg_hidden, h[0, len(prompt)], atol=1e-5)
@@ -173,7 +173,7 @@ def test_no_seg_no_mask(model):
 def test_generation_stops_on_every_eos_id_of_the_checkpoint(model):
     """InternVL2.5-8B's tokenizer eos is ``</s>`` but its turns end with ``<|im_end|>``, listed in
     ``generation_config.eos_token_id``: generation stops on any id there, not only the tokenizer's."""
-    from perceptio_core.model.internvl import stop_token_ids
+    from perceptio_core.model.internvl import stop_token_ids, turn_end_id
 
     gc = model.base_model.generation_config
     saved = gc.eos_token_id
@@ -183,11 +183,12 @@ def test_generation_stops_on_every_eos_id_of_the_checkpoint(model):
         third = free.token_ids[2]
         assert third not in free.token_ids[:2] and third != model.tokenizer.eos_token_id
         gc.eos_token_id = [int(model.tokenizer.eos_token_id), int(third)]
-        assert stop_token_ids(model.base_model, model.tokenizer) == {model.tokenizer.eos_token_id, third}
+        end = turn_end_id(model.tokenizer)  # <|im_end|>, from the chat template
+        assert stop_token_ids(model.base_model, model.tokenizer) == {model.tokenizer.eos_token_id, end, third}
         stopped = generate(model, model.tokenizer, png_bytes(), PROMPT, max_new_tokens=6, constrained=False,
                            want_mask=False, want_depth=False)  # fmt: skip
         assert stopped.token_ids == free.token_ids[:2]  # ends at the checkpoint's end-of-turn id
         gc.eos_token_id = int(third)
-        assert stop_token_ids(model.base_model, model.tokenizer, [7]) == {model.tokenizer.eos_token_id, third, 7}
+        assert stop_token_ids(model.base_model, model.tokenizer, [7]) == {model.tokenizer.eos_token_id, end, third, 7}
     finally:
         gc.eos_token_id = saved

@@ -11,21 +11,19 @@ from transformers import AutoTokenizer
 from perceptio_core.config import ModelConfig, TinyVLMConfig
 from perceptio_core.model.internvl import (
     IMAGE_TOKENS,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     add_perception_tokens,
     apply_lora,
     build_tiny_internvl,
     image_seq_length,
     image_tokens,
     init_new_token_rows,
-    internvl_pixel_values,
     lora_target_regex,
     new_token_rows,
     perception_token_ids,
     tiny_internvl_config,
     train_tokenizer,
 )
+from perceptio_core.model.processor import IMAGENET_MEAN, IMAGENET_STD, TileProcessor
 from perceptio_core.format.target import format_target
 from perceptio_core.format.tokens import D_END, D_START, SEG, perception_tokens
 
@@ -41,6 +39,8 @@ def test_train_tokenizer_saves_and_loads_like_a_released_one(tmp_path):
     assert (loaded.pad_token, loaded.bos_token, loaded.eos_token) == ("<pad>", "<s>", "</s>")
     assert loaded.context_image_token == IMAGE_TOKENS["context_image_token"]
     assert image_tokens(loaded) == ("<img>", "<IMG_CONTEXT>", "</img>")
+    assert loaded.chat_template == tok.chat_template  # saved beside it, as the "-hf" checkpoints ship it
+    assert loaded.convert_tokens_to_ids("<|im_end|>") == tok.convert_tokens_to_ids("<|im_end|>")
     text = "a red cube, naïve 3D world! ✓"
     assert loaded.decode(loaded(text, add_special_tokens=False).input_ids) == text  # byte level
     ids = loaded("<img><IMG_CONTEXT><IMG_CONTEXT></img>", add_special_tokens=False).input_ids
@@ -176,12 +176,13 @@ def test_only_the_new_rows_train():
     assert not torch.equal(rows_before[1], rows_after[1])  # LM-head rows of the new tokens train too
 
 
-def test_internvl_pixel_values_normalise_with_imagenet_stats():
+def test_one_tile_normalises_with_imagenet_stats():
+    proc = TileProcessor(tile_size=64, tokens_per_tile=16)
     img = Image.new("RGB", (30, 20), (255, 0, 128))
-    px = internvl_pixel_values(img, 64)
-    assert px.shape == (3, 64, 64) and px.dtype == torch.float32
+    px = proc(img)
+    assert px.shape == (1, 3, 64, 64) and px.dtype == torch.float32
     expected = (np.array([255, 0, 128]) / 255.0 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
-    assert np.allclose(px[:, 10, 10].numpy(), expected, atol=1e-5)
-    arr = np.zeros((20, 30, 3), dtype=np.uint8)
-    assert torch.allclose(internvl_pixel_values(arr, 8)[:, 0, 0], torch.tensor(
+    assert np.allclose(px[0, :, 10, 10].numpy(), expected, atol=1e-5)
+    black = TileProcessor(tile_size=8, tokens_per_tile=1)(Image.new("RGB", (30, 20)))
+    assert torch.allclose(black[0, :, 0, 0], torch.tensor(
         [-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)], dtype=torch.float32), atol=1e-5)

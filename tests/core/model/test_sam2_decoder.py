@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from perceptio_core.model.internvl import IMAGENET_MEAN, IMAGENET_STD
+from perceptio_core.model.processor import IMAGENET_MEAN, IMAGENET_STD
 from perceptio_core.model.sam2_decoder import (
     SAM2_CONFIGS,
     SAM2Segmenter,

@@ -69,7 +69,8 @@ def test_image_reliance_is_zero_when_every_example_has_the_same_image(tmp_path):
 
     from perceptio_core.training.base_fit import LMCollator, image_reliance, lm_loss
     from perceptio_core.config import TinyVLMConfig
-    from perceptio_core.model.internvl import build_tiny_internvl, image_seq_length, vision_image_size
+    from perceptio_core.model.internvl import build_tiny_internvl
+    from perceptio_core.model.processor import TileProcessor
     from perceptio_helpers import tiny_tokenizer
 
     tok = tiny_tokenizer()
@@ -78,7 +79,7 @@ def test_image_reliance_is_zero_when_every_example_has_the_same_image(tmp_path):
     ex = [(same, "Describe the image briefly.", t) for t in ("a red ball", "two blue cubes", "a green cone")]
     r = image_reliance(model, tok, ex, batch_size=2)  # two batches: the mean is per token over both
     assert r["image_gain"] == 0.0 and r["image_loss"] == r["shuffled_image_loss"]
-    collate = LMCollator(tok, vision_image_size(model.config), image_seq_length(model.config), 1 << 30)
+    collate = LMCollator(tok, TileProcessor.for_model(model.config), 1 << 30)
     with torch.no_grad():
         whole = float(lm_loss(model.eval(), collate([(open(same, "rb").read(), p, a) for _, p, a in ex])))
     assert abs(r["image_loss"] - whole) < 1e-5  # one batch's token mean = the per-token mean of two
