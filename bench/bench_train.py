@@ -69,14 +69,15 @@ SHAPE_1B = {
                    image_size=448, patch_size=14, layer_scale_init_value=0.1, use_qk_norm=False),
     "text": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
                  intermediate_size=4864, vocab_size=151674, max_position_embeddings=32768,
-                 rope_theta=1000000.0, tie_word_embeddings=True),
+                 rope_theta=1000000.0, tie_word_embeddings=False),  # InternVL2.5-1B: untied head
 }  # fmt: skip
 
 
 def make_shards(out: Path, n: int, width: int, height: int, codebook_size: int, num_tokens: int) -> Path:
     from perceptio_core.data.masks import encode_mask
     from perceptio_core.format.target import format_target
-    from perceptio_core.curation.sample import Sample, make_key, bytes_digest
+    from perceptio_core.atomic_io import bytes_digest
+    from perceptio_core.curation.sample import Sample, make_key
     from perceptio_core.curation.shards import write_shards
 
     rng = np.random.default_rng(0)
@@ -122,7 +123,7 @@ def build_base(shape: str, tokenizer, device: torch.device, smoke: bool):
             text_config=Qwen2Config(**t, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                                     eos_token_id=tokenizer.eos_token_id),
             image_token_id=tokenizer.convert_tokens_to_ids(context), image_seq_length=(grid // 2) ** 2,
-            downsample_ratio=0.5, tie_word_embeddings=True,
+            downsample_ratio=0.5, tie_word_embeddings=False,
         )  # fmt: skip
         torch.manual_seed(0)
         with torch.device(device):
