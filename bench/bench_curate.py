@@ -40,7 +40,8 @@ sys.path.insert(0, str(ROOT))
 
 from perceptio_core.data.masks import encode_mask  # noqa: E402
 from perceptio_core.format.target import format_target  # noqa: E402
-from perceptio_core.curation.sample import Sample, make_key, bytes_digest  # noqa: E402
+from perceptio_core.atomic_io import bytes_digest  # noqa: E402
+from perceptio_core.curation.sample import Sample, make_key  # noqa: E402
 from perceptio_core.curation.shards import (  # noqa: E402
     TAR_FORMAT,
     ShardWriter,
