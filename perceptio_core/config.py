@@ -320,6 +320,8 @@ class TrainLoopConfig:
     gradient clipping at ``max_grad_norm`` (SPEC §4: 5%, 1.0)."""
 
     steps: int = 300
+    epochs: float = 0.0  # > 0: steps = ceil(epochs * samples / global batch), derived from the
+    # data and the process count when training starts (``steps`` is then ignored)
     batch_size: int = 4  # per process and micro-step (paper: 1 per GPU)
     grad_accum: int = 1  # micro-steps per optimizer step (paper: 8)
     lr: float = 5e-4

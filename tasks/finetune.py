@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from perceptio_core.training import finetune as finetune_fit
 from perceptio_core.training.sam2_fit import CHECKPOINT
+from tasks.checkpoints import model_fingerprint
 from tasks.common import publish_training, scratch_dir
 from tasks.progress import Progress
 from tasks.runner import StageContext, StageOutput, StageSpec
@@ -33,5 +34,6 @@ FINETUNE = StageSpec(
     upstream=("base", "fit_sam2", "curate", "teacher_depth", "train_vqvae"),
     sections=("model", "loss", "finetune"),
     body=finetune,
+    fingerprint=model_fingerprint,  # model.base / tokenizer / sam2_checkpoint: found and keyed on content
     description="LoRA fine-tuning with perception tokens (InternVL + SAM2 mask decoder + frozen VQ-VAE)",
 )

@@ -13,9 +13,9 @@ from perceptio_core.depth.metrics import teacher_scores
 from perceptio_core.depth.teacher import write_teacher_maps
 from perceptio_core.evaluation import viz
 from perceptio_core.training import teacher_fit
-from storage import code_digest
 from tasks.common import load_sources, publish_training, scratch_dir
 from tasks.progress import Progress
+from tasks.checkpoints import checkpoint_fingerprint
 from tasks.runner import StageContext, StageOutput, StageSpec
 
 METRIC_IMAGES = 200  # images with true depth the teacher is scored on (a fixed, sorted sample)
@@ -50,17 +50,11 @@ def fit_teacher(ctx: StageContext) -> StageOutput:
 
 
 def _checkpoint_fingerprint(cfg: PerceptioConfig, workdir: Path) -> str:
-    """A released checkpoint given by path is keyed on its files' content; a hub id on its name."""
-    ck = cfg.teacher.checkpoint
-    if not ck:
+    """A released checkpoint given by path is keyed on its files' content; a hub id on its name;
+    a missing path stops the run before the first stage (:mod:`tasks.checkpoints`)."""
+    if not cfg.teacher.checkpoint:
         return "fitted"
-    p = Path(ck).expanduser()
-    if p.is_dir():
-        files = [f for f in sorted(p.iterdir()) if f.is_file() and f.suffix in (".json", ".safetensors", ".bin")]
-        return "dir:" + code_digest(files)
-    if p.exists() or ck.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"teacher.checkpoint {ck} is not a folder")
-    return "hub:" + ck
+    return checkpoint_fingerprint("teacher.checkpoint", cfg.teacher.checkpoint, workdir)
 
 
 # ---- teacher_depth ------------------------------------------------------------------------------

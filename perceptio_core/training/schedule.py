@@ -31,6 +31,15 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 
+def steps_for_epochs(epochs: float, samples: int, global_batch: int) -> int:
+    """Optimizer steps of ``epochs`` passes over ``samples`` at ``global_batch`` samples per step,
+    rounded up (a started step is a step): the paper's mix of about 995K samples at 512 per step is
+    1,944 steps an epoch."""
+    if epochs <= 0 or samples < 1 or global_batch < 1:
+        raise ValueError(f"need epochs > 0, samples >= 1 and global_batch >= 1, got {epochs}, {samples}, {global_batch}")
+    return max(1, math.ceil(epochs * samples / global_batch))
+
+
 def warmup_steps(total_steps: int, warmup_frac: float = 0.05) -> int:
     """W = ceil(warmup_frac * total_steps), at least 1 when warmup_frac > 0 (and at most T - 1)."""
     if total_steps < 1:
