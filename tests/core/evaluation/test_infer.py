@@ -117,3 +117,34 @@ def test_predictors_need_room_for_the_models_block(model):
     with pytest.raises(ValueError, match=f"N = {n}"):
         make_predictors(model, EvaluateConfig(max_new_tokens=n + 3))
     assert make_predictors(model, EvaluateConfig(max_new_tokens=n + 4))["predict"] is not None
+
+
+def test_evaluation_tiles_images_up_to_evaluate_max_tiles(model, monkeypatch, tmp_path):
+    """InternVL evaluates with more tiles than it trains with: ``evaluate.max_tiles`` sets the bound
+    for the model and for the base alike; each prompt holds tokens_per_tile x tiles context tokens."""
+    from PIL import Image
+
+    import perceptio_core.model.generation as generation
+    from perceptio_core.model.internvl import build_tiny_internvl
+    from perceptio_core.config import TinyVLMConfig
+
+    seen = []
+    real = generation.generate_ids
+
+    def spy(lm, prompt_ids, pixel_values, *a, **kw):
+        seen.append((list(prompt_ids).count(model.tokenizer.context_image_token_id), pixel_values.shape[0]))
+        return real(lm, prompt_ids, pixel_values, *a, **kw)
+
+    monkeypatch.setattr(generation, "generate_ids", spy)
+    wide = tmp_path / "wide.png"
+    Image.new("RGB", (200, 60), (10, 200, 30)).save(wide)  # aspect 3.3: a 3 x 1 grid + thumbnail
+    tok = model.tokenizer
+    base = build_tiny_internvl(TinyVLMConfig(), tok, seed=1).eval()
+    per_tile = model.image_processor.tokens_per_tile
+    for tiles, expected in ((0, 1), (4, 4)):  # 0: the model's own max_tiles (1)
+        seen.clear()
+        preds = make_predictors(model, EvaluateConfig(max_new_tokens=model.num_depth_tokens + 4, max_tiles=tiles),
+                                base_model=base, base_tokenizer=tok)  # fmt: skip
+        preds["predict"](wide, "What is it?")
+        preds["base_predict"](wide, "What is it?")
+        assert seen == [(per_tile * expected, expected)] * 2
