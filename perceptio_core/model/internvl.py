@@ -283,9 +283,20 @@ def build_tiny_internvl(
 
 
 def load_internvl(name_or_path: str | Path, dtype: str = "float32") -> InternVLForConditionalGeneration:
-    """``InternVLForConditionalGeneration.from_pretrained`` of a directory or hub id, in ``dtype``."""
+    """``InternVLForConditionalGeneration.from_pretrained`` of a directory or hub id, in ``dtype``.
+
+    A local folder in OpenGVLab's own layout (``InternVLChatModel``: InternVL2.5-8B as released)
+    is refused with the command that converts it: loaded as it is it would become an InternVL with
+    a default Qwen2 text model and random weights. A folder in neither layout is refused too."""
+    from perceptio_core.model.convert import CONVERT_COMMAND, checkpoint_layout  # convert imports this module
+
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r} (one of {', '.join(DTYPES)})")
+    if (Path(name_or_path) / "config.json").is_file() and checkpoint_layout(name_or_path) == "opengvlab":
+        raise ValueError(
+            f"{name_or_path} is in OpenGVLab's InternVLChatModel layout (remote code); convert it to the "
+            f"transformers layout first: {CONVERT_COMMAND}"
+        )
     model = InternVLForConditionalGeneration.from_pretrained(str(name_or_path), dtype=DTYPES[dtype])
     keep_head_as_loaded(model)
     return model
