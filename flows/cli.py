@@ -6,7 +6,9 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from perceptio_core.config import ConfigError
 from storage import StoreError
@@ -91,37 +93,113 @@ def _cmd_lineage(args: argparse.Namespace) -> int:
     return 0
 
 
-def resolve_run_model(run: Path) -> Path:
-    """The finetune artifact of a run: ``run`` is a run folder (``<workdir>/runs/<id>``, read from its
-    summary.json), a workdir (its latest run that has a finetune stage), or a model folder."""
+@dataclass
+class RunRecord:
+    """What a ``--run`` argument points at: the finetune model folder (``<artifact>/model`` or a plain
+    model folder), and where the store knows it, the store, the finetune key and the run summary."""
+
+    model_dir: Path
+    store: Any = None  # storage.ArtifactStore
+    finetune_key: str | None = None
+    summary: dict | None = None
+
+
+def resolve_run(run: Path) -> RunRecord:
+    """``run`` as ``perceptio infer --run`` / ``perceptio export --run`` take it: a run folder
+    (``<workdir>/runs/<id>``, read from its summary.json), a workdir (its latest run that has a
+    finetune stage), or a model folder (a finetune artifact ``<store>/finetune/<key>``, its
+    ``model/``, or any saved model folder)."""
+    from storage import ArtifactStore
+
     run = Path(run).expanduser().resolve()
     if (run / "model" / "config.json").exists() or (run / "config.json").exists():
-        return run
+        for art in (run, run.parent):  # a finetune artifact of a local store, or its model/
+            if (art / "manifest.json").is_file() and art.parent.name == "finetune":
+                return RunRecord(run, ArtifactStore(art.parent.parent), art.name)
+        return RunRecord(run)
     summaries = [run / "summary.json"] if (run / "summary.json").exists() else sorted(
         (run / "runs").glob("*/summary.json"), key=lambda p: p.stat().st_mtime, reverse=True
     )
     for sp in summaries:
-        stages = json.loads(sp.read_text()).get("stages", {})
+        summary = json.loads(sp.read_text())
+        stages = summary.get("stages", {})
         if "finetune" in stages:
-            from storage import ArtifactStore
-
-            summary = json.loads(sp.read_text())
             store = ArtifactStore(summary["store"], cache_dir=Path(summary["workdir"]) / "cache")
-            return store.dir("finetune", stages["finetune"]["key"])
+            key = stages["finetune"]["key"]
+            return RunRecord(store.dir("finetune", key), store, key, summary)
     raise FileNotFoundError(f"no trained model under {run} (a run folder, a workdir or a model folder)")
+
+
+def resolve_run_model(run: Path) -> Path:
+    """The finetune artifact (or model folder) of ``run`` (see :func:`resolve_run`)."""
+    return resolve_run(run).model_dir
+
+
+def run_metrics(rec: RunRecord) -> dict[str, Any]:
+    """The run's metrics of the model: the finetune artifact's (``finetune.*``) and those of the
+    evaluate artifact made from it (``evaluate.*``: the run summary's evaluate stage, else the
+    newest evaluate artifact of the store whose input is this finetune key), flattened as
+    summary.json names them. Empty without a store."""
+    from tasks.runner import flatten
+
+    if rec.store is None:
+        return {}
+    store, key = rec.store, rec.finetune_key
+    out = {f"finetune.{k}": v for k, v in flatten(store.manifest("finetune", key).metrics).items()}
+    ev = None
+    stage = (rec.summary or {}).get("stages", {}).get("evaluate")
+    if stage and store.has("evaluate", stage["key"]):
+        m = store.manifest("evaluate", stage["key"])
+        ev = m if m.inputs.get("finetune") == key else None
+    if ev is None:
+        made = [m for m in (store.manifest("evaluate", k) for k in store.keys("evaluate"))
+                if m.inputs.get("finetune") == key]  # fmt: skip
+        ev = max(made, key=lambda m: m.created_at) if made else None
+    if ev is not None:
+        metrics = ev.metrics
+        if "metrics.json" in ev.files:
+            metrics = json.loads(store.path("evaluate", ev.key, "metrics.json").read_text())
+        out.update({f"evaluate.{k}": v for k, v in flatten(metrics).items()})
+    return out
+
+
+def lineage_rows(store: Any, stage: str, key: str) -> list[dict[str, Any]]:
+    """The artifact (stage, key) and everything upstream of it, one row each (first seen, depth
+    first; an artifact several others read is listed once): stage, key, config and code digests,
+    git commit, run id, upstream ``stage/key`` list, store URL, and ``missing`` for one the store
+    no longer holds."""
+    from storage import lineage
+
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+
+    def walk(node: Any) -> None:
+        if (node.stage, node.key) in rows:
+            return
+        rows[(node.stage, node.key)] = {
+            "stage": node.stage, "key": node.key, "config_digest": node.config_digest,
+            "code_digest": node.code_digest, "git_commit": node.git_commit,
+            "run_id": node.produced_by.get("run_id"), "inputs": [f"{p.stage}/{p.key}" for p in node.parents],
+            "url": node.url, "missing": node.missing,
+        }  # fmt: skip
+        for p in node.parents:
+            walk(p)
+
+    walk(lineage(store, stage, key))
+    return list(rows.values())
 
 
 def _cmd_infer(args: argparse.Namespace) -> int:
     from perceptio_core.data.image_io import ImageError
     from perceptio_core.evaluation.infer import infer
+    from perceptio_core.model.export import ExportError
 
-    model_dir = resolve_run_model(Path(args.run))
+    model_dir = Path(args.model) if args.model is not None else resolve_run_model(Path(args.run))
     template = None if args.template == "none" else args.template
     try:
         res = infer(model_dir, args.image, args.query, args.out, template=template,
                     max_new_tokens=args.max_new_tokens, constrained=not args.unconstrained,
                     device=args.device)
-    except ImageError as e:
+    except (ImageError, ExportError) as e:
         print(f"perceptio: error: {e}", file=sys.stderr)
         return 2
     print(f"answer: {res.answer}")
@@ -130,6 +208,39 @@ def _cmd_infer(args: argparse.Namespace) -> int:
                         ("result", res.result_json)):
         if path is not None:
             print(f"{label}: {path}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from perceptio_core.evaluation.infer import resolve_model_dir
+    from perceptio_core.model.export import ExportError, export_model
+
+    rec = resolve_run(Path(args.run))
+    model_dir = resolve_model_dir(rec.model_dir)
+    source: dict[str, Any] = {}
+    config = lineage = None
+    if rec.store is not None:
+        ft = rec.store.manifest("finetune", rec.finetune_key)
+        source = {"store": rec.store.url, "finetune_key": rec.finetune_key, "finetune_url": ft.url,
+                  "run_id": ft.produced_by.get("run_id")}  # fmt: skip
+        if rec.summary is not None:
+            source["summary_run_id"] = rec.summary.get("run_id")
+        config = ft.config or None
+        lineage = lineage_rows(rec.store, "finetune", rec.finetune_key)
+    try:
+        res = export_model(model_dir, Path(args.out), merge=args.merge, metrics=run_metrics(rec),
+                           lineage=lineage, config=config, source=source, overwrite=args.force,
+                           check_reload=not args.no_reload_check)  # fmt: skip
+    except (ExportError, FileExistsError) as e:
+        print(f"perceptio: error: {e}", file=sys.stderr)
+        return 2
+    print(f"exported {model_dir} -> {res.path} ({'LoRA merged' if res.merged else 'base + adapter'}, "
+          f"{res.files} files in export.json)")
+    if res.check:
+        diffs = ", ".join(f"{k} {v:.2g}" for k, v in res.check["outputs"].items())
+        print(f"reload check: {diffs} (tolerance {res.check['tolerance']:g})")
+    print(f"model card: {res.path / 'model_card.md'}")
+    print(f"use: perceptio infer --model {res.path} --image IMG --query TEXT")
     return 0
 
 
@@ -161,7 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.set_defaults(fn=_cmd_synth)
     p = sub.add_parser("infer", help="answer a query about an image with a trained run; mask and depth PNGs")
-    p.add_argument("--run", required=True, help="a run folder, a workdir (its latest run) or a model folder")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--run", help="a run folder, a workdir (its latest run) or a model folder")
+    g.add_argument("--model", help="a model folder (an export of perceptio export, or any saved model)")
     p.add_argument("--image", required=True)
     p.add_argument("--query", required=True, help="what to segment (with the default template) or a prompt")
     p.add_argument("--out", default="perceptio-infer", help="folder for answer, mask.png, depth.png")
@@ -172,6 +285,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unconstrained", action="store_true", help="no constrained perception decoding")
     p.add_argument("--device", default="cpu")
     p.set_defaults(fn=_cmd_infer)
+    p = sub.add_parser("export", help="a self-contained model folder from a trained run (model card, manifest)")
+    p.add_argument("--run", required=True, help="a run folder, a workdir (its latest run) or a model folder")
+    p.add_argument("--out", required=True, help="the export folder (must not exist, unless --force)")
+    p.add_argument("--merge", action="store_true", help="merge LoRA into the base weights (no adapter)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--no-reload-check", action="store_true",
+                   help="check the written files against the manifest only, without reloading the export")
+    p.set_defaults(fn=_cmd_export)
     p = sub.add_parser("lineage", help="an artifact's upstream chain, from the store alone")
     p.add_argument("artifact", help="a stage name, stage/key, a key prefix, or a store URL")
     _common(p)

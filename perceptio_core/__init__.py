@@ -32,6 +32,7 @@ _EXPORTS: dict[str, str] = {
     "DepthCodec": "depth.codec", "DepthCodecSpec": "depth.codec",
     # model, loss, training (SPEC §1, §3, §4)
     "PerceptioModel": "model.perceptio_model", "generate": "model.generation", "fit_base": "training.base_fit",
+    "export_model": "model.export", "verify_export": "model.export", "ExportError": "model.export",
     "convert_internvl": "model.convert", "checkpoint_layout": "model.convert",
     "fit_teacher": "training.teacher_fit", "train_vqvae": "training.vqvae_fit",
     "Trainer": "training.trainer", "run_training": "training.trainer",

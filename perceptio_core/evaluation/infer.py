@@ -16,8 +16,11 @@ A file that the generation gives nothing for is not written (its path is None in
 ``result.json``), so an empty mask is never confused with no ``[SEG]``.
 
 Directories :func:`load_model` accepts: a model saved by ``PerceptioModel.save_pretrained`` (its
-``config.json`` has ``"format": "perceptio-model"``), or a folder holding one as ``model/`` (the
-``finetune`` stage's artifact: ``<artifact>/model``).
+``config.json`` has ``"format": "perceptio-model"``), an export of ``perceptio export``
+(:mod:`perceptio_core.model.export`: merged or not, checked against its manifest before loading),
+or a folder holding one as ``model/`` (the ``finetune`` stage's artifact: ``<artifact>/model``).
+``result.json`` names the model folder the answer came from (``model``; None for a model passed
+loaded).
 """
 
 from __future__ import annotations
@@ -127,7 +130,8 @@ def infer(
     """Answer ``query`` about the image at ``image_path`` and write the files (module docstring).
 
     Args:
-        model_or_dir: a loaded ``PerceptioModel``, or a directory for :func:`load_model`.
+        model_or_dir: a loaded ``PerceptioModel``, or a directory for :func:`load_model` (a saved
+            model, a finetune artifact or an export).
         image_path: the image file; a missing or unreadable one raises
             :class:`~perceptio_core.data.image_io.ImageError` naming the path, before any model is loaded.
         query: the user's text. Used as the prompt as is, unless ``template`` names a task of
@@ -143,8 +147,10 @@ def infer(
     from perceptio_core.model.generation import generate
 
     pil = load_image(image_path)  # ImageError naming the path, before the (slow) model load
+    model_dir = None
     if isinstance(model_or_dir, (str, os.PathLike)):
-        model = load_model(model_or_dir, device=device, **load_kwargs)
+        model_dir = resolve_model_dir(model_or_dir)
+        model = load_model(model_dir, device=device, **load_kwargs)
     else:
         model = model_or_dir
     if template is not None:
@@ -176,7 +182,8 @@ def infer(
         np.save(result.depth_npy, dmap)
     result.result_json = out / "result.json"
     payload = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(result).items()}
-    payload.update(image=str(image_path), prompt=prompt, depth_indices=r.depth_indices)
+    payload.update(image=str(image_path), prompt=prompt, depth_indices=r.depth_indices,
+                   model=str(model_dir.resolve()) if model_dir is not None else None)
     result.result_json.write_text(json.dumps(payload, indent=2) + "\n")
     return result
 

@@ -380,14 +380,31 @@ class PerceptioModel(nn.Module):
 
     # ---------------------------------------------------------------- save / load
 
-    def save_pretrained(self, out_dir: str | Path) -> Path:
-        """Write the model to ``out_dir`` (layout in the module docstring). Returns the path."""
+    def save_pretrained(self, out_dir: str | Path, *, self_contained: bool = False) -> Path:
+        """Write the model to ``out_dir`` (layout in the module docstring). Returns the path.
+
+        ``self_contained``: the folder needs nothing outside it (``perceptio export``,
+        :mod:`perceptio_core.model.export`): the base is stored in ``base/`` whatever ``model.base``
+        says, SAM2 whole in ``sam2.safetensors`` (frozen parts and trained decoder, even when a
+        ``model.sam2_checkpoint`` was used), and ``model.base``, ``model.tokenizer`` and
+        ``model.sam2_checkpoint`` are recorded unset in ``config.json`` (the paths it came from
+        belong to the export's own record). A model whose LoRA is merged (``vlm`` is a plain
+        InternVL, no PEFT wrapper: :func:`perceptio_core.model.export.merge_lora`) is saved without
+        ``adapter/``, its merged base in ``base/``, and ``"merged": true``.
+        """
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        self.vlm.save_pretrained(str(out / "adapter"), save_embedding_layers=False)
-        save_file(self._heads_state(), str(out / "heads.safetensors"))
-        files = ["adapter", "heads.safetensors", "tokenizer"]
-        if self.model_cfg.sam2_checkpoint is None:
+        merged = not _is_peft(self.vlm)
+        files = ["heads.safetensors", "tokenizer"]
+        if not merged:
+            self.vlm.save_pretrained(str(out / "adapter"), save_embedding_layers=False)
+            files.append("adapter")
+        save_file(self._heads_state(sam2=not self_contained), str(out / "heads.safetensors"))
+        if self_contained:
+            whole = {k: v.detach().contiguous().cpu() for k, v in self.sam2.state_dict().items()}
+            save_file(whole, str(out / "sam2.safetensors"))
+            files.append("sam2.safetensors")
+        elif self.model_cfg.sam2_checkpoint is None:
             frozen = {
                 k: v.detach().contiguous().cpu()
                 for k, v in self.sam2.state_dict().items()
@@ -396,33 +413,40 @@ class PerceptioModel(nn.Module):
             }
             save_file(frozen, str(out / "sam2_frozen.safetensors"))
             files.append("sam2_frozen.safetensors")
-        if self.model_cfg.base is None:
+        if self_contained or merged or self.model_cfg.base is None:
             _plain_base(self.vlm).save_pretrained(str(out / "base"))
             files.append("base")
         self.tokenizer.save_pretrained(str(out / "tokenizer"))
         if isinstance(self.depth_tokenizer, DepthTokenizer):  # another codec (a test stand-in) is not stored
             self.depth_tokenizer.save_pretrained(str(out / "depth_tokenizer"))
             files.append("depth_tokenizer")
+        model_section = to_dict(self.model_cfg)
+        if self_contained:
+            model_section.update(base=None, tokenizer=None, sam2_checkpoint=None)
         tid = self.token_ids
         config = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
-            "model": to_dict(self.model_cfg),
+            "model": model_section,
             "loss": to_dict(self.loss_cfg),
             "depth_codec": self.depth_spec.to_dict(),
             "token_ids": {"seg": tid.seg, "d_start": tid.d_start, "d_end": tid.d_end, "codes": list(tid.codes)},
             "hidden_size": self.hidden_size,
             "sam2_embed_dim": self.sam2.embed_dim,
-            "files": files,
+            "merged": merged,
+            "files": sorted(files),
         }
         (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         return out
 
-    def _heads_state(self) -> dict[str, torch.Tensor]:
+    def _heads_state(self, sam2: bool = True) -> dict[str, torch.Tensor]:
+        """seg_projection.*, the trained SAM2 parts as ``sam2.*`` (with ``sam2``; left out when SAM2
+        is stored whole) and token_rows.embed / token_rows.lm_head (the K + 3 rows as the model uses
+        them), detached, contiguous, on the CPU."""
         state: dict[str, torch.Tensor] = {}
         for k, v in self.seg_projection.state_dict().items():
             state[f"seg_projection.{k}"] = v
-        for k, v in self.sam2.state_dict().items():
+        for k, v in self.sam2.state_dict().items() if sam2 else ():
             if k.startswith("sam_mask_decoder.") or (
                 k.startswith("image_encoder.") and not self.sam2.freeze_image_encoder
             ):
@@ -440,28 +464,50 @@ class PerceptioModel(nn.Module):
         depth_tokenizer: Any = None,
         sam2_checkpoint: str | Path | None = None,
         trainable: bool = False,
+        verify: bool = True,
     ) -> PerceptioModel:
-        """Load a model written by :meth:`save_pretrained`.
+        """Load a model written by :meth:`save_pretrained`, or an export
+        (:func:`perceptio_core.model.export.export_model`, merged or not).
 
         Args:
             path: the directory.
             base: the base InternVL (path, hub id or model) when it is not stored in ``path/base``;
-                default: the ``model.base`` recorded in ``config.json``.
+                default: the ``model.base`` recorded in ``config.json``. A merged model carries its
+                own (merged) base: giving one raises ``ValueError``.
             depth_tokenizer: the frozen depth codec; default: ``path/depth_tokenizer`` through
                 ``DepthTokenizer.from_pretrained`` (a model trained with another codec stored none:
                 then it must be given). Its K, grid and map size must be the ones recorded in
                 ``config.json`` (``depth_codec``), else ``ValueError``.
-            sam2_checkpoint: Meta's SAM2 checkpoint when the saved model used one and it has moved.
-            trainable: keep LoRA / token rows / heads trainable (to continue fine-tuning).
+            sam2_checkpoint: Meta's SAM2 checkpoint when the saved model used one and it has moved
+                (unused when SAM2 is stored whole, ``sam2.safetensors``).
+            trainable: keep LoRA / token rows / heads trainable (to continue fine-tuning). A merged
+                model has no LoRA left to train: ``ValueError``.
+            verify: for an export (``export.json`` beside ``config.json``), check first that every
+                file is the one its manifest lists (sha256): a tampered, missing or extra file
+                raises :class:`~perceptio_core.model.export.ExportError` naming it.
+
+        A merged model is loaded as its plain base (no PEFT wrapper), frozen, in eval mode.
         """
         root = Path(path)
         meta = json.loads((root / "config.json").read_text())
         if meta.get("format") != FORMAT:
             raise ValueError(f"{root}: not a Perceptio model (format {meta.get('format')!r})")
+        if verify:
+            from perceptio_core.model.export import EXPORT_JSON, verify_export
+
+            if (root / EXPORT_JSON).is_file():
+                verify_export(root)
+        merged = bool(meta.get("merged", False))
+        if merged and trainable:
+            raise ValueError(f"{root}: LoRA is merged into the base weights (an inference export): it cannot be "
+                             f"trained further; fine-tune from the run's model folder or an unmerged export")
+        if merged and base is not None:
+            raise ValueError(f"{root}: a merged model carries its own merged base; do not pass base=")
         # checked like a profile section: an unknown key or a wrong type raises ConfigError
         model_cfg: ModelConfig = _build(ModelConfig, meta["model"], "model")
         loss_cfg: LossConfig = _build(LossConfig, meta["loss"], "loss")
-        if sam2_checkpoint is not None:
+        sam2_whole = "sam2.safetensors" in meta["files"]
+        if sam2_checkpoint is not None and not sam2_whole:
             model_cfg.sam2_checkpoint = str(sam2_checkpoint)
         saved_codec = DepthCodecSpec.from_dict(meta["depth_codec"], source=f"{root / 'config.json'} (depth_codec)")
         if depth_tokenizer is None:
@@ -478,6 +524,8 @@ class PerceptioModel(nn.Module):
             base_model = load_internvl(base, model_cfg.dtype)
         elif (root / "base").is_dir():
             base_model = load_internvl(root / "base", model_cfg.dtype)
+        elif merged:
+            raise ValueError(f"{root}: a merged model without its base/ folder")
         elif model_cfg.base is not None:
             base_model = load_internvl(model_cfg.base, model_cfg.dtype)
         else:
@@ -487,13 +535,19 @@ class PerceptioModel(nn.Module):
         rows = max(len(tokenizer), base_model.get_input_embeddings().weight.shape[0])
         if base_model.get_input_embeddings().weight.shape[0] < rows:
             base_model.resize_token_embeddings(rows, mean_resizing=False)
+        # a merged base holds these rows already (the same values): written for the unmerged case
         set_token_rows(base_model, ids.all, heads["token_rows.embed"], heads["token_rows.lm_head"])
 
-        from peft import PeftModel
+        if merged:
+            vlm = base_model
+        else:
+            from peft import PeftModel
 
-        vlm = PeftModel.from_pretrained(base_model, str(root / "adapter"), is_trainable=trainable)
+            vlm = PeftModel.from_pretrained(base_model, str(root / "adapter"), is_trainable=trainable)
         sam2 = build_sam2(model_cfg.sam2_variant, None, model_cfg.freeze_sam2_image_encoder, seed=None)
-        if model_cfg.sam2_checkpoint is not None:
+        if sam2_whole:
+            _load_exact(sam2, load_file(str(root / "sam2.safetensors")), strict=True)
+        elif model_cfg.sam2_checkpoint is not None:
             from perceptio_core.model.sam2_decoder import load_sam2_checkpoint
 
             load_sam2_checkpoint(sam2, model_cfg.sam2_checkpoint)
@@ -506,6 +560,11 @@ class PerceptioModel(nn.Module):
                 p.requires_grad_(False)
             model.eval()
         return model
+
+
+def _is_peft(vlm: nn.Module) -> bool:
+    """True when ``vlm`` is PEFT-wrapped (LoRA not merged)."""
+    return hasattr(vlm, "get_base_model")
 
 
 # --------------------------------------------------------------------------------------------
