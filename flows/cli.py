@@ -244,6 +244,19 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from perceptio_core.model.convert import convert_internvl
+
+    try:
+        out = convert_internvl(Path(args.src), Path(args.dst), dtype=args.dtype)
+    except (ValueError, FileExistsError) as e:
+        print(f"perceptio: error: {e}", file=sys.stderr)
+        return 2
+    print(f"converted {args.src} -> {out} (transformers InternVLForConditionalGeneration layout)")
+    print(f"use: --set model.base={out}")
+    return 0
+
+
 def _stage_names() -> list[str]:
     from tasks.stages import BY_NAME
 
@@ -293,6 +306,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-reload-check", action="store_true",
                    help="check the written files against the manifest only, without reloading the export")
     p.set_defaults(fn=_cmd_export)
+    p = sub.add_parser("convert-internvl",
+                       help="convert an InternVL in OpenGVLab's own layout (InternVLChatModel) to the transformers one")
+    p.add_argument("src", help="the OpenGVLab checkpoint folder (config.json + safetensors + tokenizer)")
+    p.add_argument("dst", help="the new folder (must not exist or be empty)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="weights dtype of the output (default: the source's)")
+    p.set_defaults(fn=_cmd_convert)
     p = sub.add_parser("lineage", help="an artifact's upstream chain, from the store alone")
     p.add_argument("artifact", help="a stage name, stage/key, a key prefix, or a store URL")
     _common(p)

@@ -27,16 +27,20 @@ Saving (:meth:`PerceptioModel.save_pretrained`) writes, never pickling:
 
     config.json            model and loss configs, the depth codec's numbers (``depth_codec``: K, grid,
                            N, map size; checked against the codec on loading), the perception
-                           token ids, file list
+                           token ids, ``merged`` (LoRA merged into ``base/``), file list
     adapter/               the PEFT adapter (adapter_config.json + adapter_model.safetensors; it holds
-                           the LoRA weights and the trained new-token rows)
+                           the LoRA weights and the trained new-token rows); absent when merged
     heads.safetensors      seg_projection.*, sam2.sam_mask_decoder.* (and sam2.image_encoder.* when
                            it is trained), token_rows.embed / token_rows.lm_head: the effective rows
                            of the K + 3 added tokens
     sam2_frozen.safetensors the frozen SAM2 parts, only when no SAM2 checkpoint is configured
-    base/                  the base InternVL (config + safetensors), only when ``model.base`` is unset
-                           (a freshly built tiny base exists nowhere else)
-    tokenizer/             the extended tokenizer
+    sam2.safetensors       SAM2 whole, in a self-contained save (``perceptio export``) instead
+    base/                  the base InternVL (config + safetensors), when ``model.base`` is unset
+                           (a freshly built tiny base exists nowhere else), when merged, and in a
+                           self-contained save
+    tokenizer/             the extended tokenizer with its chat template, and the image
+                           processor's ``preprocessor_config.json`` / ``processor_config.json``
+                           (dynamic tiling, :mod:`perceptio_core.model.processor`)
     depth_tokenizer/       the depth tokenizer (the VQ-VAE), when it is a ``DepthTokenizer``
 """
 
@@ -417,6 +421,7 @@ class PerceptioModel(nn.Module):
             _plain_base(self.vlm).save_pretrained(str(out / "base"))
             files.append("base")
         self.tokenizer.save_pretrained(str(out / "tokenizer"))
+        self.image_processor.save_pretrained(out / "tokenizer")  # the processor files, as "-hf" ships them
         if isinstance(self.depth_tokenizer, DepthTokenizer):  # another codec (a test stand-in) is not stored
             self.depth_tokenizer.save_pretrained(str(out / "depth_tokenizer"))
             files.append("depth_tokenizer")
@@ -553,7 +558,8 @@ class PerceptioModel(nn.Module):
             load_sam2_checkpoint(sam2, model_cfg.sam2_checkpoint)
         else:
             _load_exact(sam2, load_file(str(root / "sam2_frozen.safetensors")), strict=False)
-        model = cls(vlm, tokenizer, sam2, depth_tokenizer, model_cfg, loss_cfg)
+        processor = TileProcessor.for_model(base_model.config, [root / "tokenizer"])
+        model = cls(vlm, tokenizer, sam2, depth_tokenizer, model_cfg, loss_cfg, processor)
         _load_exact(model, {k: v for k, v in heads.items() if not k.startswith("token_rows.")}, strict=False)
         if not trainable:
             for p in model.parameters():

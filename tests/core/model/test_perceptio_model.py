@@ -175,7 +175,8 @@ def test_save_and_load_round_trip(model, batch, tmp_path):
     files = {p.relative_to(out).as_posix() for p in Path(out).rglob("*") if p.is_file()}
     assert {"config.json", "heads.safetensors", "sam2_frozen.safetensors", "adapter/adapter_config.json",
             "adapter/adapter_model.safetensors", "base/config.json", "base/model.safetensors",
-            "tokenizer/tokenizer.json"} <= files
+            "tokenizer/tokenizer.json", "tokenizer/chat_template.jinja", "tokenizer/preprocessor_config.json",
+            "tokenizer/processor_config.json"} <= files
     assert not any(f.endswith((".bin", ".pt", ".pth", ".pkl")) for f in files)  # never pickle
     meta = json.loads((out / "config.json").read_text())
     assert meta["depth_codec"] == {"codebook_size": 16, "grid": 3, "map_size": 12, "num_tokens": 9}  # the codec's
@@ -184,6 +185,8 @@ def test_save_and_load_round_trip(model, batch, tmp_path):
     assert (out / "depth_tokenizer" / "model.safetensors").is_file()
     loaded = PerceptioModel.from_pretrained(out)  # the depth tokenizer saved beside the model
     assert not loaded.trainable_parameters() and not loaded.training
+    assert loaded.image_processor == model.image_processor  # tiling and normalisation come back
+    assert loaded.tokenizer.chat_template == model.tokenizer.chat_template
     with torch.no_grad():
         after = loaded(batch)
     for k in LOSS_KEYS:
