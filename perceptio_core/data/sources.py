@@ -7,7 +7,9 @@ same way), everything :class:`~perceptio_core.config.DataConfig` names ("" skips
   images in ``data.coco_images``: :func:`perceptio_core.data.refer.read_refer`;
 - COCO captions (``data.captions``), image ids resolved through the captions file's ``images``;
 - ADE20k (``data.ade20k``): :func:`perceptio_core.data.ade20k.read_ade20k`;
-- HardBLINK (``data.hardblink``): :func:`perceptio_core.data.hardblink.read_hardblink`;
+- HardBLINK (``data.hardblink``), in AURORA's public layout (``questions/``, ``answers/``,
+  ``images/blink{N}pointscenter/``; the synthetic world adds ``points/``):
+  :func:`perceptio_core.data.hardblink.read_hardblink`;
 - MMBench-format VQA (``data.vqa_tsv``): :func:`perceptio_core.data.vqa.read_mmbench_tsv`, its images
   decoded into ``<cache_dir>/vqa-images`` (default cache: ``$XDG_CACHE_HOME/perceptio`` or
   ``~/.cache/perceptio``).
@@ -26,10 +28,11 @@ resolved (:func:`data_path`), checked to exist (a missing one raises naming the 
 is part of the fingerprint, so editing one re-curates.
 
 :func:`data_fingerprint` is the cheap content digest used in cache keys: the sha256 of
-(the resolved root path, the data config, the full sha256 of every annotation / pickle / JSON / TSV
-/ class-table file, and for every image folder the sorted ``(relative name, size)`` listing). It
-reads the small files completely and only lists the image folders, so an image edited in place
-without changing its size is not noticed: replace files rather than rewriting them in place.
+(the resolved root path, the data config, the full sha256 of every annotation / pickle / JSON /
+JSONL / TSV / class-table file, and for every image folder the sorted ``(relative name, size)``
+listing). It reads the small files completely and only lists the image folders, so an image edited
+in place without changing its size is not noticed: replace files rather than rewriting them in
+place.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from typing import NamedTuple
 
 from perceptio_core.data.ade20k import read_ade20k
 from perceptio_core.config import DataConfig, canonical_json
-from perceptio_core.data.hardblink import ANNOTATIONS as HARDBLINK_ANNOTATIONS
+from perceptio_core.data.hardblink import dataset_files as hardblink_files
 from perceptio_core.data.hardblink import read_hardblink
 from perceptio_core.data.image_io import ImageError, ImageValidator
 from perceptio_core.data.records import (
@@ -303,8 +306,8 @@ def data_fingerprint(root: str | os.PathLike[str], data_cfg: DataConfig) -> str:
         if (paths.ade20k / "annotations").is_dir():
             _hash_listing(h, paths.ade20k / "annotations", paths.root)
     if paths.hardblink is not None:
-        if (paths.hardblink / HARDBLINK_ANNOTATIONS).is_file():
-            _hash_file(h, paths.hardblink / HARDBLINK_ANNOTATIONS, paths.root)
+        for f in hardblink_files(paths.hardblink):  # questions, answers and (the world's) points JSONL
+            _hash_file(h, f, paths.root)
         _hash_listing(h, paths.hardblink, paths.root)
     if paths.vqa_tsv is not None:
         _hash_file(h, paths.vqa_tsv, paths.root)

@@ -20,9 +20,15 @@ Benchmarks and the metric names of :func:`run_evaluation` (``<benchmark>.<split>
 - HardBLINK: ``hardblink.<n>.accuracy`` for each point count n present (3, 4, 5), and
   ``hardblink.mean.accuracy``, the mean of the per-count accuracies (as the paper reports).
   Prompt: ``render_prompt("depth_cot", variant=0, question=record.question)``; answers read by
-  :func:`perceptio_core.evaluation.answers.parse_choice`; unreadable = wrong. ``hardblink.<n>.token_depth``:
-  the share answered right by reading the *decoded depth map* at the marked points (largest
-  disparity = nearest; no map = wrong): whether the depth tokens knew, whatever the text said.
+  :func:`perceptio_core.evaluation.answers.parse_choice` against the record's options (the letters its
+  question text offers: the public texts list them); unreadable = wrong. ``hardblink.<n>.token_depth``
+  (and ``hardblink.mean.token_depth``): the share answered right by reading the *decoded depth map*
+  at the marked points (largest disparity = nearest; no map = wrong): whether the depth tokens
+  knew, whatever the text said. It needs the points' coordinates, which only the synthetic world
+  provides (its ``points/`` file; the public release has the points drawn on the images only):
+  without them it is left out and :attr:`Evaluation.notes` says so,
+  ``hardblink.depth_tokens.skipped: "no point coordinates in the public release"``; over a point
+  count where only some questions have points it covers those, and the notes say how many.
 - Multiple-choice VQA: ``vqa.<split>.accuracy`` (MMBench-style) per split except ``train``, prompt
   :func:`format_mc_prompt`, answers read by :func:`perceptio_core.evaluation.answers.parse_mc_answer`.
 - Perception block (SPEC §1): ``perception_block.wellformed``: the share of the refer and HardBLINK
@@ -78,6 +84,7 @@ from perceptio_core.data.refer import ann_to_mask
 Predict = Callable[[Any, str], Any]
 
 PERCEPTIO, BASE = "perceptio", "base"
+NO_POINTS = "no point coordinates in the public release"  # why hardblink.*.token_depth is left out
 FLAT_MAP_VALUE = 0.5  # the map a generation without a well-formed block is scored as
 
 
@@ -262,12 +269,14 @@ class Evaluation:
     """What :func:`run_evaluation` returns.
 
     metrics: flat ``<benchmark>.<split>.<metric>`` -> value (``base.`` for the base model).
+    notes: metric name -> why it is missing or partial (``hardblink.depth_tokens.skipped``).
     shown: the samples kept for pictures. block_status: per "constrained"/"unconstrained", counts of
     each :class:`ParseStatus`. timings: seconds and samples per second per model. errors: samples
     whose image could not be read (scored wrong / empty, never dropped).
     """
 
     metrics: dict[str, float] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)
     shown: list[Shown] = field(default_factory=list)
     block_status: dict[str, dict[str, int]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
@@ -585,8 +594,9 @@ def run_evaluation(
 
         # ---- HardBLINK
         per_n: dict[int, float] = {}
+        tok_n: dict[int, float] = {}
         for n, recs in hardblink.items():
-            right_n = tok_right = 0
+            right_n = tok_right = with_points = 0
             for r in recs:
                 prompt = hardblink_prompt(r.question)
                 p = run(pred_fn, model, r.image_path, prompt, benchmark="hardblink", split=str(n))
@@ -599,8 +609,10 @@ def run_evaluation(
                     st = block_status(p, False, depth_spec)
                     statuses[st] += 1
                     dmap = getattr(p, "depth_map", None)
-                    size = _image_hw(r.image_path)
-                    tok_right += size is not None and token_depth_choice(dmap, r.points, r.labels, size) == truth
+                    if r.points:  # the public release has none: the diagnostic needs them
+                        with_points += 1
+                        size = _image_hw(r.image_path)
+                        tok_right += size is not None and token_depth_choice(dmap, r.points, r.labels, size) == truth
                     depth.add(dmap, _lookup(teacher_maps, digest_of(r.image_path)),
                               _true_depth(r.depth_path, depth_cache))  # fmt: skip
                     if keeper.wants("hardblink", right):
@@ -613,13 +625,20 @@ def run_evaluation(
             per_n[n] = right_n / len(recs)
             ev.metrics[f"{prefix}hardblink.{n}.accuracy"] = per_n[n]
             ev.metrics[f"{prefix}hardblink.{n}.n"] = float(len(recs))
-            if is_main:
-                ev.metrics[f"hardblink.{n}.token_depth"] = tok_right / len(recs)
+            if is_main and with_points:
+                tok_n[n] = tok_right / with_points
+                ev.metrics[f"hardblink.{n}.token_depth"] = tok_n[n]
+                if with_points < len(recs):
+                    ev.notes[f"hardblink.{n}.token_depth"] = (
+                        f"over the {with_points} of {len(recs)} questions that have point coordinates")
         if per_n:
             ev.metrics[f"{prefix}hardblink.mean.accuracy"] = float(np.mean(list(per_n.values())))
-            if is_main:
-                ev.metrics["hardblink.mean.token_depth"] = float(
-                    np.mean([ev.metrics[f"hardblink.{n}.token_depth"] for n in per_n]))
+            if is_main and tok_n:
+                ev.metrics["hardblink.mean.token_depth"] = float(np.mean(list(tok_n.values())))
+            if is_main and len(tok_n) < len(per_n):
+                skipped = [str(n) for n in per_n if n not in tok_n]
+                ev.notes["hardblink.depth_tokens.skipped"] = (
+                    NO_POINTS if not tok_n else f"{NO_POINTS} (point counts {', '.join(skipped)})")
 
         # ---- multiple-choice VQA
         for split, recs in vqa.items():
@@ -683,6 +702,7 @@ def _image_hw(path: str) -> tuple[int, int] | None:
 
 
 __all__ = [
+    "NO_POINTS",
     "DepthQuality",
     "Evaluation",
     "Predict",

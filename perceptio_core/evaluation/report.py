@@ -119,9 +119,10 @@ def sample_figure(s: Shown, path: str | os.PathLike[str]) -> Path:
 
 
 def write_report(ev: Evaluation, out_dir: str | os.PathLike[str], title: str = "Perceptio evaluation") -> Path:
-    """Write ``<out_dir>/report.md`` (metric tables, perceptio vs base; the perception block's
-    statuses; timings; one picture row per kept sample, right and wrong, referenced by file name
-    under ``figures/``) and the PNGs. Returns the markdown's path."""
+    """Write ``<out_dir>/report.md`` (metric tables, perceptio vs base; the notes on metrics left
+    out or partial, such as ``hardblink.depth_tokens.skipped``; the perception block's statuses;
+    timings; one picture row per kept sample, right and wrong, referenced by file name under
+    ``figures/``) and the PNGs. Returns the markdown's path."""
     out = Path(out_dir)
     (out / FIGURES).mkdir(parents=True, exist_ok=True)
     has_base = any(k.startswith("base.") for k in ev.metrics)
@@ -132,6 +133,8 @@ def write_report(ev: Evaluation, out_dir: str | os.PathLike[str], title: str = "
     if has_base:
         md.append("The base model gets the same prompts; it has no `[SEG]`, so its masks are empty.")
     md += ["", "## Metrics", "", metrics_table(ev.metrics), ""]
+    if ev.notes:  # metrics left out or partial, and why
+        md += ["## Notes", ""] + [f"- `{k}`: {v}" for k, v in ev.notes.items()] + [""]
     if ev.block_status:
         md += ["## Perception block", "", "| decoding | " + " | ".join(s.value for s in ParseStatus) + " |",
                "|---|" + "---:|" * len(ParseStatus)]

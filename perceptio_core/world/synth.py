@@ -12,8 +12,11 @@ SPEC §5 and §6, so the real loaders run on it unchanged. :func:`generate_world
   object among everything visible in the image, in the style of its dataset.
 - ADE20k SceneParsing layout (``ADEChallengeData2016/``) with class-index PNGs and
   ``objectInfo150.csv`` listing the world's 7 classes.
-- A HardBLINK-style set (SPEC §6) under ``HardBLINK/``: 3, 4 and 5 points per image,
-  ``HardBLINK/annotations.json``; the closest point has the smallest true depth.
+- A HardBLINK-style set (SPEC §6) under ``HardBLINK/`` in AURORA's public layout: 3, 4 and 5
+  points per image, ``questions/blink_{N}pointscenter_questions.jsonl``,
+  ``answers/blink_{N}pointscenter_answers.jsonl``, ``images/blink{N}pointscenter/*.png``, plus the
+  point coordinates, which the public release lacks, in the world's own
+  ``points/blink_{N}pointscenter_points.jsonl``; the closest point has the smallest true depth.
 - MMBench-format multiple-choice VQA (``vqa/mmbench_world.tsv``, base64 JPEG inline) on separate
   scenes, split by scene into "train" and "dev".
 - The "train" questions again as LLaVA-1.5 instruction data (``llava/llava_world.json``, images in
@@ -55,7 +58,7 @@ from perceptio_core.world.writers import (
     vqa_part,
 )
 
-GENERATOR_VERSION = "2"  # 2: llava/llava_world.json
+GENERATOR_VERSION = "3"  # 2: llava/llava_world.json; 3: HardBLINK in AURORA's public layout
 WORLD_FILE = "WORLD.json"
 
 __all__ = ["GENERATOR_VERSION", "WORLD_FILE", "WorldError", "generate_world", "read_world_info"]

@@ -17,7 +17,17 @@
 - :func:`ade_part`: ADE20k SceneParsing images, class-index PNGs and ``objectInfo150.csv`` listing
   the world's 7 classes (:data:`ADE_CLASSES`).
 - :func:`hardblink_part`: 3, 4 and 5 points per image drawn as the public set draws them (by
-  :mod:`perceptio_core.data.markers`); the closest point has the smallest true depth. Points are
+  :mod:`perceptio_core.data.markers`), in AURORA's public layout (:mod:`perceptio_core.data.hardblink`):
+  ``HardBLINK/questions/blink_{N}pointscenter_questions.jsonl`` (``question_id`` 0, 1, ...,
+  ``image`` the PNG's file name, ``text`` SPEC §6's question then ``Select from the following
+  choices.`` and one ``(A) A`` line per option, ``category`` ``"Relative_Depth"``),
+  ``HardBLINK/answers/blink_{N}pointscenter_answers.jsonl`` (``"(B)"``) and the images in
+  ``HardBLINK/images/blink{N}pointscenter/hardblink_{N}pt_{i:04d}.png`` (file stems unique over the
+  world, the key of ``depth/``, where the public set names them ``<i>.png``). The points, which the
+  public release does not publish, go to the world's own
+  ``HardBLINK/points/blink_{N}pointscenter_points.jsonl`` (``question_id``, ``points`` [[x, y], ...]
+  in label order, ``labels``, ``point_depths`` in metres). The closest point has the smallest true
+  depth. Points are
   at least :func:`hardblink_min_separation` apart: ``max(20 * min(W, H) / 336, 2 * circle radius +
   2 * gap + label box width)`` pixels, the public 20 px at 336 px, scaled, but never so close that
   a label box covers another point's circle. Images are PNG so the 1-pixel markers stay crisp.
@@ -48,6 +58,7 @@ import numpy as np
 from PIL import Image
 
 from perceptio_core.config import SynthConfig
+from perceptio_core.data import hardblink as hardblink_layout
 from perceptio_core.data.markers import MarkerStyle, draw_markers
 from perceptio_core.data.masks import encode_mask, mask_to_polygons, mask_to_uncompressed_rle
 from perceptio_core.data.refer import decode_rle
@@ -88,6 +99,8 @@ ADE_CLASSES: list[tuple[int, str]] = [
 _ADE_SHAPE_CLASS = {"ball": 4, "box": 5, "cylinder": 6, "cone": 7}
 
 HARDBLINK_COUNTS = (3, 4, 5)
+HARDBLINK_CHOICES = "Select from the following choices."
+HARDBLINK_CATEGORY = "Relative_Depth"  # BLINK's task the set extends
 
 # seeds of the per-item generators: (cfg.seed, kind, index...)
 _K_COCO, _K_ADE, _K_HB, _K_VQA, _K_SPLIT, _K_REFS, _K_CAPTION = 1, 2, 3, 4, 5, 6, 7
@@ -404,13 +417,31 @@ def _pick_points(r: Render, n: int, style: MarkerStyle, min_sep: float,
     return None
 
 
+def hardblink_text(labels: list[str]) -> str:
+    """The world's question text: SPEC §6's question, then its options, one a line, as BLINK's
+    multiple-choice questions list them (``"(A) A"``; :data:`HARDBLINK_CHOICES` between)."""
+    return "\n".join([HARDBLINK_QUESTION, HARDBLINK_CHOICES] + [f"({x}) {x}" for x in labels])
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
 def hardblink_part(root: Path, cfg: SynthConfig, bar: Any) -> dict[str, int]:
-    """HardBLINK-style images (3, 4, 5 points), annotations.json, and the unmarked scenes' depth."""
+    """HardBLINK in AURORA's public layout (:mod:`perceptio_core.data.hardblink`) under
+    ``HardBLINK/``: per point count, the marked PNGs, the questions and answers JSONL and the
+    world's own points file (not part of the public release), and the unmarked scenes' depth."""
     w, h = cfg.width, cfg.height
     style = MarkerStyle.for_size(w, h)
     min_sep = hardblink_min_separation(w, h)
-    records: list[dict[str, Any]] = []
+    hb = root / "HardBLINK"
+    total = 0
     for n in HARDBLINK_COUNTS:
+        (hb / hardblink_layout.images_dir(n)).mkdir(parents=True, exist_ok=True)
+        questions: list[dict[str, Any]] = []
+        answers: list[dict[str, Any]] = []
+        points: list[dict[str, Any]] = []
         for i in range(cfg.hardblink_per_count):
             attempt = 0
             while True:
@@ -425,24 +456,21 @@ def hardblink_part(root: Path, cfg: SynthConfig, bar: Any) -> dict[str, int]:
                     raise WorldError(f"could not place {n} HardBLINK points at {w}x{h} in 200 scenes")
             labels = [chr(ord("A") + j) for j in range(n)]
             depths = [float(r.depth[y, x]) for x, y in pts]
-            answer = f"({labels[int(np.argmin(depths))]})"
-            stem = f"hardblink_{n}pt_{i:04d}"
+            stem = f"hardblink_{n}pt_{i:04d}"  # unique over the world: its depth is depth/<stem>.npy
             marked = draw_markers(r.image, [(float(x), float(y)) for x, y in pts], labels, style)
-            _save_png(root / "HardBLINK" / "images" / f"{stem}.png", marked)
+            _save_png(hb / hardblink_layout.images_dir(n) / f"{stem}.png", marked)
             _save_depth(root, stem, r.depth)
-            records.append({
-                "id": f"{n}pt_{i:04d}",
-                "image": f"images/{stem}.png",
-                "n_points": n,
-                "points": [[x, y] for x, y in pts],
-                "labels": labels,
-                "question": HARDBLINK_QUESTION,
-                "answer": answer,
-                "point_depths": [round(v, 4) for v in depths],
-            })
+            questions.append({"question_id": i, "image": f"{stem}.png", "text": hardblink_text(labels),
+                              "category": HARDBLINK_CATEGORY})
+            answers.append({"question_id": i, "text": f"({labels[int(np.argmin(depths))]})"})
+            points.append({"question_id": i, "points": [[x, y] for x, y in pts], "labels": labels,
+                           "point_depths": [round(v, 4) for v in depths]})
             bar.update(1)
-    _write_json(root / "HardBLINK" / "annotations.json", records)
-    return {"hardblink": len(records)}
+        _write_jsonl(hb / hardblink_layout.questions_file(n), questions)
+        _write_jsonl(hb / hardblink_layout.answers_file(n), answers)
+        _write_jsonl(hb / hardblink_layout.points_file(n), points)
+        total += len(questions)
+    return {"hardblink": total}
 
 
 def hardblink_min_separation(width: int, height: int) -> float:

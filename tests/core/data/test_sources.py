@@ -184,3 +184,17 @@ def test_fingerprint_follows_content(tiny_world, tmp_path):
     assert fp2 != fp
     _jpeg(root / "images" / "train2014" / "extra.jpg", 9)
     assert data_fingerprint(root, cfg) != fp2
+
+
+def test_fingerprint_reads_the_hardblink_jsonl(tiny_world, tmp_path):
+    """An answer edited in place (same size) changes the fingerprint: the JSONL files are hashed."""
+    root = tmp_path / "copy"
+    shutil.copytree(tiny_world, root)
+    cfg = DataConfig()
+    fp = data_fingerprint(root, cfg)
+    answers = root / "HardBLINK" / "answers" / "blink_3pointscenter_answers.jsonl"
+    text = answers.read_text()
+    flipped = text.replace('"(A)"', '"(Z)"', 1) if '"(A)"' in text else text.replace('"(B)"', '"(Z)"', 1)
+    assert len(flipped) == len(text) and flipped != text
+    answers.write_text(flipped)
+    assert data_fingerprint(root, cfg) != fp

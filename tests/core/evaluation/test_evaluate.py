@@ -3,6 +3,7 @@ the base comparison, the perception block rates, depth quality, progress, and th
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,6 +16,7 @@ from perceptio_core.config import DataConfig, EvaluateConfig
 from perceptio_core.curation.curate import clean_expression as curate_clean_expression  # what curation uses
 from perceptio_core.evaluation.report import metrics_table, write_report
 from perceptio_core.evaluation.evaluate import (
+    NO_POINTS,
     DepthQuality,
     block_status,
     format_mc_prompt,
@@ -30,6 +32,7 @@ from perceptio_core.data.image_io import MissingImageError
 from perceptio_core.format.target import format_target
 from perceptio_core.format.prompts import HARDBLINK_QUESTION, render_prompt
 from perceptio_core.data.records import HardBlinkRecord, ImageRecord, RefRecord, Sources, VqaRecord
+from perceptio_core.data.hardblink import read_hardblink
 from perceptio_core.data.refer import ann_to_mask
 from perceptio_core.data.sources import read_sources
 from perceptio_core.depth.codec import DepthCodecSpec
@@ -312,3 +315,53 @@ def test_tiny_world_perfect_predictor_scores_one(tiny_world, tmp_path):
     assert m["hardblink.mean.accuracy"] == 1.0 and {m[f"hardblink.{n}.n"] for n in (3, 4, 5)} == {2.0}
     assert all(m[k] == 1.0 for k in m if k.startswith("vqa.") and k.endswith(".accuracy"))
     assert not math.isnan(m["perception_block.wellformed"])
+
+
+def test_public_hardblink_scores_text_and_skips_the_depth_token_diagnostic(public_hardblink, tmp_path):
+    """AURORA's layout (no point coordinates): the letters are read off answers to the public texts,
+    the "answer from the decoded depth tokens" diagnostic is left out and the report says why."""
+    hb = read_hardblink(public_hardblink)
+    assert hb.quarantine == []
+    by_image = {r.image_path: r for r in hb.records}
+
+    def predict(image, prompt):
+        r = by_image[str(image)]
+        assert prompt == hardblink_prompt(r.question) and "(A) A" in prompt  # the options go to the model
+        # 3 points: the letter in a sentence (right); 4: the options echoed, several letters (wrong); 5: bare letter
+        text = {3: f"The closest point is {r.answer}.", 4: r.question, 5: r.answer.strip("()")}[r.n_points]
+        return SimpleNamespace(text=text, mask=None, depth_map=np.ones((4, 4), np.float32), depth_indices=[0] * N)
+
+    ev = run_evaluation(predict, Sources(root=str(public_hardblink), hardblink=hb.records), depth_spec=SPEC)
+    m = ev.metrics
+    assert (m["hardblink.3.accuracy"], m["hardblink.4.accuracy"], m["hardblink.5.accuracy"]) == (1.0, 0.0, 1.0)
+    assert m["hardblink.mean.accuracy"] == pytest.approx(2 / 3) and m["hardblink.5.n"] == 3
+    assert not [k for k in m if "token_depth" in k]
+    assert ev.notes == {"hardblink.depth_tokens.skipped": NO_POINTS} == {
+        "hardblink.depth_tokens.skipped": "no point coordinates in the public release"}
+    md = write_report(ev, tmp_path / "report").read_text()
+    assert "## Notes\n\n- `hardblink.depth_tokens.skipped`: no point coordinates in the public release" in md
+    assert "| hardblink | 3 | accuracy | 1.000 |" in md and "token_depth" not in md
+
+
+def test_world_hardblink_runs_the_depth_token_diagnostic(tiny_world, tmp_path):
+    """With the world's points file the diagnostic runs: a map that is the true disparity names the
+    nearest point every time, whatever the text says; records without points are left out of it."""
+    cfg = DataConfig(refer_datasets=[], ade20k="", vqa_tsv="", captions="", llava_json=None)
+    src = read_sources(tiny_world, cfg, cache_dir=tmp_path / "cache")
+    assert len(src.hardblink) == 6 and all(r.points for r in src.hardblink)
+
+    def predict(image, prompt):
+        r = next(r for r in src.hardblink if r.image_path == str(image))
+        disparity = 1.0 / np.load(r.depth_path)
+        return SimpleNamespace(text="no idea", mask=None, depth_map=disparity, depth_indices=[0] * N)
+
+    ev = run_evaluation(predict, src, depth_spec=SPEC)
+    m = ev.metrics
+    assert all(m[f"hardblink.{n}.token_depth"] == 1.0 for n in (3, 4, 5)) and m["hardblink.mean.token_depth"] == 1.0
+    assert m["hardblink.mean.accuracy"] == 0.0 and ev.notes == {}
+    # some questions without points: the diagnostic covers the others and the notes say so
+    partial = [dataclasses.replace(r, points=()) if r.qid in ("3pt/0", "5pt/0", "5pt/1") else r for r in src.hardblink]
+    ev = run_evaluation(predict, Sources(root=src.root, hardblink=partial), depth_spec=SPEC)
+    assert ev.metrics["hardblink.3.token_depth"] == 1.0 and "hardblink.5.token_depth" not in ev.metrics
+    assert ev.notes == {"hardblink.3.token_depth": "over the 1 of 2 questions that have point coordinates",
+                        "hardblink.depth_tokens.skipped": f"{NO_POINTS} (point counts 5)"}

@@ -24,7 +24,7 @@ from perceptio_core.format.prompts import HARDBLINK_QUESTION
 from perceptio_core.world.expressions import SHAPE_WORDS
 from perceptio_core.world.scenes import COLOURS
 from perceptio_core.world.synth import WorldError, generate_world
-from perceptio_core.world.writers import ADE_CLASSES, hardblink_min_separation
+from perceptio_core.world.writers import ADE_CLASSES, hardblink_min_separation, hardblink_text
 
 REFER_KEYS = {"sent_ids", "file_name", "ann_id", "ref_id", "image_id", "split", "sentences",
               "category_id"}
@@ -232,7 +232,7 @@ def test_refcocog_is_longer_and_names_colour_and_shape(tiny_world):
 def test_depth_for_every_image_matches_its_size(tiny_world):
     images = list((tiny_world / "images" / "train2014").glob("*.jpg"))
     images += list((tiny_world / "ADEChallengeData2016" / "images").rglob("*.jpg"))
-    images += list((tiny_world / "HardBLINK" / "images").glob("*.png"))
+    images += list((tiny_world / "HardBLINK" / "images").rglob("*.png"))
     assert len(images) == 24 + 8 + 6
     for p in images:
         d = np.load(tiny_world / "depth" / f"{p.stem}.npy")
@@ -261,15 +261,51 @@ def test_depth_follows_perspective(tiny_world):
     assert total > 10 and agree / total > 0.9
 
 
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_hardblink_is_in_the_public_layout_plus_points(tiny_world):
+    """AURORA's files and nothing else, except the world's own points/ folder."""
+    hb = tiny_world / "HardBLINK"
+    files = sorted(p.relative_to(hb).as_posix() for p in hb.rglob("*") if p.is_file())
+    expected = []
+    for n in (3, 4, 5):
+        expected += [f"answers/blink_{n}pointscenter_answers.jsonl",
+                     *(f"images/blink{n}pointscenter/hardblink_{n}pt_{i:04d}.png" for i in range(2)),
+                     f"points/blink_{n}pointscenter_points.jsonl",
+                     f"questions/blink_{n}pointscenter_questions.jsonl"]
+    assert files == sorted(expected)
+    choices = "\nSelect from the following choices.\n(A) A\n(B) B\n(C) C"
+    assert hardblink_text(["A", "B", "C"]) == HARDBLINK_QUESTION + choices
+    for n in (3, 4, 5):
+        qs = _jsonl(hb / "questions" / f"blink_{n}pointscenter_questions.jsonl")
+        assert [set(q) for q in qs] == [{"question_id", "image", "text", "category"}] * 2
+        assert [q["question_id"] for q in qs] == [0, 1]
+        assert [q["text"] for q in qs] == [hardblink_text(list("ABCDE"[:n]))] * 2
+        ans = _jsonl(hb / "answers" / f"blink_{n}pointscenter_answers.jsonl")
+        assert [set(a) for a in ans] == [{"question_id", "text"}] * 2
+
+
 def test_hardblink_answer_is_the_nearest_point(tiny_world):
-    recs = json.loads((tiny_world / "HardBLINK" / "annotations.json").read_text())
+    hb = tiny_world / "HardBLINK"
+    recs = []
+    for n in (3, 4, 5):
+        name = f"blink_{n}pointscenter"
+        qs = _jsonl(hb / "questions" / f"{name}_questions.jsonl")
+        ans = _jsonl(hb / "answers" / f"{name}_answers.jsonl")
+        pts = _jsonl(hb / "points" / f"{name}_points.jsonl")
+        for q, a, p in zip(qs, ans, pts, strict=True):
+            assert q["question_id"] == a["question_id"] == p["question_id"]
+            recs.append(dict(n_points=n, image=f"images/blink{n}pointscenter/{q['image']}", points=p["points"],
+                             labels=p["labels"], answer=a["text"], point_depths=p["point_depths"]))
     assert sorted(r["n_points"] for r in recs) == [3, 3, 4, 4, 5, 5]
     sep = hardblink_min_separation(64, 48)
     for r in recs:
-        assert r["question"] == HARDBLINK_QUESTION
         assert r["labels"] == list("ABCDE"[: r["n_points"]]) and len(r["points"]) == r["n_points"]
         depth = np.load(tiny_world / "depth" / f"{Path(r['image']).stem}.npy")
         at = [float(depth[y, x]) for x, y in r["points"]]
+        assert r["point_depths"] == [round(v, 4) for v in at]
         assert r["answer"] == f"({r['labels'][int(np.argmin(at))]})"
         s = sorted(at)
         assert s[1] >= 1.25 * s[0]  # the closest is clearly the closest
