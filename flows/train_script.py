@@ -8,6 +8,17 @@ ARCHITECTURE "Scale-out"). The same functions the Prefect tasks call in-process 
     accelerate launch -m flows.train_script --stage base --config tiny \\
         --data examples.json --out OUT      # examples.json: [{"image", "prompt", "answer"}, ...]
 
+Sharded (bases that do not fit one GPU; ``configs/accelerate/*.yaml`` say when to use which)::
+
+    accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes 8 \\
+        -m flows.train_script --stage finetune --config paper-8b ...
+    accelerate launch --config_file configs/accelerate/deepspeed_zero3.yaml --num_processes 8 \\
+        -m flows.train_script --stage finetune --config paper-8b ...   # needs pip install deepspeed
+
+(launch from the repository root: the DeepSpeed yamls name their JSON relative to it). FSDP also
+runs on CPU processes (gloo), as tests/core/training/test_fsdp.py does: ``--config_file
+configs/accelerate/fsdp.yaml --num_processes 2 --mixed_precision no ... --set run.device=cpu``.
+
 ``python -m flows.train_script ...`` runs one process. Several CPU processes (gloo), as the
 tests run them: ``accelerate launch --multi_gpu --num_processes 2 -m flows.train_script
 --set run.device=cpu ...`` (accelerate's torchrun-based launcher; the script's ``Accelerator(cpu=True)``

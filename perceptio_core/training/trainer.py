@@ -41,6 +41,23 @@ position, fingerprint, last metrics), then an atomic rename; the last ``keep_che
 A directory without ``meta.json`` or still named ``.tmp-*`` is never trusted. Resuming with a
 different configuration, dataset size or process count raises :class:`ResumeMismatchError`.
 
+Sharded training (``configs/accelerate/``; the numbers in ``bench/memory_estimate.py``): launched with
+``fsdp.yaml`` the loop runs under FSDP2 (``fully_shard``; accelerate's ``fsdp2_prepare_model``, one
+shard group per decoder / vision layer class the model has, the rest in the root group): frozen
+and trainable tensors are sharded alike, the gradients reduce-scattered (averaged, as under DDP:
+the same numbers, tested against DDP on 2 CPU processes). accelerate enables FSDP only on
+accelerator devices, so on the CPU (gloo, the tests) :func:`enable_fsdp_on_cpu` sets it as
+accelerate would. A checkpoint keeps the layout above: ``model.safetensors`` holds the trainable
+tensors gathered whole, ``optimizer.bin`` AdamW's state gathered whole and keyed by parameter name
+(``get_optimizer_state_dict(full_state_dict=True)``), read back on process 0 and broadcast, then
+resharded; scheduler and RNG files through accelerate's ``save/load_accelerator_state``. The final
+model: the full state gathered to process 0 and loaded into the task's model built afresh there,
+which ``save_final`` writes. Under DeepSpeed (``deepspeed_zero{2,3}.yaml``; untested here, see
+``bench/gpu_check_deepspeed.sh``) the checkpoints are the engine's (``exclude_frozen_parameters``)
+and the final model takes the fp32 master values of the trainable tensors. The fingerprint records
+the sharding (``fsdp2``, ``deepspeed-zero<k>``; DDP's fingerprint is unchanged), so a checkpoint
+resumes only under the scheme that wrote it.
+
 Outputs: ``<out>/history.jsonl`` (one line per optimizer step: step, epoch, lr, grad_norm, every
 loss term, tokens (attention-mask sum over the global batch), step and data-wait seconds), ``<out>/plots/loss_<term>.png``, ``<out>/metrics.json``,
 ``<out>/model/`` (the task's final save + ``meta.json``). Metrics: ``loss_first`` / ``loss_last``
@@ -253,6 +270,80 @@ def mixed_precision_for(precision: str, device_type: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# Sharded training (FSDP2, DeepSpeed ZeRO)
+# --------------------------------------------------------------------------------------------
+
+
+def fsdp_requested() -> bool:
+    """Whether the launch asked for FSDP (``accelerate launch --config_file configs/accelerate/fsdp.yaml``
+    sets ``ACCELERATE_USE_FSDP`` and the ``FSDP_*`` variables the plugin reads)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("true", "1")
+
+
+def enable_fsdp_on_cpu(acc: Any) -> None:
+    """Turn a multi-process CPU (gloo) ``Accelerator`` into an FSDP one, with the plugin the launch
+    configured (the ``FSDP_*`` environment).
+
+    accelerate 1.16 switches ``distributed_type`` to FSDP only for accelerator devices: in
+    ``AcceleratorState.__init__`` (accelerate/state.py) the ``ACCELERATE_USE_FSDP`` test sits inside
+    the ``elif self.distributed_type in [MULTI_GPU, MULTI_MLU, ..., MULTI_NEURON]`` branch, so a CPU
+    process group stays ``MULTI_CPU`` and ``prepare`` would wrap the model in DDP. torch's FSDP2
+    (``fully_shard``) itself runs on a CPU device mesh over gloo, and accelerate's FSDP2 code paths
+    the trainer uses (``fsdp2_prepare_model``, ``no_sync``, the DTensor-aware gradient clipping) have
+    nothing CUDA-specific; so the state is set here as accelerate would set it on GPUs."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin()
+    if acc.mixed_precision != "no":
+        plugin.set_mixed_precision(acc.mixed_precision)
+    acc.state.fsdp_plugin = plugin
+    acc.state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+
+def configure_deepspeed(plugin: Any, cfg: TrainLoopConfig) -> None:
+    """Fill the DeepSpeed config's ``"auto"`` gradient clipping with ``loop.max_grad_norm`` (accelerate
+    would put 1.0); gradient accumulation (``loop.grad_accum``), the micro-batch and bf16 come from
+    the ``Accelerator`` and the loader at ``prepare``. An explicit value that differs is logged: the
+    config file wins there. (``configs/accelerate/deepspeed_zero*.yaml``; not run here: no
+    DeepSpeed on the CPU machines, see ``bench/gpu_check_deepspeed.sh``.)"""
+    ds = plugin.deepspeed_config
+    if ds.get("gradient_clipping", "auto") == "auto":
+        ds["gradient_clipping"] = float(cfg.max_grad_norm)
+    elif float(ds["gradient_clipping"]) != float(cfg.max_grad_norm):
+        log.warning("DeepSpeed config clips at %s, the loop config at %s: DeepSpeed's value is used",
+                    ds["gradient_clipping"], cfg.max_grad_norm)
+
+
+def keep_present_layer_classes(plugin: Any, model: nn.Module) -> list[str]:
+    """Keep, of the plugin's ``transformer_cls_names_to_wrap``, the classes ``model`` has (one config
+    names the decoder layers of every base we train: Qwen2, Llama, the InternVL vision tower;
+    accelerate raises on a class the model lacks). Returns the kept names; with none left, only the
+    root is sharded (one unit: no memory saved), which is logged."""
+    from accelerate.utils.dataclasses import get_module_class_from_name
+
+    names = getattr(plugin, "transformer_cls_names_to_wrap", None)
+    if not names:
+        return []
+    kept = [n for n in names if get_module_class_from_name(model, n) is not None]
+    if len(kept) < len(names):
+        log.info("FSDP: sharding units %s (absent from this model: %s)", kept, sorted(set(names) - set(kept)))
+    if not kept:
+        log.warning("FSDP: none of the layer classes %s is in the model: it is sharded as one unit", names)
+    plugin.transformer_cls_names_to_wrap = kept
+    return kept
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a (sharded) DTensor, gathered (a collective: every process calls it, in
+    the same order); a plain tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+# --------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------
 
@@ -293,13 +384,15 @@ class Trainer:
         self.pos = _Position()
         self.accelerator: Any = None
         self.terms: list[str] = []
+        self.fsdp = False  # sharded with FSDP2 (set by setup)
+        self.deepspeed = False  # sharded with DeepSpeed ZeRO (set by setup)
         self._setup_done = False
 
     # ---- setup ---------------------------------------------------------------------------
     def setup(self) -> None:
         """Accelerator, seed, model, optimizer, scheduler, data loader, ``accelerator.prepare``."""
         from accelerate import Accelerator, DistributedDataParallelKwargs
-        from accelerate.utils import GradientAccumulationPlugin, set_seed
+        from accelerate.utils import DistributedType, GradientAccumulationPlugin, set_seed
 
         cfg = self.cfg
         if cfg.steps < 1 or cfg.batch_size < 1 or cfg.grad_accum < 1:
@@ -317,6 +410,14 @@ class Trainer:
             step_scheduler_with_optimizer=False,
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.find_unused_parameters)],
         )
+        if fsdp_requested() and acc.distributed_type == DistributedType.MULTI_CPU:
+            enable_fsdp_on_cpu(acc)
+        self.fsdp = acc.distributed_type == DistributedType.FSDP
+        if self.fsdp and not acc.is_fsdp2:
+            raise ValueError("the trainer shards with FSDP2 only: set fsdp_version: 2 (configs/accelerate/fsdp.yaml)")
+        self.deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
+        if self.deepspeed:
+            configure_deepspeed(acc.state.deepspeed_plugin, cfg)
         set_seed(cfg.seed)
         model = self.task.build_model()
         for p in model.parameters():  # fp32 master weights for whatever is trained
@@ -356,6 +457,8 @@ class Trainer:
             persistent_workers=cfg.num_workers > 0,  # no re-fork at each epoch (the order comes
             # from the sampler in this process, so nothing in the workers depends on the epoch)
         )
+        if self.fsdp:
+            keep_present_layer_classes(acc.state.fsdp_plugin, model)
         self.model, self.optimizer, self.loader, self.scheduler = acc.prepare(model, optimizer, loader, scheduler)
         self.batches_per_epoch = len(self.loader)
         if self.batches_per_epoch < 1:
@@ -396,7 +499,7 @@ class Trainer:
     def _save_trainable_only(self, models: list[nn.Module], weights: list[dict[str, Any]], output_dir: str) -> None:
         """save_state pre-hook: keep only trainable tensors and trained buffers in the checkpoint's
         model.safetensors."""
-        for i, m in enumerate(models):
+        for i, m in enumerate(models[: len(weights)]):  # DeepSpeed saves its engines itself (no weights)
             names = self._checkpointed_names(m)
             weights[i] = {k: v.contiguous() for k, v in weights[i].items() if k in names}
 
@@ -415,6 +518,10 @@ class Trainer:
             "dataset_size": len(self.dataset),
             "num_processes": self.accelerator.num_processes,
         }
+        if self.fsdp:  # its optimizer file is not DDP's; absent under DDP (their digests stay as they were)
+            fp["sharding"] = "fsdp2"
+        elif self.deepspeed:
+            fp["sharding"] = f"deepspeed-zero{self.accelerator.state.deepspeed_plugin.zero_stage}"
         fp["digest"] = hashlib.sha256(canonical_json(fp).encode()).hexdigest()[:16]
         return fp
 
@@ -437,8 +544,14 @@ class Trainer:
                 f"{ck} was written by a different run (config, data size or process count differ: "
                 f"{meta.get('fingerprint')} vs {fp}); use a fresh output directory"
             )
-        self._check_checkpoint_keys(ck)
-        acc.load_state(str(ck), strict=False)
+        if self.fsdp:
+            self._check_checkpoint_keys(ck)
+            self._load_state_sharded(ck)
+        elif self.deepspeed:  # the engine's own checkpoint (trainable tensors only: see save_checkpoint)
+            acc.load_state(str(ck), load_module_strict=False)
+        else:
+            self._check_checkpoint_keys(ck)
+            acc.load_state(str(ck), strict=False)
         self.pos.step = int(meta["step"])
         self.terms = list(meta.get("terms", []))
         if acc.is_main_process:  # drop history lines of steps after the checkpoint
@@ -565,6 +678,19 @@ class Trainer:
         from safetensors.torch import save_file
 
         acc = self.accelerator
+        if self.fsdp or self.deepspeed:  # sharded gradients: every process takes part in gathering them
+            if self.deepspeed:
+                from deepspeed.utils import safe_get_full_grad
+
+                named = [(n, safe_get_full_grad(p)) for n, p in self.model.module.named_parameters() if p.requires_grad]
+            else:
+                named = [(n, full_tensor(p.grad)) for n, p in self.model.named_parameters()
+                         if p.requires_grad and p.grad is not None]  # fmt: skip
+            grads = {n: g.detach().float().cpu().contiguous() for n, g in named if g is not None}
+            if acc.is_main_process:
+                self.grad_dump_dir.mkdir(parents=True, exist_ok=True)
+                save_file(grads, str(self.grad_dump_dir / f"grads-step-{step:08d}.safetensors"))
+            return
         if acc.is_main_process:
             self.grad_dump_dir.mkdir(parents=True, exist_ok=True)
             grads = {
@@ -586,7 +712,12 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
-        acc.save_state(str(tmp))
+        if self.fsdp:
+            self._save_state_sharded(tmp)
+        elif self.deepspeed:  # ZeRO partitions in <tmp>/pytorch_model/, frozen base left out
+            acc.save_state(str(tmp), exclude_frozen_parameters=True)
+        else:
+            acc.save_state(str(tmp))
         acc.wait_for_everyone()
         if acc.is_main_process:
             A, L = self.cfg.grad_accum, self.batches_per_epoch
@@ -622,6 +753,113 @@ class Trainer:
         for _, p in done[: max(0, len(done) - max(1, self.cfg.keep_checkpoints))]:
             shutil.rmtree(p, ignore_errors=True)
 
+    # ---- checkpoints and final model when sharded ------------------------------------------------------------
+    def _trainable_full_state(self) -> dict[str, torch.Tensor]:
+        """The checkpointed tensors (trainable parameters, trained buffers) whole, on the CPU of
+        process 0 (empty elsewhere); every process must call it (one gather per sharded tensor)."""
+        names = self._checkpointed_names(self.model)
+        main = self.accelerator.is_main_process
+        state: dict[str, torch.Tensor] = {}
+        for n, t in list(self.model.named_parameters()) + list(self.model.named_buffers()):
+            if n in names and n not in state:
+                whole = full_tensor(t.detach())
+                if main:
+                    state[n] = whole.cpu().contiguous()
+        return state if main else {}
+
+    def _save_state_sharded(self, out: Path) -> None:
+        """``save_state`` under FSDP, in the same layout as under DDP: ``model.safetensors`` (the
+        trainable tensors, gathered whole), ``optimizer.bin`` (AdamW's state gathered whole, keyed
+        by parameter name: ``get_optimizer_state_dict(full_state_dict=True)``), ``scheduler.bin`` and
+        ``random_states_<rank>.pkl`` through accelerate's ``save_accelerator_state``."""
+        from accelerate.checkpointing import save_accelerator_state
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        acc = self.accelerator
+        weights = self._trainable_full_state()
+        optim = get_optimizer_state_dict(
+            self.model, self.optimizer.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+        if acc.is_main_process:
+            torch.save(optim, out / "optimizer.bin")
+        del optim
+        save_accelerator_state(
+            str(out), [weights], [], acc._schedulers, acc._dataloaders, acc.process_index, acc.step, acc.scaler,
+            save_on_each_node=acc.project_configuration.save_on_each_node, safe_serialization=True,
+        )  # fmt: skip
+
+    def _load_state_sharded(self, ck: Path) -> None:
+        """``load_state`` under FSDP (the files of :meth:`_save_state_sharded`): each process
+        reads the trainable tensors and keeps its shards; process 0 reads the optimizer state and
+        broadcasts it; scheduler, RNG states and accelerate's step counter as ``load_state``."""
+        from accelerate.checkpointing import load_accelerator_state
+        from safetensors.torch import load_file
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        acc = self.accelerator
+        weights = load_file(str(ck / "model.safetensors"))
+        set_model_state_dict(self.model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
+        optim = torch.load(ck / "optimizer.bin", map_location="cpu", weights_only=True) if acc.is_main_process else {}
+        set_optimizer_state_dict(
+            self.model, self.optimizer.optimizer, optim,
+            options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True),
+        )  # fmt: skip
+        over = load_accelerator_state(
+            str(ck), [], [], acc._schedulers, acc._dataloaders, acc.process_index, acc.scaler, map_location="cpu"
+        )
+        if "step" in over:
+            acc.step = over["step"]
+
+    def _gathered_model(self) -> nn.Module | None:
+        """Under FSDP or DeepSpeed, the trained model whole on process 0 (None elsewhere), for the
+        task's ``save_final``, built afresh there by the task (as :meth:`setup` built it, without
+        touching this process's random state) and loaded with the gathered state: under FSDP every
+        parameter and persistent buffer (gathered to process 0's CPU, loaded strictly); under
+        DeepSpeed the fp32 master values of the trainable tensors (``safe_get_full_fp32_param``) and
+        the trained buffers, the frozen rest being the base as built. Every process must call it."""
+        import random
+
+        import numpy as np
+        from accelerate.utils import set_seed
+
+        acc = self.accelerator
+        if self.deepspeed:
+            from deepspeed.utils import safe_get_full_fp32_param
+
+            inner = self.model.module
+            names = self._checkpointed_names(inner)
+            full = {n: safe_get_full_fp32_param(p).detach().cpu()
+                    for n, p in inner.named_parameters() if p.requires_grad}  # fmt: skip
+            full.update({n: b.detach().cpu() for n, b in inner.named_buffers() if n in names})
+        else:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not acc.is_main_process:
+            return None
+        py, npy = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            set_seed(self.cfg.seed)
+            model = self.task.build_model()
+        random.setstate(py)
+        np.random.set_state(npy)
+        for p in model.parameters():  # the fp32 master weights of setup
+            if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16):
+                p.data = p.data.float()
+        result = model.load_state_dict(full, strict=False)
+        persistent = set(model.state_dict()) if self.fsdp else set(full)
+        missing = [k for k in result.missing_keys if k in persistent]
+        if missing or result.unexpected_keys:
+            raise RuntimeError(
+                f"{self.task.name}: the gathered sharded state does not fit a fresh model: missing {missing[:5]}, "
+                f"unexpected {result.unexpected_keys[:5]}"
+            )
+        return model
+
     # ---- final artefacts -------------------------------------------------------------------
     def metrics(self) -> dict[str, float]:
         """Loss summaries of the whole history (also across a resume) plus run figures."""
@@ -637,6 +875,8 @@ class Trainer:
             m["data_wait_frac"] = self._wait_total / self._time_total
             m["tokens_per_s"] = self._tokens_total / self._time_total
         m["peak_memory_bytes"] = float(peak_memory_bytes(self.accelerator.device))
+        if self.fsdp:
+            m["fsdp"] = 1.0
         return m
 
     def save_final(self) -> Path:
@@ -647,11 +887,13 @@ class Trainer:
         acc.wait_for_everyone()
         final = self.out_dir / FINAL
         metrics = self.metrics()
+        plain = self._gathered_model() if self.fsdp or self.deepspeed else None  # collective: all take part
         if acc.is_main_process:
             tmp = self.out_dir / f".tmp-{FINAL}"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            self.task.save_final(acc.unwrap_model(self.model), tmp)
+            self.task.save_final(plain if plain is not None else acc.unwrap_model(self.model), tmp)
+            del plain
             meta = {
                 "stage": self.task.name,
                 "step": self.pos.step,
@@ -705,7 +947,12 @@ __all__ = [
     "ResumeMismatchError",
     "TrainTask",
     "Trainer",
+    "configure_deepspeed",
+    "enable_fsdp_on_cpu",
+    "fsdp_requested",
+    "full_tensor",
     "history_window",
+    "keep_present_layer_classes",
     "latest_checkpoint",
     "plot_history",
     "read_history",
