@@ -77,7 +77,7 @@ import shutil
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +88,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset
 from perceptio_core.atomic_io import fsync_dir, fsync_tree, write_json
 from perceptio_core.device import ProgressFn
 from perceptio_core.config import TrainLoopConfig, canonical_json, to_dict
-from perceptio_core.training.schedule import build_scheduler, warmup_steps
+from perceptio_core.training.schedule import build_scheduler, steps_for_epochs, warmup_steps
 from perceptio_core.training.sampler import EpochSampler
 
 log = logging.getLogger(__name__)
@@ -434,9 +434,12 @@ class Trainer:
         if no_decay:
             groups.append({"params": no_decay, "weight_decay": 0.0})
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+        self.dataset = self.task.build_dataset()
+        if cfg.epochs > 0:  # steps from the data and the process count (loop.epochs)
+            global_batch = cfg.batch_size * cfg.grad_accum * acc.num_processes
+            self.cfg = cfg = replace(cfg, steps=steps_for_epochs(cfg.epochs, len(self.dataset), global_batch))
         scheduler = build_scheduler(optimizer, cfg.steps, cfg.warmup_frac, self.task.final_lr_frac)
 
-        self.dataset = self.task.build_dataset()
         self.sampler = EpochSampler(
             len(self.dataset),
             seed=cfg.seed,

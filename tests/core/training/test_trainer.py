@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from perceptio_core.config import TrainLoopConfig, load_config
+from perceptio_core.training.schedule import steps_for_epochs
 from perceptio_core.training.trainer import (
     CHECKPOINTS,
     ResumeMismatchError,
@@ -219,6 +220,14 @@ def test_metrics_history_and_plots(tmp_path):
     assert saved["loss_last"] == metrics["loss_last"]
     meta = json.loads((tmp_path / "model" / "meta.json").read_text())
     assert meta["step"] == 40 and (tmp_path / "model" / "model.safetensors").is_file()
+
+
+def test_epochs_derive_the_steps_from_the_data_and_the_global_batch(tmp_path):
+    # 26 samples, 1.5 epochs at a global batch of 3 x 2 = 6: ceil(39 / 6) = 7 steps, whatever loop.steps says
+    t = _run(tmp_path, _cfg(steps=999, epochs=1.5))
+    assert t.cfg.steps == 7 and len(read_history(tmp_path / "history.jsonl")) == 7
+    assert t.scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)  # the cosine ends at step 7
+    assert steps_for_epochs(1, 995_000, 512) == 1944  # the paper's mix at 1 x 8 x 64 per step
 
 
 def test_summarize_history_windows():
