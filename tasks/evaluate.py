@@ -41,7 +41,9 @@ def evaluate(ctx: StageContext) -> StageOutput:
         f"sample: {p.stem}": f"report/{p.relative_to(report_dir).as_posix()}"
         for p in sorted(report_dir.rglob("*.png"))[:8]
     }
-    return StageOutput(metrics=dict(ev.metrics), figures=figures)
+    for name, why in ev.notes.items():  # a metric left out or partial, and why (in the log and manifest)
+        ctx.log.info("evaluate: %s: %s", name, why)
+    return StageOutput(metrics=dict(ev.metrics), figures=figures, notes=[f"{k}: {v}" for k, v in ev.notes.items()])
 
 
 EVALUATE = StageSpec(

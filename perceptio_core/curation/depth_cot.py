@@ -16,7 +16,7 @@ from PIL import Image
 
 from perceptio_core.config import CurateConfig
 from perceptio_core.format.target import format_target
-from perceptio_core.format.prompts import HARDBLINK_QUESTION, render_prompt
+from perceptio_core.format.prompts import hardblink_text, render_prompt
 from perceptio_core.data.records import (
     REASON_MISSING_IMAGE,
     Sources,
@@ -135,7 +135,7 @@ def depth_cot_samples(
             key = make_key("depth_cot", dataset, f"i{image_id}", f"n{j}")
             sample = Sample(
                 key=key, source="depth_cot", split="train", task="depth_cot", image_digest=digest,
-                image=buf.getvalue(), prompt=render_prompt("depth_cot", key, question=HARDBLINK_QUESTION),
+                image=buf.getvalue(), prompt=render_prompt("depth_cot", key, question=hardblink_text(labels)),
                 target=format_target(False, tokens, answer), answer=answer, mask_rle=None,
                 depth_tokens=tokens, upstream=dict(upstream),
                 meta={"image_id": image_id, "image_source": dataset, "file_name": Path(path).name,

@@ -19,6 +19,16 @@ HARDBLINK_QUESTION = (
     "Which point is the closest to the camera?"
 )
 
+HARDBLINK_CHOICES = "Select from the following choices."
+
+
+def hardblink_text(labels: list[str]) -> str:
+    """A HardBLINK question as the world writes it and depth chain-of-thought training asks it:
+    SPEC §6's question, then its options one a line, as BLINK's multiple-choice questions list
+    them (:data:`HARDBLINK_CHOICES`, then ``"(A) A"``, ...)."""
+    return "\n".join([HARDBLINK_QUESTION, HARDBLINK_CHOICES] + [f"({x}) {x}" for x in labels])
+
+
 TEMPLATES: dict[str, tuple[str, ...]] = {
     "refer_seg": (
         "Please segment the object described as: {expr}. Show its mask and the depth of the scene "

@@ -62,7 +62,7 @@ from perceptio_core.data import hardblink as hardblink_layout
 from perceptio_core.data.markers import MarkerStyle, draw_markers
 from perceptio_core.data.masks import encode_mask, mask_to_polygons, mask_to_uncompressed_rle
 from perceptio_core.data.refer import decode_rle
-from perceptio_core.format.prompts import HARDBLINK_QUESTION, format_mc_prompt
+from perceptio_core.format.prompts import format_mc_prompt, hardblink_text
 from perceptio_core.world.expressions import candidates, captions, dress, sentence, vqa_questions
 from perceptio_core.world.render import (
     LABEL_GROUND,
@@ -99,7 +99,6 @@ ADE_CLASSES: list[tuple[int, str]] = [
 _ADE_SHAPE_CLASS = {"ball": 4, "box": 5, "cylinder": 6, "cone": 7}
 
 HARDBLINK_COUNTS = (3, 4, 5)
-HARDBLINK_CHOICES = "Select from the following choices."
 HARDBLINK_CATEGORY = "Relative_Depth"  # BLINK's task the set extends
 
 # seeds of the per-item generators: (cfg.seed, kind, index...)
@@ -415,12 +414,6 @@ def _pick_points(r: Render, n: int, style: MarkerStyle, min_sep: float,
         if len(pts) == n:
             return pts
     return None
-
-
-def hardblink_text(labels: list[str]) -> str:
-    """The world's question text: SPEC §6's question, then its options, one a line, as BLINK's
-    multiple-choice questions list them (``"(A) A"``; :data:`HARDBLINK_CHOICES` between)."""
-    return "\n".join([HARDBLINK_QUESTION, HARDBLINK_CHOICES] + [f"({x}) {x}" for x in labels])
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from perceptio_core.format.prompts import hardblink_text
 from perceptio_core.config import CurateConfig, DataConfig, SynthConfig
 from perceptio_core.curation.curate import curate, iter_samples
 from perceptio_core.curation.inputs import (
@@ -91,6 +92,8 @@ def test_world_samples_are_well_formed(world):
             assert r.category in s.answer and s.answer.endswith(".") and r.sentence.rstrip(".") in s.prompt
         if s.task == "depth_cot":
             assert s.mask_rle is None and 2 <= s.meta["n_points"] <= 5 and s.prompt.startswith("Multiple points")
+            # asked as the evaluation asks it: the question with its options (format.prompts.hardblink_text)
+            assert hardblink_text(s.meta["labels"]) in s.prompt
             tmap = maps[s.image_digest]
             h, w = np.asarray(Image.open(io.BytesIO(s.image))).shape[:2]
             vals = [tmap[int((y + 0.5) * S / h), int((x + 0.5) * S / w)] for x, y in s.meta["points"]]

@@ -30,7 +30,7 @@ from perceptio_core.curation.shards import (
     write_shards,
 )
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]  # the repository root
 
 # the deterministic sample stream, shared with the killed subprocess
 GEN_SRC = textwrap.dedent(

@@ -24,7 +24,8 @@ from perceptio_core.format.prompts import HARDBLINK_QUESTION
 from perceptio_core.world.expressions import SHAPE_WORDS
 from perceptio_core.world.scenes import COLOURS
 from perceptio_core.world.synth import WorldError, generate_world
-from perceptio_core.world.writers import ADE_CLASSES, hardblink_min_separation, hardblink_text
+from perceptio_core.format.prompts import hardblink_text
+from perceptio_core.world.writers import ADE_CLASSES, hardblink_min_separation
 
 REFER_KEYS = {"sent_ids", "file_name", "ann_id", "ref_id", "image_id", "split", "sentences",
               "category_id"}
