@@ -16,18 +16,20 @@ Shapes (``--shape``):
 - ``tiny`` (default; CPU-friendly): the tiny InternVL of the default profile (``TinyVLMConfig``:
   text 4 layers x 128, vision 2 x 64, 64 px tiles), its SAM2 (``tiny-128``), LoRA rank
   ``model.lora_rank``.
-- ``internvl2.5-1b``: an InternVL2.5-1B-shaped model with random weights (InternViT-300M: 24 layers,
-  dim 1024, 448 px, patch 14; Qwen2.5-0.5B: 24 layers, dim 896, 14 heads / 2 KV heads, MLP 4864,
-  vocabulary 151674; 256 image tokens), bf16 base, LoRA rank 256 (paper profile), SAM2.1
-  Hiera-L (1024 px). For GPU step time; ``--smoke`` shrinks it to 1 layer per tower and the tiny
-  SAM2 to check the code path on a CPU.
+- ``internvl2.5-1b``, ``internvl2.5-4b``, ``internvl2.5-8b``, ``internvl3-8b``: the released
+  architecture with random weights (:mod:`perceptio_core.model.presets`: InternViT-300M + the
+  language model, untied head, 256 image tokens per tile), bf16 base, LoRA rank 256 (paper
+  profile), SAM2.1 Hiera-L (1024 px); images are 640 x 480, so ``--set model.max_tiles=6`` gives
+  InternVL's training sequences (640 x 480 tiles as 3 x 2 + a thumbnail: 7 x 256 image tokens).
+  For GPU step time and MFU; ``--smoke`` shrinks the shape to 1 layer per tower and the tiny SAM2
+  to check the code path on a CPU.
 
 Data: synthetic referring samples (random images, a mask, the perception block of N = 100 depth
 codes of K = 128, a one-sentence answer) written as real curated shards and read through the real
 loader. The depth tokenizer is the stand-in of the tests at the real block size (its decoder is a
 1x1 convolution: L_rec's VQ-VAE decode is cheaper than the real one's).
 
-Usage: ``python bench/bench_train.py [--shape tiny|internvl2.5-1b] [--steps 8] [--warmup 2]
+Usage: ``python bench/bench_train.py [--shape tiny|internvl2.5-1b|internvl2.5-8b|...] [--steps 8] [--warmup 2]
 [--batch-size 4] [--num-workers 2] [--device auto] [--peak-flops 989e12] [--set section.key=value]``.
 """
 
@@ -53,6 +55,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from perceptio_core.config import load_config  # noqa: E402
+from perceptio_core.model.presets import PRESETS  # noqa: E402
 from perceptio_core.training.finetune import FinetuneTask  # noqa: E402
 from perceptio_core.training.trainer import Trainer, read_history  # noqa: E402
 
@@ -63,14 +66,6 @@ CORPUS = [
     "Describe the image briefly. A green cylinder stands behind a yellow box.",
 ] * 50
 
-# InternVL2.5-1B (OpenGVLab/InternVL2_5-1B, transformers "-hf" layout)
-SHAPE_1B = {
-    "vision": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
-                   image_size=448, patch_size=14, layer_scale_init_value=0.1, use_qk_norm=False),
-    "text": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                 intermediate_size=4864, vocab_size=151674, max_position_embeddings=32768,
-                 rope_theta=1000000.0, tie_word_embeddings=False),  # InternVL2.5-1B: untied head
-}  # fmt: skip
 
 
 def make_shards(out: Path, n: int, width: int, height: int, codebook_size: int, num_tokens: int) -> Path:
@@ -102,29 +97,22 @@ def make_shards(out: Path, n: int, width: int, height: int, codebook_size: int, 
 
 
 def build_base(shape: str, tokenizer, device: torch.device, smoke: bool):
-    """The base InternVL of ``shape`` (random init) and its language-model / vision parameter counts."""
-    from transformers import InternVLConfig, InternVLForConditionalGeneration, Qwen2Config
-    from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
+    """The base InternVL of ``shape`` (random init; a released shape from
+    :mod:`perceptio_core.model.presets`, in bf16) and its language-model / vision parameter counts."""
+    from transformers import InternVLForConditionalGeneration
 
-    from perceptio_core.model.internvl import build_tiny_internvl, image_tokens
     from perceptio_core.config import TinyVLMConfig
+    from perceptio_core.model.internvl import build_tiny_internvl, image_tokens
+    from perceptio_core.model.presets import preset_config
 
     if shape == "tiny":
         model = build_tiny_internvl(TinyVLMConfig(), tokenizer, seed=0)
     else:
-        v, t = dict(SHAPE_1B["vision"]), dict(SHAPE_1B["text"])
-        if smoke:
-            v.update(num_hidden_layers=1)
-            t.update(num_hidden_layers=1, vocab_size=4096)
         _, context, _ = image_tokens(tokenizer)
-        grid = v["image_size"] // v["patch_size"]
-        config = InternVLConfig(
-            vision_config=InternVLVisionConfig(**v),
-            text_config=Qwen2Config(**t, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                                    eos_token_id=tokenizer.eos_token_id),
-            image_token_id=tokenizer.convert_tokens_to_ids(context), image_seq_length=(grid // 2) ** 2,
-            downsample_ratio=0.5, tie_word_embeddings=False,
-        )  # fmt: skip
+        ids = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                   eos_token_id=tokenizer.eos_token_id, image_token_id=tokenizer.convert_tokens_to_ids(context))
+        cut = dict(num_hidden_layers=1, vision_layers=1, vocab_size=4096) if smoke else {}
+        config = preset_config(shape, **ids, **cut)  # fmt: skip
         torch.manual_seed(0)
         with torch.device(device):
             model = InternVLForConditionalGeneration(config)
@@ -154,7 +142,8 @@ class BenchTask(FinetuneTask):
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shape", choices=("tiny", "internvl2.5-1b"), default="tiny")
+    p.add_argument("--shape", choices=("tiny", *PRESETS), default="tiny",
+                   help="tiny, or a released architecture with random weights (perceptio_core/model/presets.py)")
     p.add_argument("--steps", type=int, default=8, help="optimizer steps measured after the warm-up")
     p.add_argument("--warmup", type=int, default=2, help="optimizer steps not measured")
     p.add_argument("--batch-size", type=int, default=4, help="per process and micro-step")
@@ -162,7 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--device", default="auto")
     p.add_argument("--peak-flops", type=float, default=989e12, help="accelerator peak (default: H100 bf16 dense)")
-    p.add_argument("--smoke", action="store_true", help="internvl2.5-1b with 1 layer per tower, tiny SAM2")
+    p.add_argument("--smoke", action="store_true", help="a released shape cut to 1 layer per tower, tiny SAM2")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "train.json"))
     args = p.parse_args(argv)
@@ -171,7 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from perceptio_helpers import StandInDepthTokenizer
 
-    big = args.shape == "internvl2.5-1b"
+    big = args.shape != "tiny"
     cuda = torch.cuda.is_available() and args.device in ("auto", "cuda")
     device = torch.device("cuda" if cuda else "cpu")
     codec = StandInDepthTokenizer(codebook_size=128, grid=10, code_dim=32, input_size=80)  # the paper's K, N = 100

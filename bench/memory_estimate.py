@@ -69,23 +69,13 @@ from pathlib import Path
 
 import torch
 
+from perceptio_core.model.presets import INTERNVIT_300M, PRESETS, preset_config
+
 ROOT = Path(__file__).resolve().parent.parent
 GIB = 2**30
 
-VISION = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
-              image_size=448, patch_size=14, use_qk_norm=False, layer_scale_init_value=0.1)  # fmt: skip
-MODELS = {
-    "InternVL2.5-8B": dict(
-        family="llama",
-        text=dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                  intermediate_size=14336, vocab_size=92553, tie_word_embeddings=False),
-    ),
-    "InternVL2.5-4B": dict(
-        family="qwen2",
-        text=dict(hidden_size=2048, num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2,
-                  intermediate_size=11008, vocab_size=151674, tie_word_embeddings=False),
-    ),
-}  # fmt: skip
+VISION = INTERNVIT_300M
+MODELS = {"InternVL2.5-8B": "internvl2.5-8b", "InternVL2.5-4B": "internvl2.5-4b"}  # name -> preset
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 NEW_TOKENS = 128 + 3  # K = 128 depth codes + <d_start>, <d_end>, [SEG]
 SAM2_FALLBACK = {"total": 216_924_865, "trained": 3_950_656}  # SAM2.1 Hiera-L as build_sam2 makes it
@@ -95,18 +85,12 @@ DS_PERSIST = 40_960
 
 
 def build_base(name: str):
-    """The base InternVL of ``name`` on the meta device (no memory, exact shapes)."""
-    from transformers import InternVLConfig, InternVLForConditionalGeneration, LlamaConfig, Qwen2Config
-    from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
+    """The base InternVL of ``name`` on the meta device (no memory, exact shapes), from its preset
+    (:mod:`perceptio_core.model.presets`)."""
+    from transformers import InternVLForConditionalGeneration
 
-    spec = MODELS[name]
-    text_cls = LlamaConfig if spec["family"] == "llama" else Qwen2Config
-    config = InternVLConfig(
-        vision_config=InternVLVisionConfig(**VISION), text_config=text_cls(**spec["text"]),
-        image_seq_length=256, downsample_ratio=0.5, tie_word_embeddings=False,
-    )  # fmt: skip
     with torch.device("meta"):
-        return InternVLForConditionalGeneration(config)
+        return InternVLForConditionalGeneration(preset_config(MODELS[name]))
 
 
 def sam2_counts() -> dict[str, int]:
@@ -125,7 +109,7 @@ def count(name: str, rank: int, sam2: dict[str, int]) -> dict[str, float]:
     from torch import nn
 
     base = build_base(name)
-    t = MODELS[name]["text"]
+    t = PRESETS[MODELS[name]]["text"]
     h, f, L, V = t["hidden_size"], t["intermediate_size"], t["num_hidden_layers"], t["vocab_size"]
     p_base = sum(p.numel() for p in base.parameters())
     lm = base.model.language_model
