@@ -46,6 +46,15 @@ RUN_BY = {
     "STORE/curate/KEY --vqvae STORE/train_vqvae/KEY --depth-maps STORE/teacher_depth/KEY --set "
     "model.sam2_checkpoint=/ckpt/sam2.1_hiera_large.pt --out /scratch/finetune":
         "test_paper_commands_name_what_is_missing",
+    "perceptio convert-internvl /checkpoints/InternVL2_5-8B /checkpoints/InternVL2_5-8B-converted":
+        "test_paper_commands_name_what_is_missing",
+    "accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes 8 -m flows.train_script "
+    "--config paper-8b --data STORE/curate/KEY --vqvae STORE/train_vqvae/KEY --depth-maps STORE/teacher_depth/KEY "
+    "--out /scratch/finetune-fsdp": "test_paper_commands_name_what_is_missing",
+    "perceptio export --run perceptio-work --out perceptio-model --merge":
+        "tests/flows/test_export_cli.py::test_readme_export_and_infer_model_commands",
+    'perceptio infer --model perceptio-model --image photo.jpg --query "the red ball" --out answer/':
+        "tests/flows/test_export_cli.py::test_readme_export_and_infer_model_commands",
     "prefect server start": "tests/server/test_server_lineage.py::test_first_run_graph_artifacts_and_asset_events",
     "prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api":
         "tests/server/test_server_lineage.py::test_first_run_graph_artifacts_and_asset_events",
@@ -194,19 +203,30 @@ def test_paper_commands_name_what_is_missing(tmp_path):
     assert r.returncode != 0
     assert "perceptio: error: data.root /data/perceptio does not exist" in r.stderr, r.stderr[-2000:]
 
-    cmd, _ = _readme("accelerate launch")
-    argv = shlex.split(cmd)
-    module = argv.index("-m")
-    launcher, script = argv[:module], argv[module + 1:]
-    assert launcher[:2] == ["accelerate", "launch"]
-    # one process instead of 8 GPUs: the script's own arguments exactly as the README gives them,
-    # the STORE/<stage>/KEY placeholders pointing at empty folders (the codebook is read first)
-    store = tmp_path / "store"
-    for stage in ("curate", "train_vqvae", "teacher_depth"):
-        (store / stage / "KEY").mkdir(parents=True)
-    script = [a.replace("STORE/", f"{store}/") for a in script]
-    r = subprocess.run([sys.executable, "-m", *script], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert r.returncode != 0
-    last = r.stderr.strip().splitlines()[-1]  # the error, naming the first thing it could not find
-    assert last.startswith("FileNotFoundError") and str(store / "train_vqvae" / "KEY") in last, r.stderr[-2000:]
+    cmd, _ = _readme("perceptio convert-internvl")
+    r = subprocess.run([sys.executable, "-c", "import sys; from flows.cli import main; sys.exit(main(sys.argv[1:]))",
+                        *shlex.split(cmd)[1:]], cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert r.returncode == 2 and "/checkpoints/InternVL2_5-8B/config.json: no config.json" in r.stderr, r.stderr
+
+    launches = [c for c, _ in readme_commands() if c.startswith("accelerate launch")]
+    assert len(launches) == 2  # DDP and FSDP
+    for cmd in launches:
+        argv = shlex.split(cmd)
+        module = argv.index("-m")
+        launcher, script = argv[:module], argv[module + 1:]
+        assert launcher[:2] == ["accelerate", "launch"]
+        if "--config_file" in launcher:  # the config the line names exists and accelerate reads it
+            from accelerate.commands.config.config_args import load_config_from_file
+
+            assert load_config_from_file(str(ROOT / launcher[launcher.index("--config_file") + 1])).distributed_type
+        # one process instead of 8 GPUs: the script's own arguments exactly as the README gives them,
+        # the STORE/<stage>/KEY placeholders pointing at empty folders (the codebook is read first)
+        store = tmp_path / "store"
+        for stage in ("curate", "train_vqvae", "teacher_depth"):
+            (store / stage / "KEY").mkdir(parents=True, exist_ok=True)
+        script = [a.replace("STORE/", f"{store}/") for a in script]
+        r = subprocess.run([sys.executable, "-m", *script], cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert r.returncode != 0
+        last = r.stderr.strip().splitlines()[-1]  # the error, naming the first thing it could not find
+        assert last.startswith("FileNotFoundError") and str(store / "train_vqvae" / "KEY") in last, r.stderr[-2000:]
 
