@@ -88,7 +88,7 @@ def make_stream(n: int, pool: list[bytes], seed: int = 0):
             image_digest=digests[j], image=pool[j],
             prompt="Please segment the object described as: red box on the left. Show its mask and the "
             "depth of the scene before answering.",
-            target=format_target(True, tokens, answer), answer=answer, mask_rle=masks[i % 8],
+            target=format_target(True, tokens, answer), answer=answer, masks_rle=[masks[i % 8]],
             depth_tokens=tokens, upstream={"sources": "bench", "tokenize_depth": "bench"},
             meta={"ref_id": i, "sent_id": 0, "ann_id": i, "image_id": j, "sentence": "red box on the left"},
         )  # fmt: skip

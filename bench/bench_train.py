@@ -90,7 +90,7 @@ def make_shards(out: Path, n: int, width: int, height: int, codebook_size: int, 
         samples.append(Sample(
             key=make_key("bench", i), source="refcoco", split="train", task="refer_seg",
             image_digest=bytes_digest(img), image=img, prompt=CORPUS[0], target=format_target(True, codes, answer),
-            answer=answer, mask_rle=encode_mask(mask), depth_tokens=codes,
+            answer=answer, masks_rle=[encode_mask(mask)], depth_tokens=codes,
         ))  # fmt: skip
     write_shards(samples, out, max_samples=max(1, n // 4))
     return out

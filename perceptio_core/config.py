@@ -200,6 +200,10 @@ class CurateConfig:
     dedup_jaccard: float = 0.8  # same object, token-set Jaccard >= this: keep the first expression
     ambiguity_filter: bool = True
     drop_eval_overlap: bool = False  # drop train refs whose image is in any refer val/test split
+    # RefCOCO/+/g: one sample per image, its expressions as rounds of one conversation (SPEC §5);
+    # [min, max] rounds, as Sa2VA samples 3 to 5: each image draws its count from (seed, image) and
+    # takes that many of its kept expressions (objects round-robin), or all when it has fewer
+    refer_rounds_per_sample: list[int] = field(default_factory=lambda: [3, 5])
     # ADE20k semantic segmentation
     ade_max_classes_per_image: int = 3  # largest present classes first
     # depth chain-of-thought (HardBLINK-style, SPEC §6)
@@ -222,6 +226,9 @@ class CurateConfig:
         unknown = sorted(set(self.tasks) - known)
         if unknown:
             raise ConfigError(f"curate.tasks: unknown task(s) {unknown} (known: {sorted(known)})")
+        rr = self.refer_rounds_per_sample
+        if len(rr) != 2 or not 1 <= int(rr[0]) <= int(rr[1]):
+            raise ConfigError("curate.refer_rounds_per_sample must be [min, max] with 1 <= min <= max")
         if not 2 <= self.depth_cot_min_points <= self.depth_cot_max_points <= 8:
             raise ConfigError("curate: need 2 <= depth_cot_min_points <= depth_cot_max_points <= 8 (A-H)")
         if not (0.0 < self.max_mask_frac <= 1.0 and 0.0 < self.dedup_jaccard <= 1.0):

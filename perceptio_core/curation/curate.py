@@ -9,12 +9,21 @@ quarantine table (:mod:`perceptio_core.curation.shards`).
 What each source gives (the stream's order is this list's, then record order):
 
 1. **RefCOCO / RefCOCO+ / RefCOCOg** (``task="refer_seg"``), official splits, refs of the splits in
-   ``cfg.splits``: one sample per referring expression. Mask: the COCO annotation (polygon or RLE)
-   through ``refer.ann_to_mask``, stored as compressed RLE. Depth tokens: the image's. Answer: a
-   one-sentence attribute description (:mod:`perceptio_core.curation.describe`). Target:
-   ``format_target(True, tokens, answer)``. Filters, in order: empty expression, ambiguity and
-   near-duplicates (:mod:`perceptio_core.curation.filters`), optional eval-image overlap, missing depth tokens,
-   degenerate masks.
+   ``cfg.splits``: **one sample per image** of each dataset (SPEC §5: the paper's 17K/17K/22K are
+   training images), its referring expressions as the rounds of one conversation, as Sa2VA and LISA
+   build them. Each expression is first filtered, in order: empty expression, ambiguity and
+   near-duplicates (:mod:`perceptio_core.curation.filters`), optional eval-image overlap, missing
+   depth tokens, degenerate masks. Of the kept ones, the image takes
+   :func:`refer_round_count` (a number in ``cfg.refer_rounds_per_sample`` = [min, max], drawn from
+   the seed and the image) in round-robin order over objects (every object's first expression, then
+   the second ...); an image with fewer kept expressions uses them all; the rest are counted as
+   skipped ("over refer rounds per sample"). Round 1: the ``refer_seg`` prompt, target
+   ``format_target(True, tokens, answer)`` (``[SEG]``, the depth block, a one-sentence attribute
+   description of the object, :mod:`perceptio_core.curation.describe`); round i > 1: a
+   ``refer_seg_round`` prompt, target ``[SEG] description`` (no depth block: it appears once).
+   ``masks_rle``: the round objects' masks (the COCO annotation, polygon or RLE, through
+   ``refer.ann_to_mask``), one per round, in round order. ``meta["rounds"]`` keeps each round's
+   ref_id, sent_id, ann_id, sentence, category and description.
 2. **ADE20k** (``semantic_seg``): per image of the kept splits, the present classes by decreasing
    area (degenerate ones dropped), at most ``cfg.ade_max_classes_per_image``; mask = that class's
    pixels; answer a :func:`~perceptio_core.curation.describe.describe_region` sentence; target with [SEG]
@@ -33,16 +42,21 @@ What each source gives (the stream's order is this list's, then record order):
    ``(cfg.seed, image digest, j)``.
 4. **LLaVA-1.5 instructions** (``instruct``; when ``llava_json`` is given): the public JSON list of
    ``{"id", "image", "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt",
-   ...}]}``; fields read: ``id``, ``image`` (relative to ``cfg.llava_image_root``, default the JSON's
-   folder), the FIRST human turn (the ``<image>`` placeholder removed) as prompt and the first gpt
-   turn as the answer; text-only target (no perception block). Entries without an image are dropped.
+   ...}, ...]}``; ``image`` relative to ``cfg.llava_image_root`` (default the JSON's folder; the 665K
+   mix names coco/, gqa/, ocr_vqa/, textvqa/, vg/ folders under it). One sample per conversation,
+   every human/gpt pair a round (:func:`~perceptio_core.curation.instructions.llava_rounds`);
+   text-only targets (no perception block). Entries without an image are kept as text-only samples.
 5. **GLaMM grounded conversations** (``grounded_conv``; when ``glamm_json`` is given): the GranD-f
    GCG JSON list (``GranDf_HA_GCG_train.json``, ``OpenPsgGCG_*.json``); fields read: ``file_name``
    (or ``image``), ``caption``, ``groundings`` = ``{phrase: {"token_positives": [start, end],
-   "rle_masks": [COCO RLE, ...]}}``. One sample per image: a GCG prompt, target
-   ``format_target(True, tokens or None, caption)`` with the mask = the union of every grounded
-   phrase's masks (the regions the caption grounds); each phrase's own mask and character span are
-   kept in ``meta["groundings"]`` so a multi-[SEG] format can be built later without re-reading.
+   "rle_masks": [COCO RLE, ...]}}``. One sample per image: a GCG prompt, the target the caption
+   with one ``[SEG]`` after each grounded phrase (the depth block first when the image has depth
+   tokens; :func:`~perceptio_core.format.target.format_grounded`), ``masks_rle`` one mask per
+   phrase (its instance masks united) in ``[SEG]`` order.
+
+The summary (:meth:`CurateStats.to_dict`) sets the samples of each source beside the paper's
+counts (:data:`~perceptio_core.curation.inputs.PAPER_COUNTS`: RefCOCO 17K, RefCOCO+ 17K, RefCOCOg
+22K, ADE20k 60K, LLaVA 665K, GLaMM 214K) under ``"paper_counts"``.
 
 Descriptions say how near an object is only when a teacher map is given (depth code indices carry
 no order). Every drop is counted by reason in :class:`CurateStats` and, through its ``on_drop`` hook,
@@ -54,6 +68,7 @@ tokens of another codebook stop the run with an error naming them; they are neve
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections import defaultdict
 from collections.abc import Iterator, Mapping
@@ -111,6 +126,28 @@ def _ref_record_id(r: RefRecord) -> str:
     return f"ref_id={r.ref_id} sent_id={r.sent_id} ann_id={r.ann_id} ({r.dataset} {r.split_by})"
 
 
+def refer_round_count(cfg: CurateConfig, dataset: str, split_by: str, image_id: int) -> int:
+    """How many rounds the sample of one REFER image asks for: a number in
+    ``cfg.refer_rounds_per_sample`` = [min, max], drawn from ``(cfg.seed, dataset, split_by,
+    image_id)`` (a sha256, no global random state)."""
+    lo, hi = (int(x) for x in cfg.refer_rounds_per_sample)
+    h = hashlib.sha256(f"{cfg.seed}:{dataset}:{split_by}:{image_id}".encode()).digest()
+    return lo + int.from_bytes(h[:8], "big") % (hi - lo + 1)
+
+
+def _round_robin(kept: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Expressions ordered object by object: every object's first expression (in ref order), then
+    every object's second, ... so the first rounds cover as many different objects as possible."""
+    by_obj: dict[int, list[dict[str, Any]]] = {}
+    for k in kept:
+        by_obj.setdefault(k["ref_id"], []).append(k)
+    out: list[dict[str, Any]] = []
+    depth = max((len(v) for v in by_obj.values()), default=0)
+    for j in range(depth):
+        out += [v[j] for v in by_obj.values() if j < len(v)]
+    return out
+
+
 def _ref_samples(
     sources: Sources,
     depth_tokens: Any,
@@ -142,6 +179,7 @@ def _ref_samples(
         tokens, token_reason = image_tokens(depth_tokens, digest) if data is not None else (None, None)
         tmap = lookup(teacher_maps, digest)
         ann_cache: dict[int, tuple[dict[str, Any] | None, str | None, np.ndarray | None]] = {}
+        kept: dict[str, list[dict[str, Any]]] = defaultdict(list)  # split -> kept expressions
         for i in selected:
             r = refs[i]
             rid = _ref_record_id(r)
@@ -185,19 +223,39 @@ def _ref_samples(
             answer = describe_object(
                 r.category, r.attributes, position_phrase(cx, cy, img.width, img.height), distance
             )
-            key = make_key(r.dataset, r.split_by, split, f"r{r.ref_id}", f"s{r.sent_id}")
+            kept[split].append({
+                "ref_id": r.ref_id, "sent_id": r.sent_id, "ann_id": r.ann_id, "sentence": r.sentence,
+                "category": r.category, "category_id": r.category_id, "attributes": r.attributes,
+                "centroid": [round(cx, 2), round(cy, 2)], "distance": distance,
+                "teacher_mean": None if teacher_value is None else round(teacher_value, 4),
+                "split_original": r.split, "answer": answer, "mask_rle": rle,
+            })  # fmt: skip
+        if img is None or data is None or tokens is None:
+            continue
+        dataset, split_by, image_id = gkey
+        n_rounds = refer_round_count(cfg, dataset, split_by, image_id)
+        for split in sorted(kept):
+            chosen = _round_robin(kept[split])
+            stats.skip("over refer rounds per sample", max(len(chosen) - n_rounds, 0))
+            chosen = chosen[:n_rounds]
+            key = make_key(dataset, split_by, split, f"i{image_id}")
+            first, rest = chosen[0], chosen[1:]
+            rounds = [
+                {"prompt": render_prompt("refer_seg_round", f"{key}-{j + 1}", expr=clean_expression(c["sentence"])),
+                 "target": format_target(True, None, c["answer"])}
+                for j, c in enumerate(rest)
+            ]  # fmt: skip
             sample = Sample(
-                key=key, source=r.dataset, split=split, task="refer_seg", image_digest=digest,
-                image=data, prompt=render_prompt("refer_seg", key, expr=clean_expression(r.sentence)),
-                target=format_target(True, tokens, answer), answer=answer, mask_rle=rle,
-                depth_tokens=tokens, upstream=dict(upstream),
+                key=key, source=dataset, split=split, task="refer_seg", image_digest=digest,
+                image=data, prompt=render_prompt("refer_seg", key, expr=clean_expression(first["sentence"])),
+                target=format_target(True, tokens, first["answer"]), answer=first["answer"],
+                masks_rle=[c["mask_rle"] for c in chosen], depth_tokens=tokens, upstream=dict(upstream),
+                rounds=rounds,
                 meta={
-                    "ref_id": r.ref_id, "sent_id": r.sent_id, "ann_id": r.ann_id,
-                    "image_id": r.image_id, "file_name": img.file_name, "split_by": r.split_by,
-                    "split_original": r.split, "sentence": r.sentence, "category": r.category,
-                    "category_id": r.category_id, "attributes": r.attributes,
-                    "centroid": [round(cx, 2), round(cy, 2)], "distance": distance,
-                    "teacher_mean": None if teacher_value is None else round(teacher_value, 4),
+                    "image_id": image_id, "file_name": img.file_name, "split_by": split_by,
+                    "split_original": first["split_original"],
+                    "rounds": [{k: v for k, v in c.items() if k not in ("mask_rle", "split_original")}
+                               for c in chosen],
                 },
             )  # fmt: skip
             stats.kept(sample)
@@ -266,7 +324,7 @@ def _ade_samples(
             sample = Sample(
                 key=key, source="ade20k", split=split, task="semantic_seg", image_digest=digest,
                 image=data, prompt=render_prompt("semantic_seg", key, category=name),
-                target=format_target(True, tokens, answer), answer=answer, mask_rle=encode_mask(mask),
+                target=format_target(True, tokens, answer), answer=answer, masks_rle=[encode_mask(mask)],
                 depth_tokens=tokens, upstream=dict(upstream),
                 meta={"image_id": rec.image_id, "file_name": Path(rec.image_path).name,
                       "split_original": rec.split, "class_index": c, "category": name,

@@ -136,7 +136,7 @@ def depth_cot_samples(
             sample = Sample(
                 key=key, source="depth_cot", split="train", task="depth_cot", image_digest=digest,
                 image=buf.getvalue(), prompt=render_prompt("depth_cot", key, question=hardblink_text(labels)),
-                target=format_target(False, tokens, answer), answer=answer, mask_rle=None,
+                target=format_target(False, tokens, answer), answer=answer, masks_rle=[],
                 depth_tokens=tokens, upstream=dict(upstream),
                 meta={"image_id": image_id, "image_source": dataset, "file_name": Path(path).name,
                       "n_points": n, "points": [list(p) for p in pts], "labels": labels,

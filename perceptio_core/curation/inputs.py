@@ -34,6 +34,10 @@ REASON_BAD_RECORD = REASON_MALFORMED
 
 LETTERS = "ABCDEFGH"
 
+# SPEC §5: training samples of each source in the paper's mix (REFER: images, one sample each)
+PAPER_COUNTS = {"refcoco": 17_000, "refcoco+": 17_000, "refcocog": 22_000, "ade20k": 60_000,
+                "llava": 665_000, "glamm": 214_000}
+
 
 @dataclass
 class CurateStats:
@@ -83,7 +87,19 @@ class CurateStats:
             "dropped": dict(sorted(self.dropped.items())),
             "dropped_by_source": dict(drop_src),
             "skipped": dict(sorted(self.skipped.items())),
+            "paper_counts": self.paper_counts(),
         }
+
+    def paper_counts(self) -> dict[str, dict[str, int]]:
+        """``{source: {"train": our train samples, "paper": the paper's count}}`` for every source
+        of :data:`PAPER_COUNTS` that gave samples (on the synthetic world the numbers are tiny; on
+        the real datasets they should be close to the paper's)."""
+        out: dict[str, dict[str, int]] = {}
+        for src, paper in PAPER_COUNTS.items():
+            n = self.samples.get((src, "train"), 0)
+            if any(s == src for s, _ in self.samples):
+                out[src] = {"train": int(n), "paper": paper}
+        return out
 
 
 def lookup(store: Any, digest: str) -> Any:

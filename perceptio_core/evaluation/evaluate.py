@@ -16,7 +16,9 @@ Benchmarks and the metric names of :func:`run_evaluation` (``<benchmark>.<split>
   (:mod:`perceptio_core.evaluation.metrics`). Prompt: ``render_prompt("refer_seg", variant=0, expr=...)``, the
   canonical training template, with the expression cleaned as curation cleans it. Ground truth:
   :func:`perceptio_core.data.refer.ann_to_mask` at the image's size; the predicted mask is resized to it
-  (nearest). No mask (no ``[SEG]``) counts as an empty mask.
+  (nearest). No mask (no ``[SEG]``) counts as an empty mask. One expression per prompt (a one-round
+  question, although training conversations hold several rounds): the prediction's ``mask`` is the
+  first ``[SEG]``'s (``GenerationResult.masks[0]``); further ``[SEG]`` a model emits are not scored.
 - HardBLINK: ``hardblink.<n>.accuracy`` for each point count n present (3, 4, 5), and
   ``hardblink.mean.accuracy``, the mean of the per-count accuracies (as the paper reports).
   Prompt: ``render_prompt("depth_cot", variant=0, question=record.question)``; answers read by

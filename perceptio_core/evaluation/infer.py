@@ -4,8 +4,10 @@
 and runs :func:`perceptio_core.model.generation.generate` (constrained perception decoding by default,
 SPEC §1), then writes into ``out_dir``:
 
-- ``mask.png``: the predicted mask at the image's size, 8-bit grey (255 = object), when a ``[SEG]``
-  was generated; ``overlay.png``: the image with the mask over it in green;
+- ``mask.png``: the predicted mask of the first ``[SEG]`` at the image's size, 8-bit grey (255 =
+  object), when a ``[SEG]`` was generated; ``mask_0.png``, ``mask_1.png``, ...: one per ``[SEG]``
+  of the answer, in order (a grounded caption or an answer about several objects has several;
+  ``mask_0.png`` equals ``mask.png``); ``overlay.png``: the image with every mask over it in green;
 - ``depth.png``: the depth map decoded from a well-formed block, colormapped (``magma``: bright =
   near, since the maps are the teacher's normalised disparity) and resized to the image's size;
   ``depth.npy``: the decoded map itself ([h, w] float32, as the VQ-VAE gives it back);
@@ -27,7 +29,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +60,7 @@ class InferResult:
     overlay_png: Path | None = None
     depth_npy: Path | None = None
     result_json: Path | None = None
+    masks_png: list[Path] = field(default_factory=list)
 
 
 def resolve_model_dir(path: str | os.PathLike[str]) -> Path:
@@ -170,18 +173,21 @@ def infer(
     out.mkdir(parents=True, exist_ok=True)
     img = np.asarray(pil)
     result = InferResult(answer=r.text, mask_png=None, depth_png=None, text=r.raw_text, status=str(r.status))
-    if r.mask is not None:
-        mask = np.asarray(r.mask, dtype=bool)
-        result.mask_png = _write_png(mask.astype(np.uint8) * 255, out / "mask.png")
-        if mask.shape == img.shape[:2]:
-            result.overlay_png = _write_png(mask_overlay(img, mask), out / "overlay.png")
+    if r.masks:
+        masks = [np.asarray(m, dtype=bool) for m in r.masks]
+        result.mask_png = _write_png(masks[0].astype(np.uint8) * 255, out / "mask.png")
+        result.masks_png = [_write_png(m.astype(np.uint8) * 255, out / f"mask_{k}.png") for k, m in enumerate(masks)]
+        union = np.logical_or.reduce(masks)
+        if union.shape == img.shape[:2]:
+            result.overlay_png = _write_png(mask_overlay(img, union), out / "overlay.png")
     if r.depth_map is not None:
         dmap = np.asarray(r.depth_map, dtype=np.float32)
         result.depth_png = _write_png(colorize_depth(dmap, img.shape[:2]), out / "depth.png")
         result.depth_npy = out / "depth.npy"
         np.save(result.depth_npy, dmap)
     result.result_json = out / "result.json"
-    payload = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(result).items()}
+    payload = {k: ([str(x) for x in v] if isinstance(v, list) else str(v) if isinstance(v, Path) else v)
+               for k, v in asdict(result).items()}
     payload.update(image=str(image_path), prompt=prompt, depth_indices=r.depth_indices,
                    model=str(model_dir.resolve()) if model_dir is not None else None)
     result.result_json.write_text(json.dumps(payload, indent=2) + "\n")

@@ -4,7 +4,8 @@ A few templates per task; which one a sample gets is a pure function of its key 
 ``task:key``), never of global random state, so curation is reproducible and evaluation can ask
 the same way with :func:`render_prompt` (``variant=0`` gives the first, canonical template).
 
-Fields per task: ``refer_seg`` {expr}, ``semantic_seg`` {category}, ``depth_cot`` {question},
+Fields per task: ``refer_seg`` {expr} (round 1 of a referring conversation: mask, depth, description),
+``refer_seg_round`` {expr} (its later rounds: a mask and a short answer, no depth block), ``semantic_seg`` {category}, ``depth_cot`` {question},
 ``grounded_conv`` (none), ``vqa_mc`` {question} {options}, ``instruct`` {question}.
 """
 
@@ -38,6 +39,12 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
         "Find {expr}. Output its segmentation mask and the scene depth first, then a short "
         "description of the object.",
         "Segment {expr} and estimate the depth of the image, then describe the object briefly.",
+    ),
+    "refer_seg_round": (
+        "Please segment {expr}.",
+        "And {expr}? Segment it.",
+        "Now find {expr} and show its mask.",
+        "Can you segment {expr} in this image?",
     ),
     "semantic_seg": (
         "Please segment every {category} region in this image. Show the mask and the depth of the "

@@ -14,6 +14,12 @@ Spacing, decided here once:
 - A sample without depth tokens but with a mask writes ``[SEG] answer``; a depth-only sample (the
   depth chain-of-thought of SPEC §6) writes the block without ``[SEG]``: ``<d_start>...<d_end> (A)``;
   a text-only sample is its answer alone (no block).
+- Several objects, several ``[SEG]`` (SPEC §1): in a multi-round conversation each round's target is
+  its own ``format_target``; round 1 carries the depth block (``[SEG]<d_start>...<d_end> answer``),
+  later rounds only ``[SEG] answer``. A grounded caption (GLaMM GCG, :func:`format_grounded`) puts
+  the depth block first, then the caption with ``" [SEG]"`` right after each grounded phrase:
+  ``<d_start>...<d_end> A red cube [SEG] beside a ball [SEG].`` The k-th ``[SEG]`` of a sequence
+  is the k-th mask of its sample.
 
 The parser tolerates what a model may emit: whitespace anywhere between tokens, text before the
 block, ``[SEG]`` missing or misplaced, missing markers, a wrong number of codes, codes out of range.
@@ -56,6 +62,7 @@ class Parsed:
     status: see :class:`ParseStatus`.
     raw_codes: every in-range code index found inside the (possibly malformed) block, in order, for
         diagnostics and for callers that pad/truncate to N on purpose.
+    n_seg: how many ``[SEG]`` tokens the text holds (one mask each).
     """
 
     has_seg: bool
@@ -63,6 +70,7 @@ class Parsed:
     answer: str
     status: ParseStatus
     raw_codes: list[int] = field(default_factory=list)
+    n_seg: int = 0
 
 
 def format_block(has_seg: bool, depth_tokens: Sequence[int] | None) -> str:
@@ -91,16 +99,50 @@ def format_target(has_seg: bool, depth_tokens: Sequence[int] | None, answer: str
     return f"{block} {answer}" if answer else block
 
 
+def format_grounded(
+    caption: str, spans: Sequence[tuple[int, int]], depth_tokens: Sequence[int] | None = None
+) -> tuple[str, list[int]]:
+    """A grounded caption's target (GLaMM GCG): the depth block when given, one space, then the
+    caption with ``" [SEG]"`` inserted right after each phrase span ``(start, end)`` (character
+    offsets into ``caption``, end exclusive).
+
+    Spans are taken in order of their start; a span that overlaps an earlier kept one, or falls
+    outside the caption, is skipped. Returns ``(target, kept)``: ``kept`` the indices into
+    ``spans`` of the phrases that got a ``[SEG]``, in ``[SEG]`` order (the order of the masks).
+
+    ``format_grounded("A cube near a ball.", [(0, 6), (12, 18)])`` ->
+    ``("A cube [SEG] near a ball [SEG].", [0, 1])``
+    """
+    order = sorted(range(len(spans)), key=lambda i: (spans[i][0], spans[i][1]))
+    kept: list[int] = []
+    pieces: list[str] = []
+    pos = 0
+    for i in order:
+        start, end = int(spans[i][0]), int(spans[i][1])
+        if start < pos or end <= start or end > len(caption):
+            continue
+        pieces.append(caption[pos:end] + " " + SEG)
+        pos = end
+        kept.append(i)
+    pieces.append(caption[pos:])
+    text = "".join(pieces).strip()
+    block = format_block(False, depth_tokens)
+    return (f"{block} {text}" if block else text), kept
+
+
 # one alternation: the special tokens, then anything that looks like a depth code (well formed or not)
 _TOKEN_RE = re.compile(
     re.escape(SEG) + "|" + re.escape(D_START) + "|" + re.escape(D_END) + r"|<d_([^<>\s]*)>"
 )
 
 
+_SEG_RE = re.compile(r"[ \t]*" + re.escape(SEG))  # "a cube [SEG] near" -> "a cube near"
+
+
 def _strip_tokens(*pieces: str) -> str:
     """Join text pieces with every perception token removed; each piece is trimmed and the non-empty
     ones are joined by one space (the answer's inner whitespace, newlines included, is kept)."""
-    kept = [_TOKEN_RE.sub("", p).strip() for p in pieces]
+    kept = [_TOKEN_RE.sub("", _SEG_RE.sub("", p)).strip() for p in pieces]
     return " ".join(k for k in kept if k)
 
 
@@ -119,27 +161,28 @@ def parse_generation(
     ``<d_k>`` with ``0 <= k < K`` (whitespace allowed), exactly N of them.
     """
     has_seg = SEG in text
+    n_seg = text.count(SEG)
     start = text.find(D_START)
     end = text.find(D_END, start + len(D_START)) if start >= 0 else text.find(D_END)
     if start < 0 and end < 0:
-        return Parsed(has_seg, None, _strip_tokens(text), ParseStatus.NO_BLOCK)
+        return Parsed(has_seg, None, _strip_tokens(text), ParseStatus.NO_BLOCK, n_seg=n_seg)
     if start < 0:
-        return Parsed(has_seg, None, _strip_tokens(text), ParseStatus.MISSING_START)
+        return Parsed(has_seg, None, _strip_tokens(text), ParseStatus.MISSING_START, n_seg=n_seg)
 
     inner_from = start + len(D_START)
     if end < 0:
         # no <d_end>: the codes run until the first thing that is not a code; the rest is the answer
         codes, _, stop = _scan_codes(text[inner_from:], codebook_size, stop_early=True)
         answer = _strip_tokens(text[:start], text[inner_from + stop :])
-        return Parsed(has_seg, None, answer, ParseStatus.MISSING_END, codes)
+        return Parsed(has_seg, None, answer, ParseStatus.MISSING_END, codes, n_seg=n_seg)
     codes, bad, _ = _scan_codes(text[inner_from:end], codebook_size, stop_early=False)
     answer = _strip_tokens(text[:start], text[end + len(D_END) :])
     if bad:
-        return Parsed(has_seg, None, answer, ParseStatus.BAD_CODE, codes)
+        return Parsed(has_seg, None, answer, ParseStatus.BAD_CODE, codes, n_seg=n_seg)
     if len(codes) != num_tokens:
-        return Parsed(has_seg, None, answer, ParseStatus.WRONG_COUNT, codes)
+        return Parsed(has_seg, None, answer, ParseStatus.WRONG_COUNT, codes, n_seg=n_seg)
     status = ParseStatus.OK if (has_seg or not expect_seg) else ParseStatus.NO_SEG
-    return Parsed(has_seg, codes, answer, status, codes)
+    return Parsed(has_seg, codes, answer, status, codes, n_seg=n_seg)
 
 
 def _scan_codes(inner: str, codebook_size: int, stop_early: bool) -> tuple[list[int], bool, int]:

@@ -1,16 +1,29 @@
 """Examples -> padded training batches for the Perceptio model (SPEC §1 sequence, §3 masking).
 
-The sequence of one example is
+The sequence of one example is a conversation of one or more rounds (SPEC §5: a REFER image's
+expressions, a LLaVA conversation), rendered by the tokenizer's chat template:
 
-    prompt part: [chat template] <img> <IMG_CONTEXT> x (L x tiles) </img> \\n prompt [assistant turn]
-    target part: target text (``[SEG]<d_start><d_i>...<d_end> answer``) + turn end
+    round 1 user:      [template] <img> <IMG_CONTEXT> x (L x tiles) </img> \\n prompt [assistant turn]
+    round 1 assistant: target (``[SEG]<d_start><d_i>...<d_end> answer``) + turn end
+    round i user:      [template between turns] prompt_i [assistant turn]
+    round i assistant: target_i (``[SEG] answer_i``) + turn end
 
-``labels`` copy ``input_ids`` on the target part and are -100 on the prompt part (image tokens
-included) and on padding, so L_llm is the teacher-forced NLL of the target only (SPEC §3).
-Sequences are right-padded; a sequence longer than ``max_length`` loses the end of its target (the
-prompt, image tokens included, is never cut). The target ends with the chat template's turn-end
-token (``<|im_end|>`` for InternVL; :func:`perceptio_core.model.internvl.turn_end_id`), the token
+``labels`` copy ``input_ids`` on every assistant part (target + turn end) and are -100 on every user
+part (image tokens included), on the template's text between turns and on padding, so L_llm is the
+teacher-forced NLL of the targets only (SPEC §3). Each user part after the first is the text the
+chat template renders for the conversation so far minus what is already encoded (the template
+must render a conversation as the concatenation of its turns, as InternVL's does), so a one-round
+example is encoded exactly as before. Sequences are right-padded; a sequence longer than
+``max_length`` loses its end (the first user part, image tokens included, is never cut; a cut
+[SEG] loses its mask pair). Every target ends with the chat template's turn-end token
+(``<|im_end|>`` for InternVL; :func:`perceptio_core.model.internvl.turn_end_id`), the token
 generation stops on.
+
+Text-only examples (``image`` None or ``b""``; LLaVA conversations without an image) have no image
+part and no tiles. They mix freely with image examples in one batch: ``pixel_values`` holds only
+the image examples' tiles, which InternVL scatters into the ``<IMG_CONTEXT>`` places in order, and
+a batch of text-only examples carries ``pixel_values`` of shape [0, 3, S, S] (the model passes
+None to InternVL then).
 
 The image goes through the checkpoint's processor (:class:`perceptio_core.model.processor.TileProcessor`):
 1 to ``max_tiles`` aspect-matched tiles plus a thumbnail, L context tokens per tile, so the number
@@ -18,25 +31,31 @@ of ``<IMG_CONTEXT>`` tokens follows the image's aspect ratio. The prompt part us
 chat template when it has one (the released InternVL tokenizers and the tiny one do), with the
 expanded image string in front of the user text; without one it is the plain layout above.
 :func:`encode_prompt` is shared with generation, so training and inference see the same prompt
-tokens.
+tokens (generation and evaluation ask one question: a one-round prompt).
 
-A batch (``dict`` of tensors) is:
+A batch (``dict`` of tensors) is, with B examples and S ``[SEG]``/mask pairs in the batch:
 
     input_ids        [B, T] long      attention_mask   [B, T] long (1 = token, 0 = pad)
-    labels           [B, T] long      (-100 on image, prompt and padding)
-    pixel_values     [P, 3, S, S]     the InternVL tiles of every example, in example order
-                                      (P = sum of num_tiles; S = vision image_size), ImageNet-normalised
-    num_tiles        [B] long         tiles of each example
+    labels           [B, T] long      (-100 on image, user turns and padding)
+    pixel_values     [P, 3, S, S]     the InternVL tiles of every image example, in example order
+                                      (P = sum of num_tiles, 0 when no example has an image;
+                                      S = vision image_size), ImageNet-normalised
+    num_tiles        [B] long         tiles of each example (0 for a text-only one)
     sam2_pixel_values[B, 3, S2, S2]   SAM2 input (S2 = SAM2 image_size); zeros where no mask
-    masks            [B, S2, S2]      ground-truth mask resized (nearest) to the SAM2 frame, 0/1
-    has_mask         [B] bool
+    masks            [S, S2, S2]      ground-truth mask of each pair resized (nearest) to the SAM2
+                                      frame, 0/1
+    seg_positions    [S] long         input index of the pair's [SEG] token (in a target)
+    seg_batch        [S] long         which example the pair belongs to (non-decreasing)
+    has_mask         [B] bool         the example has at least one pair
     depth_maps       [B, D, D]        teacher map resized (bilinear) to the VQ-VAE input size D
     has_depth_map    [B] bool
-    seg_positions    [B] long         input index of the first [SEG] of the target, -1 if none
-    d_start_positions[B] long         input index of the first <d_start> of the target, -1 if none
+    d_start_positions[B] long         input index of the first <d_start> of the targets, -1 if none
     d_end_positions  [B] long         input index of the first <d_end> after it, -1 if none
 
-:func:`select_examples` takes a sub-batch (rows and their tiles) out of a batch.
+Pairs: the k-th ``[SEG]`` of an example's targets (in sequence order) goes with its k-th mask;
+an example contributes min(#[SEG], #masks) pairs (a [SEG] without a mask, e.g. cut by
+``max_length``, gets no mask loss). :func:`select_examples` takes a sub-batch (rows, their tiles
+and their pairs) out of a batch.
 
 SAM2 sees the image squashed to a square (as ``SAM2Transforms`` does), so the mask is resized the
 same way and the loss is computed in that frame; at inference the predicted logits are resized back
@@ -46,7 +65,7 @@ to the image's own size.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -65,12 +84,16 @@ from perceptio_core.model.sam2_decoder import sam2_pixel_values
 class TrainExample:
     """One example as the collator takes it.
 
-    image: PIL image, encoded bytes (JPEG/PNG/WebP) or an [H, W, 3] uint8 array.
-    prompt: the user text (no image placeholder).
-    target: the full target text, perception block first (``perception_format.format_target``).
-    mask: [H, W] uint8/bool ground-truth mask at the image's size, or None.
+    image: PIL image, encoded bytes (JPEG/PNG/WebP) or an [H, W, 3] uint8 array; None or ``b""``
+        for a text-only example.
+    prompt: the first round's user text (no image placeholder).
+    target: the first round's target text, perception block first (``format.target.format_target``).
+    mask: [H, W] uint8/bool ground-truth mask at the image's size, or None: the one mask of a
+        one-[SEG] example (shorthand for ``masks=[mask]``).
     depth_tokens: the N code indices of the image (informational; the target text carries them).
     depth_map: [h, w] float teacher depth map (min-max normalised, larger = nearer), or None.
+    masks: the masks of the example's ``[SEG]`` tokens in order, each [H, W]; None: ``[mask]`` or [].
+    rounds: the later rounds as ``(prompt, target)`` pairs.
     """
 
     image: Any
@@ -79,19 +102,32 @@ class TrainExample:
     mask: np.ndarray | None = None
     depth_tokens: list[int] | None = None
     depth_map: np.ndarray | None = None
+    masks: list[np.ndarray] | None = None
+    rounds: list[tuple[str, str]] = field(default_factory=list)
+
+    def all_masks(self) -> list[np.ndarray]:
+        """The example's masks in ``[SEG]`` order."""
+        if self.masks is not None:
+            return list(self.masks)
+        return [self.mask] if self.mask is not None else []
+
+    @property
+    def has_image(self) -> bool:
+        return not (self.image is None or (isinstance(self.image, (bytes, bytearray)) and not self.image))
 
 
 def example_from_sample(sample: Any, depth_map: np.ndarray | None = None) -> TrainExample:
     """A :class:`perceptio_core.curation.sample.Sample` (mask as COCO RLE) -> :class:`TrainExample`, with
     the image's teacher map (looked up by the caller from ``sample.image_digest``) when given."""
-    mask = decode_mask(sample.mask_rle).astype(np.uint8) if sample.mask_rle is not None else None
+    masks = [decode_mask(r).astype(np.uint8) for r in sample.masks_rle]
     return TrainExample(
-        image=sample.image,
+        image=sample.image if sample.image else None,
         prompt=sample.prompt,
         target=sample.target,
-        mask=mask,
         depth_tokens=list(sample.depth_tokens) if sample.depth_tokens is not None else None,
         depth_map=depth_map,
+        masks=masks,
+        rounds=[(r["prompt"], r["target"]) for r in sample.rounds],
     )
 
 
@@ -103,13 +139,31 @@ def image_placeholder(tokenizer: PreTrainedTokenizerBase, num_image_tokens: int)
 
 def prompt_text(tokenizer: PreTrainedTokenizerBase, prompt: str, num_image_tokens: int) -> str:
     """The prompt part as text (see the module docstring): chat template when the tokenizer has
-    one (user turn = image string + newline + prompt, generation prompt added), else plain."""
-    content = image_placeholder(tokenizer, num_image_tokens) + "\n" + prompt.strip()
+    one (user turn = image string + newline + prompt, generation prompt added), else plain.
+    ``num_image_tokens == 0``: a text-only prompt (no image string)."""
+    return conversation_text(tokenizer, [(prompt, None)], num_image_tokens)
+
+
+def conversation_text(
+    tokenizer: PreTrainedTokenizerBase, turns: Sequence[tuple[str, str | None]], num_image_tokens: int
+) -> str:
+    """A conversation as text: ``turns`` = ``[(prompt, target), ...]`` where the last target may be
+    None (then the generation prompt is added). The image string opens the first user turn when
+    ``num_image_tokens`` > 0. With the chat template: ``apply_chat_template``; without: each user
+    turn + newline, each target + the turn-end token's text."""
+    messages: list[dict[str, str]] = []
+    for i, (prompt, target) in enumerate(turns):
+        content = prompt.strip()
+        if i == 0 and num_image_tokens > 0:
+            content = image_placeholder(tokenizer, num_image_tokens) + "\n" + content
+        messages.append({"role": "user", "content": content})
+        if target is not None:
+            messages.append({"role": "assistant", "content": target})
+    open_turn = turns[-1][1] is None if turns else True
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
-        )
-    return content + "\n"
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=open_turn)
+    end = tokenizer.decode([turn_end_id(tokenizer)], skip_special_tokens=False)
+    return "".join(m["content"] + ("\n" if m["role"] == "user" else end) for m in messages)
 
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, num_image_tokens: int) -> list[int]:
@@ -139,16 +193,28 @@ def encode_image(processor: TileProcessor, image: Any) -> tuple[Any, torch.Tenso
     return pil, processor(pil)
 
 
+PAIR_KEYS = ("masks", "seg_positions", "seg_batch")  # per-[SEG]/mask pair tensors of a batch
+
+
 def select_examples(batch: dict[str, torch.Tensor], rows: slice) -> dict[str, torch.Tensor]:
-    """The examples ``rows`` of a collated batch: every per-example tensor sliced, and
-    ``pixel_values`` cut to those examples' tiles (by ``num_tiles``)."""
+    """The examples ``rows`` of a collated batch: every per-example tensor sliced,
+    ``pixel_values`` cut to those examples' tiles (by ``num_tiles``) and the pair tensors
+    (``masks``, ``seg_positions``, ``seg_batch``) to those examples' pairs, ``seg_batch``
+    renumbered from 0."""
     tiles = batch["num_tiles"]
     idx = range(len(tiles))[rows]
     if idx.step != 1:
         raise ValueError("select_examples takes a contiguous slice")
     bounds = torch.cat([tiles.new_zeros(1), tiles.cumsum(0)])
     lo, hi = (int(bounds[idx.start]), int(bounds[idx.stop])) if len(idx) else (0, 0)
-    return {k: (v[lo:hi] if k == "pixel_values" else v[rows]) for k, v in batch.items()}
+    out = {k: (v[lo:hi] if k == "pixel_values" else v[rows]) for k, v in batch.items() if k not in PAIR_KEYS}
+    if "seg_batch" in batch:
+        sb = batch["seg_batch"]
+        keep = (sb >= idx.start) & (sb < idx.stop) if len(idx) else torch.zeros_like(sb, dtype=torch.bool)
+        for k in PAIR_KEYS:
+            out[k] = batch[k][keep]
+        out["seg_batch"] = out["seg_batch"] - (idx.start if len(idx) else 0)
+    return out
 
 
 def _first(ids: Sequence[int], token: int, start: int = 0) -> int:
@@ -200,58 +266,91 @@ class PerceptioCollator:
         self.end_id = turn_end_id(tokenizer)
 
     def encode(self, example: TrainExample, num_tiles: int) -> tuple[list[int], list[int], int]:
-        """(input ids, labels, index where the target starts) of one example whose image is
-        ``num_tiles`` tiles, cut to max_length."""
-        prompt_ids = encode_prompt(self.tokenizer, example.prompt, self.processor.tokens_per_tile * num_tiles)
-        target_ids = encode_target(self.tokenizer, example.target, self.end_id)
-        if len(prompt_ids) >= self.max_length:
-            raise ValueError(f"prompt of {len(prompt_ids)} tokens does not fit max_length {self.max_length}")
-        ids = (prompt_ids + target_ids)[: self.max_length]
-        labels = [IGNORE] * len(prompt_ids) + ids[len(prompt_ids) :]
-        return ids, labels, len(prompt_ids)
+        """(input ids, labels, index where the first target starts) of one example whose image is
+        ``num_tiles`` tiles (0: text-only), cut to max_length. Labels are set on every round's
+        target + turn end, -100 elsewhere (see the module docstring)."""
+        tok = self.tokenizer
+        n_img = self.processor.tokens_per_tile * num_tiles
+        turns = [(example.prompt, example.target)] + [(p, t) for p, t in example.rounds]
+        end_text = tok.decode([self.end_id], skip_special_tokens=False)
+        ids = encode_prompt(tok, example.prompt, n_img)
+        if len(ids) >= self.max_length:
+            raise ValueError(f"prompt of {len(ids)} tokens does not fit max_length {self.max_length}")
+        labels = [IGNORE] * len(ids)
+        target_from = len(ids)
+        covered = prompt_text(tok, example.prompt, n_img)  # the text the ids so far encode
+        for i, (_, target) in enumerate(turns):
+            if i > 0:
+                full = conversation_text(tok, [*turns[:i], (turns[i][0], None)], n_img)
+                if not full.startswith(covered):
+                    raise ValueError("the chat template does not render a conversation as the concatenation "
+                                     "of its turns; multi-round examples need one that does")
+                user = list(tok(full[len(covered):], add_special_tokens=False).input_ids)
+                ids += user
+                labels += [IGNORE] * len(user)
+                covered = full
+            tgt = encode_target(tok, target, self.end_id)
+            ids += tgt
+            labels += tgt
+            covered += target + end_text
+            if len(ids) >= self.max_length:
+                break
+        return ids[: self.max_length], labels[: self.max_length], target_from
 
     def __call__(self, examples: Sequence[TrainExample]) -> dict[str, torch.Tensor]:
         if not examples:
             raise ValueError("empty batch")
-        images = [encode_image(self.processor, e.image) for e in examples]
-        encoded = [self.encode(e, len(tiles)) for e, (_, tiles) in zip(examples, images)]
+        images = [encode_image(self.processor, e.image) if e.has_image else (None, None) for e in examples]
+        encoded = [self.encode(e, len(tiles) if tiles is not None else 0) for e, (_, tiles) in zip(examples, images)]
         b = len(examples)
         t = max(len(ids) for ids, _, _ in encoded)
         input_ids = torch.full((b, t), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((b, t), dtype=torch.long)
         labels = torch.full((b, t), IGNORE, dtype=torch.long)
-        seg = torch.full((b,), -1, dtype=torch.long)
         d_start = torch.full((b,), -1, dtype=torch.long)
         d_end = torch.full((b,), -1, dtype=torch.long)
         tid = self.token_ids
+        seg_lists: list[list[int]] = []
         for i, (ids, lab, target_from) in enumerate(encoded):
             n = len(ids)
             input_ids[i, :n] = torch.tensor(ids, dtype=torch.long)
             attention_mask[i, :n] = 1
             labels[i, :n] = torch.tensor(lab, dtype=torch.long)
-            seg[i] = _first(ids, tid.seg, target_from)
+            # [SEG] tokens of the targets (labelled places), in order
+            seg_lists.append([j for j in range(target_from, n) if ids[j] == tid.seg and lab[j] != IGNORE])
             d_start[i] = _first(ids, tid.d_start, target_from)
             if d_start[i] >= 0:
                 d_end[i] = _first(ids, tid.d_end, int(d_start[i]) + 1)
 
         s2 = self.sam2_image_size
-        pixel_values = torch.cat([tiles for _, tiles in images])
-        num_tiles = torch.tensor([len(tiles) for _, tiles in images], dtype=torch.long)
+        tiles_all = [tiles for _, tiles in images if tiles is not None]
+        pixel_values = (torch.cat(tiles_all) if tiles_all else
+                        torch.zeros((0, 3, self.processor.tile_size, self.processor.tile_size)))
+        num_tiles = torch.tensor([len(tiles) if tiles is not None else 0 for _, tiles in images], dtype=torch.long)
         sam2_pixels = torch.zeros((b, 3, s2, s2), dtype=torch.float32)
-        masks = torch.zeros((b, s2, s2), dtype=torch.float32)
+        pair_masks: list[torch.Tensor] = []
+        seg_pos: list[int] = []
+        seg_batch: list[int] = []
         has_mask = torch.zeros((b,), dtype=torch.bool)
         depth_maps = torch.zeros((b, self.depth_size, self.depth_size), dtype=torch.float32)
         has_depth = torch.zeros((b,), dtype=torch.bool)
         for i, (e, (image, _)) in enumerate(zip(examples, images)):
-            if e.mask is not None:
-                m = np.asarray(e.mask)
+            masks = e.all_masks()
+            if masks and image is None:
+                raise ValueError("a text-only example cannot carry masks")
+            for m in masks:
+                m = np.asarray(m)
                 if m.shape[:2] != (image.height, image.width):
-                    raise ValueError(
-                        f"mask {m.shape[:2]} does not match image {(image.height, image.width)}"
-                    )
+                    raise ValueError(f"mask {m.shape[:2]} does not match image {(image.height, image.width)}")
+            n_pairs = min(len(masks), len(seg_lists[i]))
+            if n_pairs:
                 sam2_pixels[i] = sam2_pixel_values(image, s2)
-                masks[i] = torch.from_numpy(resize_nearest((m > 0).astype(np.float32), s2, s2))
                 has_mask[i] = True
+            for k in range(n_pairs):
+                m = (np.asarray(masks[k]) > 0).astype(np.float32)
+                pair_masks.append(torch.from_numpy(resize_nearest(m, s2, s2)))
+                seg_pos.append(seg_lists[i][k])
+                seg_batch.append(i)
             if e.depth_map is not None:
                 depth_maps[i] = resize_map(e.depth_map, self.depth_size)
                 has_depth[i] = True
@@ -262,11 +361,12 @@ class PerceptioCollator:
             "pixel_values": pixel_values,
             "num_tiles": num_tiles,
             "sam2_pixel_values": sam2_pixels,
-            "masks": masks,
+            "masks": torch.stack(pair_masks) if pair_masks else torch.zeros((0, s2, s2), dtype=torch.float32),
             "has_mask": has_mask,
             "depth_maps": depth_maps,
             "has_depth_map": has_depth,
-            "seg_positions": seg,
+            "seg_positions": torch.tensor(seg_pos, dtype=torch.long),
+            "seg_batch": torch.tensor(seg_batch, dtype=torch.long),
             "d_start_positions": d_start,
             "d_end_positions": d_end,
         }
@@ -274,7 +374,9 @@ class PerceptioCollator:
 
 __all__ = [
     "PerceptioCollator",
+    "PAIR_KEYS",
     "TrainExample",
+    "conversation_text",
     "encode_image",
     "encode_prompt",
     "encode_target",

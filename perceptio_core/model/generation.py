@@ -12,11 +12,15 @@ plugs into ``model.generate`` unchanged.
 
 After decoding, the perception block is parsed by :func:`perceptio_core.format.target.parse_generation`
 (the parser the evaluators use): ``depth_indices`` is set only for a well-formed block (exactly N
-codes between the markers), and only then is ``depth_map`` decoded; a ``[SEG]`` that was emitted
-gives ``seg_hidden`` (the last-layer hidden state at the [SEG] token's own position, from one pass
-over the prompt and the response up to and including [SEG]: the state the cached decoding computed
-when it fed [SEG], and the one training reads) and, when asked, the mask: SAM2 on the image, logits
-upsampled to the image's size, ``sigmoid > mask_threshold``.
+codes between the markers), and only then is ``depth_map`` decoded. **Every** ``[SEG]`` that was
+emitted (one per object, SPEC §1: a grounded caption or a question about several objects) gives a
+hidden state (the last-layer state at that [SEG] token's own position, from one pass over the
+prompt and the response up to and including the last [SEG]: the states the cached decoding
+computed when it fed each [SEG], and the ones training reads) and, when asked, a mask: SAM2 on
+the image (encoded once), one prompt per [SEG], logits upsampled to the image's size,
+``sigmoid > mask_threshold``. :class:`GenerationResult` lists them in ``masks`` (response order);
+``mask`` / ``mask_logits`` / ``seg_hidden`` are the first ones, for one-object callers (refer
+evaluation asks one expression per prompt and scores ``mask``).
 SAM2 and the VQ-VAE decoder run only when a mask or a depth map is asked for (SPEC §1).
 """
 
@@ -33,7 +37,7 @@ from transformers import LogitsProcessor
 from perceptio_core.model.batching import encode_image, encode_prompt
 from perceptio_core.model.internvl import PerceptionTokenIds, stop_token_ids
 from perceptio_core.format.target import Parsed, ParseStatus, parse_generation
-from perceptio_core.model.sam2_decoder import sam2_pixel_values
+from perceptio_core.model.sam2_decoder import sam2_pixel_values, upsample_logits
 
 
 class PerceptionConstraint(LogitsProcessor):
@@ -95,8 +99,11 @@ class GenerationResult:
     token_ids: the response ids (forced prefix included, eos excluded).
     status: how well formed the perception block is (:class:`ParseStatus`).
     seg_hidden: [d] last-layer hidden state at the first [SEG] of the response, or None.
-    mask: [H, W] bool at the image's size, when asked and a [SEG] was emitted, else None.
-    mask_logits: [H, W] float32 logits behind ``mask`` (same condition), else None.
+    seg_hiddens: [n_seg, d] the states at every [SEG] of the response, in order, or None.
+    masks: one [H, W] bool mask per [SEG] of the response, in order, when asked (else []).
+    masks_logits: the [H, W] float32 logits behind each of ``masks``.
+    mask: ``masks[0]`` (the first [SEG]'s mask), or None.
+    mask_logits: ``masks_logits[0]``, or None.
     depth_indices: the N code indices of a well-formed block, else None.
     depth_map: [h, w] float32 map decoded from ``depth_indices`` when asked, else None.
     score: sum of the log-probabilities of the generated tokens (after constraints).
@@ -107,6 +114,9 @@ class GenerationResult:
     token_ids: list[int]
     status: ParseStatus
     seg_hidden: torch.Tensor | None = None
+    seg_hiddens: torch.Tensor | None = None
+    masks: list[np.ndarray] = field(default_factory=list)
+    masks_logits: list[np.ndarray] = field(default_factory=list)
     mask: np.ndarray | None = None
     mask_logits: np.ndarray | None = None
     depth_indices: list[int] | None = None
@@ -325,17 +335,24 @@ def generate(
     )
 
     tid: PerceptionTokenIds = model.token_ids
-    if tid.seg in response:
-        seg_at = len(prompt_ids) + response.index(tid.seg)  # the [SEG] token's own position
-        seq = torch.tensor([prompt_ids + response[: response.index(tid.seg) + 1]], device=device)
+    at = [j for j, t in enumerate(response) if t == tid.seg]  # every [SEG] of the response
+    if at:
+        seq = torch.tensor([prompt_ids + response[: at[-1] + 1]], device=device)
         hidden = model.lm_forward(seq, pixel_values=pixel_values, logits_from=None).hidden
-        result.seg_hidden = hidden[0, seg_at].float().cpu()
+        pos = torch.tensor([len(prompt_ids) + j for j in at], device=device)  # the [SEG] tokens' own places
+        states = hidden[0, pos]  # [n_seg, d]
+        result.seg_hiddens = states.float().cpu()
+        result.seg_hidden = result.seg_hiddens[0]
         if want_mask:
             sam_px = sam2_pixel_values(pil, model.sam2.image_size)[None].to(device)
-            logits = model.predict_mask_logits(hidden[:, seg_at], sam_px, (pil.height, pil.width))[0, 0]
-            logits = logits.float().cpu()
-            result.mask_logits = logits.numpy()
-            result.mask = (torch.sigmoid(logits) > model.model_cfg.mask_threshold).numpy()
+            features = model.sam2.encode_image(sam_px.to(model.sam2.no_mem_embed.dtype))
+            features = features.select(torch.zeros(len(at), dtype=torch.long, device=device))
+            low = model.sam2.decode_masks(features, model.seg_prompt(states))  # [n_seg, 1, h, w]
+            logits = upsample_logits(low, (pil.height, pil.width))[:, 0].float().cpu()
+            thr = model.model_cfg.mask_threshold
+            result.masks_logits = [lg.numpy() for lg in logits]
+            result.masks = [(torch.sigmoid(lg) > thr).numpy() for lg in logits]
+            result.mask_logits, result.mask = result.masks_logits[0], result.masks[0]
     if want_depth and result.depth_indices is not None:
         idx = torch.tensor([result.depth_indices], dtype=torch.long, device=device)
         result.depth_map = model.decode_depth(idx)[0].float().cpu().numpy()

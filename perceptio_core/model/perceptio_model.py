@@ -21,7 +21,10 @@ Training: ``forward(batch) -> {"loss", "llm", "seg_bce", "seg_dice", "marker", "
 gradient, the other entries are detached for logging. Optimise :meth:`PerceptioModel.trainable_parameters`
 (LoRA, new token rows, the [SEG] projection, the SAM2 mask decoder). The LM head is applied only to
 the positions from the first target token on (with 152K-entry vocabularies the full [B, T, V]
-logits would dominate memory), and SAM2 runs only on the samples that have a mask and a ``[SEG]``.
+logits would dominate memory), and SAM2 runs only on the examples that have (``[SEG]``, mask)
+pairs: one mask per pair, each prompted by its own ``[SEG]`` state (several per sequence in a
+multi-round referring conversation or a grounded caption, SPEC §1), the image encoded once per
+example; L_seg averages over pairs. A batch of text-only examples passes no ``pixel_values``.
 
 Saving (:meth:`PerceptioModel.save_pretrained`) writes, never pickling:
 
@@ -326,10 +329,11 @@ class PerceptioModel(nn.Module):
         """
         input_ids = batch["input_ids"]
         labels = batch["labels"]
+        pixel_values = batch["pixel_values"]
         out = self.lm_forward(
             input_ids,
             attention_mask=batch["attention_mask"],
-            pixel_values=batch["pixel_values"],
+            pixel_values=pixel_values if pixel_values.shape[0] > 0 else None,  # all text-only: no images
             logits_from=None,
         )
         hidden = out.hidden  # [B, T, d]
@@ -364,22 +368,34 @@ class PerceptioModel(nn.Module):
         result.update({k: v.detach() for k, v in terms.items()})
         return result
 
-    def seg_hidden_states(self, hidden: torch.Tensor, seg_positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The [SEG] states of a batch: ``hidden`` [B, T, d] at each row's ``seg_positions`` [B]
-        (the input index of the [SEG] token itself). Returns (rows [n], states [n, d]) for the
-        rows that have one."""
-        rows = torch.nonzero(seg_positions >= 0).squeeze(1)
-        return rows, hidden[rows, seg_positions[rows]]
+    def seg_hidden_states(
+        self, hidden: torch.Tensor, seg_positions: torch.Tensor, seg_batch: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The [SEG] states of a batch: ``hidden`` [B, T, d] at the pairs' ``seg_positions`` [S]
+        (the input index of each [SEG] token itself) in rows ``seg_batch`` [S]. Without
+        ``seg_batch``, ``seg_positions`` is one position per row [B], -1 where none (the one-[SEG]
+        form). Returns (rows [n], states [n, d])."""
+        if seg_batch is None:
+            rows = torch.nonzero(seg_positions >= 0).squeeze(1)
+            return rows, hidden[rows, seg_positions[rows]]
+        return seg_batch, hidden[seg_batch, seg_positions]
 
     def _seg_terms(self, hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``seg_bce`` and ``seg_dice`` over the samples with a [SEG] and a ground-truth mask."""
-        seg_pos = torch.where(batch["has_mask"], batch["seg_positions"], torch.full_like(batch["seg_positions"], -1))
-        rows, states = self.seg_hidden_states(hidden, seg_pos)
+        """``seg_bce`` and ``seg_dice`` over every (``[SEG]``, mask) pair of the batch: each pair's
+        [SEG] state prompts SAM2 on its example's image; BCE is the mean over the pairs' pixels
+        and Dice the mean over pairs (:func:`~perceptio_core.model.losses.mask_bce_loss`,
+        :func:`~perceptio_core.model.losses.mask_dice_loss`), so every pair weighs the same. The
+        SAM2 image encoder runs once per example that has pairs."""
+        rows, states = self.seg_hidden_states(hidden, batch["seg_positions"], batch["seg_batch"])
         if rows.numel() == 0:
             zero = self._seg_anchor()
             return {"seg_bce": zero, "seg_dice": zero.clone()}
-        gt = batch["masks"][rows]  # [n, S2, S2]
-        logits = self.predict_mask_logits(states, batch["sam2_pixel_values"][rows], tuple(gt.shape[-2:]))[:, 0]
+        gt = batch["masks"]  # [S, S2, S2]
+        images, which = torch.unique(rows, return_inverse=True)  # examples with pairs; pair -> index
+        features = self.sam2.encode_image(batch["sam2_pixel_values"][images].to(self.sam2.no_mem_embed.dtype))
+        features = features.select(which)
+        logits = self.sam2.decode_masks(features, self.seg_prompt(states))
+        logits = upsample_logits(logits, tuple(gt.shape[-2:]))[:, 0]  # [S, S2, S2]
         return {"seg_bce": mask_bce_loss(logits, gt), "seg_dice": mask_dice_loss(logits, gt)}
 
     # ---------------------------------------------------------------- save / load

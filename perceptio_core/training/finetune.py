@@ -42,7 +42,9 @@ from perceptio_core.curation.wds_loader import MANIFEST, ShardIndex, ShardSample
 
 
 class SampleToExample:
-    """Picklable transform ``Sample -> TrainExample`` run in loader workers; the teacher depth
+    """Picklable transform ``Sample -> TrainExample`` run in loader workers (every round of a
+    multi-round sample, every mask in ``[SEG]`` order, a text-only sample without image:
+    :func:`~perceptio_core.model.batching.example_from_sample`); the teacher depth
     maps (a ``teacher_depth`` artifact folder, opened lazily per process, memory-mapped) give
     ``depth_map``; without a folder, or for an image it lacks, ``depth_map`` is None (L_rec is 0
     for that sample). A sample whose depth tokens are not N codes in [0, K) of ``depth_spec``

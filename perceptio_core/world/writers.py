@@ -36,6 +36,9 @@
   as LLaVA-1.5 instruction data: ``{"id", "image", "conversations": [{"from": "human", "value":
   "<image>\\n" + the MMBench prompt}, {"from": "gpt", "value": the letter}]}``, the multiple-choice
   form LLaVA-1.5's mix uses (its A-OKVQA part). Dev questions are never in it.
+- :func:`write_gcg` (not a part of :func:`~perceptio_core.world.synth.generate_world`; run on a
+  written world, into a folder of its own): GLaMM GranD-f-style grounded captions (GCG) of the
+  world's REFER training images, one phrase per object, each grounded by its own mask.
 
 Each part writes under ``root``, advances ``bar`` (a tqdm bar) once per scene and returns its counts
 for ``WORLD.json``; it also writes the true depth of its images (``depth/<image file stem>.npy``).
@@ -529,3 +532,75 @@ def vqa_part(root: Path, cfg: SynthConfig, bar: Any) -> dict[str, int]:
         (llava_dir / name).write_bytes(data)
     (llava_dir / "llava_world.json").write_text(json.dumps(llava, indent=1))
     return {"vqa": len(rows), "vqa_scenes": scene_i, "llava": len(llava)}
+
+
+# --------------------------------------------------------------------------------------------
+# GLaMM GranD-f grounded captions (GCG), derived from a written world
+# --------------------------------------------------------------------------------------------
+
+GCG_FILE = "GranDf_world_GCG_train.json"
+
+
+def gcg_caption(objects: list[tuple[str, str]]) -> tuple[str, list[tuple[int, int]]]:
+    """A grounded caption over ``objects`` = ``[(colour, shape), ...]`` (left to right) and the
+    character span of each object's phrase: ``"A red cube, a blue ball and a green cone in the
+    scene."`` with spans of ``"A red cube"``, ``"a blue ball"``, ``"a green cone"``."""
+    text, spans = "", []
+    for i, (color, shape) in enumerate(objects):
+        if i:
+            text += " and " if i == len(objects) - 1 else ", "
+        phrase = f"{'A' if i == 0 else 'a'} {color} {shape}"
+        spans.append((len(text), len(text) + len(phrase)))
+        text += phrase
+    return text + " in the scene.", spans
+
+
+def write_gcg(world_root: str | Path, out_dir: str | Path, max_objects: int = 4) -> dict[str, int]:
+    """GLaMM GranD-f-style GCG data from a generated world's COCO part, in GranD-f's layout:
+    ``out_dir/GranDf_world_GCG_train.json``, a list of ``{"file_name", "height", "width",
+    "caption", "groundings": {phrase: {"token_positives": [start, end] (character span in the
+    caption), "rle_masks": [compressed COCO RLE]}}}``, and the images under ``out_dir/images/``
+    (``file_name`` relative to that folder, as GranD-f's image folder is given separately).
+
+    One entry per COCO image of the world's REFER train split (unc) with at least two distinct
+    non-crowd objects as large as REFER's (2 x ``min_ann_pixels``): its (at most ``max_objects``)
+    largest ones of distinct colour and shape, left to right, each a phrase of :func:`gcg_caption` grounded by its own mask. Deterministic (no randomness); an
+    addition beside the world (``WORLD.json`` and the generator's files are untouched).
+    """
+    from perceptio_core.data.refer import ann_to_mask
+
+    root, out = Path(world_root), Path(out_dir)
+    inst = json.loads((root / "annotations" / "instances_train2014.json").read_text())
+    with open(root / "refcoco" / "refs(unc).p", "rb") as f:
+        train = {r["image_id"] for r in pickle.load(f) if r["split"] == "train"}
+    by_image: dict[int, list[dict[str, Any]]] = {}
+    for a in inst["annotations"]:
+        im_w, im_h = inst["images"][0]["width"], inst["images"][0]["height"]
+        if not a["iscrowd"] and a["area"] >= 2 * min_ann_pixels(im_w, im_h):  # as big as REFER objects
+            by_image.setdefault(a["image_id"], []).append(a)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    entries: list[dict[str, Any]] = []
+    for im in sorted(inst["images"], key=lambda x: x["id"]):
+        anns = by_image.get(im["id"], [])
+        if im["id"] not in train or len(anns) < 2:
+            continue
+        seen: set[tuple[str, str]] = set()  # one phrase per (colour, shape): phrases are the keys
+        distinct = []
+        for a in sorted(anns, key=lambda a: (-a["area"], a["id"])):
+            look = (a["attributes"]["color"], a["attributes"]["shape"])
+            if look not in seen:
+                seen.add(look)
+                distinct.append(a)
+        if len(distinct) < 2:
+            continue
+        anns = sorted(distinct[:max_objects], key=lambda a: (a["attributes"]["cx"], a["id"]))
+        caption, spans = gcg_caption([(a["attributes"]["color"], a["attributes"]["shape"]) for a in anns])
+        groundings = {}
+        for a, (s, e) in zip(anns, spans):
+            mask = ann_to_mask(a["segmentation"], im["height"], im["width"]) > 0
+            groundings[caption[s:e]] = {"token_positives": [s, e], "rle_masks": [encode_mask(mask)]}
+        (out / "images" / im["file_name"]).write_bytes((root / "images" / "train2014" / im["file_name"]).read_bytes())
+        entries.append({"file_name": im["file_name"], "height": im["height"], "width": im["width"],
+                        "caption": caption, "groundings": groundings})
+    (out / GCG_FILE).write_text(json.dumps(entries, indent=1))
+    return {"gcg": len(entries), "gcg_phrases": sum(len(e["groundings"]) for e in entries)}

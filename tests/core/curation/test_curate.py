@@ -17,7 +17,6 @@ from perceptio_core.curation.curate import curate, iter_samples
 from perceptio_core.curation.inputs import (
     REASON_EVAL_OVERLAP,
     REASON_NO_DEPTH_TOKENS,
-    REASON_NO_IMAGE_FIELD,
     CurateStats,
     DepthTokensMismatch,
     check_depth_tokens,
@@ -84,14 +83,24 @@ def test_world_samples_are_well_formed(world):
         p = parse_generation(s.target, N, K, expect_seg=s.task != "depth_cot")
         assert p.status == ParseStatus.OK and p.depth_indices == s.depth_tokens and p.answer == s.answer
         assert p.has_seg is (s.task != "depth_cot")
-        if s.task == "refer_seg":
-            r = refs[(s.source, s.meta["ref_id"], s.meta["sent_id"])]
-            img = src.coco_images[r.image_id]
+        if s.task == "refer_seg":  # one image, its expressions as rounds, one mask per round
+            rounds = s.meta["rounds"]
+            assert 1 <= len(rounds) <= CurateConfig().refer_rounds_per_sample[1]
+            assert len(s.masks_rle) == len(rounds) == len(s.turns)
+            img = src.coco_images[s.meta["image_id"]]
             assert s.image == Path(img.path).read_bytes() and s.image_digest == img.digest
-            assert np.array_equal(decode_mask(s.mask_rle), ann_to_mask(r.segmentation, img.height, img.width) > 0)
-            assert r.category in s.answer and s.answer.endswith(".") and r.sentence.rstrip(".") in s.prompt
+            for j, ((prompt, target), rd) in enumerate(zip(s.turns, rounds)):
+                r = refs[(s.source, rd["ref_id"], rd["sent_id"])]
+                assert r.image_id == img.image_id
+                assert np.array_equal(decode_mask(s.masks_rle[j]), ann_to_mask(r.segmentation, img.height, img.width) > 0)
+                assert r.category in rd["answer"] and rd["answer"].endswith(".") and r.sentence.rstrip(".") in prompt
+                if j:  # later rounds: [SEG] and the description, no depth block
+                    pj = parse_generation(target, N, K)
+                    assert target.startswith("[SEG] ") and pj.status == ParseStatus.NO_BLOCK
+                    assert pj.n_seg == 1 and pj.answer == rd["answer"]
+            assert s.answer == rounds[0]["answer"]
         if s.task == "depth_cot":
-            assert s.mask_rle is None and 2 <= s.meta["n_points"] <= 5 and s.prompt.startswith("Multiple points")
+            assert s.masks_rle == [] and 2 <= s.meta["n_points"] <= 5 and s.prompt.startswith("Multiple points")
             # asked as the evaluation asks it: the question with its options (format.prompts.hardblink_text)
             assert hardblink_text(s.meta["labels"]) in s.prompt
             tmap = maps[s.image_digest]
@@ -106,6 +115,46 @@ def test_world_samples_are_well_formed(world):
     # deterministic: the same inputs give the same bytes
     again, _ = _run(src, tokens, maps)
     assert [sample_json(s) + s.image for s in again] == [sample_json(s) + s.image for s in samples]
+
+
+def test_refer_is_one_multi_round_sample_per_training_image(world):
+    """SPEC §5: RefCOCO/+/g give one sample per training image of each dataset, up to
+    ``refer_rounds_per_sample`` of its expressions as rounds (objects round-robin)."""
+    from perceptio_core.curation.curate import refer_round_count
+    from perceptio_core.curation.filters import NearDuplicateFilter
+
+    src, tokens, maps = world
+    cfg = CurateConfig(tasks=["refer_seg"], ambiguity_filter=False, dedup_jaccard=1.0, min_mask_area=1)
+    samples, stats = _run(src, tokens, maps, cfg)
+    sents: dict = {}  # the expressions each training image keeps (only word-for-word repeats drop here)
+    dedup: dict = {}
+    for r in sorted(src.refs, key=lambda r: (r.ref_id, r.sent_id)):
+        k = (r.dataset, r.split_by, r.image_id)
+        if r.split == "train" and dedup.setdefault(k, NearDuplicateFilter(1.0)).keep(r.ann_id, r.sentence):
+            sents.setdefault(k, []).append(r)
+    assert len(samples) == len(sents) == sum(n for (_, split), n in stats.samples.items() if split == "train")
+    assert {(s.source, s.meta["split_by"], s.meta["image_id"]) for s in samples} == set(sents)
+    lo, hi = cfg.refer_rounds_per_sample
+    n_rounds = []
+    for s in samples:
+        rs = sents[(s.source, s.meta["split_by"], s.meta["image_id"])]
+        want = min(len(rs), refer_round_count(cfg, s.source, s.meta["split_by"], s.meta["image_id"]))
+        assert len(s.turns) == len(s.masks_rle) == want and 1 <= want <= hi
+        if len(rs) >= lo:
+            assert want >= lo
+        # round robin: the first rounds are different objects as long as there are any left
+        objs = [rd["ann_id"] for rd in s.meta["rounds"]]
+        assert len(set(objs[: len({r.ann_id for r in rs})])) == min(len(objs), len({r.ann_id for r in rs}))
+        n_rounds.append(want)
+        # the depth block once, in round 1
+        assert sum(t.count("<d_start>") for _, t in s.turns) == 1 and s.turns[0][1].startswith("[SEG]<d_start>")
+    assert max(n_rounds) >= lo  # the world has images with enough expressions
+    skipped = sum(len(sents[k]) for k in sents) - sum(n_rounds)
+    assert stats.skipped["over refer rounds per sample"] == skipped
+    # the summary sets each source beside the paper's count
+    pc = stats.to_dict()["paper_counts"]
+    assert pc["refcoco"]["paper"] == 17_000 and pc["refcocog"]["paper"] == 22_000
+    assert pc["refcoco"]["train"] == stats.samples[("refcoco", "train")]
 
 
 def test_missing_depth_tokens_are_dropped_and_counted(world):
@@ -229,7 +278,7 @@ def test_hand_made_filters(tmp_path):
     tokens = {d1: np.arange(N) % K, d2: np.arange(N) % K}
     cfg = CurateConfig(tasks=["refer_seg"], min_mask_area=16)
     samples, stats = _run(src, tokens, None, cfg)
-    assert [s.meta["ref_id"] for s in samples] == [2]
+    assert [[rd["ref_id"] for rd in s.meta["rounds"]] for s in samples] == [[2]]
     assert "distance" not in samples[0].answer and "camera" not in samples[0].answer  # no teacher map
     assert dict(stats.dropped) == {
         REASON_AMBIGUOUS: 1, REASON_NEAR_DUPLICATE: 1, REASON_SMALL_MASK: 1,
@@ -268,14 +317,52 @@ def test_llava_and_glamm_json(tmp_path):
     src = Sources(root=str(tmp_path))
     samples, stats = _run(src, {d1: np.zeros(N, int)}, None, CurateConfig(),
                           llava_json=str(tmp_path / "llava.json"), glamm_json=str(tmp_path / "glamm.json"))
-    assert [s.task for s in samples] == ["instruct", "grounded_conv"]
-    inst, gcg = samples
+    assert [s.task for s in samples] == ["instruct", "instruct", "grounded_conv"]
+    inst, text, gcg = samples
+    # every turn a round; the first keeps prompt/target/answer
     assert inst.prompt == "What is shown?" and inst.target == inst.answer == "Noise.\nOnly noise."
-    assert inst.mask_rle is None and inst.depth_tokens is None and inst.image_digest == d1
+    assert inst.rounds == [{"prompt": "Sure?", "target": "Yes."}]
+    assert inst.masks_rle == [] and inst.depth_tokens is None and inst.image_digest == d1
     assert parse_generation(inst.target, N, K).status == ParseStatus.NO_BLOCK
-    assert np.array_equal(decode_mask(gcg.mask_rle), m1 | m2)
+    # a text-only conversation is kept, without image
+    assert text.image == b"" and text.image_digest == "" and text.turns == [("hi", "hello")]
+    # GCG: one [SEG] right after each grounded phrase, one mask each, in caption order
+    assert gcg.target == "A square [SEG] above a bar [SEG]."
+    assert [decode_mask(m).tolist() for m in gcg.masks_rle] == [m1.tolist(), m2.tolist()]
     assert [g["phrase"] for g in gcg.meta["groundings"]] == ["A square", "a bar"]
     p = parse_generation(gcg.target, N, K)
-    assert p.has_seg and p.status == ParseStatus.NO_BLOCK and p.answer == "A square above a bar."
-    assert stats.dropped[REASON_NO_IMAGE_FIELD] == 1 and stats.dropped["missing image"] == 1
+    assert p.n_seg == 2 and p.status == ParseStatus.NO_BLOCK and p.answer == "A square above a bar."
+    assert stats.dropped["missing image"] == 1
     assert stats.dropped["no groundings"] == 1
+
+
+def test_world_gcg_and_text_only_llava_through_the_shards(world, tmp_path):
+    """The world's GranD-f-style GCG file (perceptio_core.world.writers.write_gcg): several
+    phrases per image, each its own [SEG] and mask; with a text-only LLaVA conversation, written to
+    shards and read back."""
+    from perceptio_core.world.writers import GCG_FILE, write_gcg
+
+    src, tokens, maps = world
+    counts = write_gcg(src.root, tmp_path / "gcg")
+    assert counts["gcg"] > 0 and counts["gcg_phrases"] >= 2 * counts["gcg"]
+    gcg_json = json.loads((tmp_path / "gcg" / GCG_FILE).read_text())
+    for e in gcg_json:  # spans point at the phrases
+        assert all(e["caption"][s:t] == ph for ph, g in e["groundings"].items() for s, t in [g["token_positives"]])
+    (tmp_path / "llava.json").write_text(json.dumps([
+        {"id": "t", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"},
+                                      {"from": "human", "value": "and?"}, {"from": "gpt", "value": "bye"}]}]))
+    cfg = CurateConfig(tasks=["instruct", "grounded_conv"], glamm_image_root=str(tmp_path / "gcg" / "images"))
+    res = curate(src, tokens, maps, cfg, UPSTREAM, tmp_path / "c", llava_json=str(tmp_path / "llava.json"),
+                 glamm_json=str(tmp_path / "gcg" / GCG_FILE), **CODEBOOK)
+    back = list(read_shards(res.shard_paths()))
+    assert verify_read_back(res.out_dir) == len(back) == 1 + counts["gcg"]
+    text, gcgs = back[0], back[1:]
+    assert text.image == b"" and text.turns == [("hi", "hello"), ("and?", "bye")]
+    for s, e in zip(gcgs, gcg_json):
+        assert len(s.masks_rle) == len(e["groundings"]) >= 2
+        p = parse_generation(s.target, N, K)
+        assert p.n_seg == len(s.masks_rle) and p.status == ParseStatus.OK  # world images have depth tokens
+        assert p.answer == e["caption"]
+        for m, g in zip(s.masks_rle, e["groundings"].values()):
+            assert m == g["rle_masks"][0]
+    assert res.stats["paper_counts"]["glamm"] == {"train": counts["gcg"], "paper": 214_000}

@@ -24,7 +24,7 @@ def _sample(**kw):
     base = dict(
         key=make_key("refcoco+", "unc", "train", "r1", "s2"), source="refcoco+", split="train",
         task="refer_seg", image_digest=bytes_digest(img), image=img, prompt="Segment the cup.",
-        target="[SEG] A cup.", answer="A cup.", mask_rle=encode_mask(np.eye(8, 12, dtype=bool)),
+        target="[SEG] A cup.", answer="A cup.", masks_rle=[encode_mask(np.eye(8, 12, dtype=bool))],
         depth_tokens=[np.int64(3), 1, 2], upstream={"sources": "abc"}, meta={"ref_id": np.int32(1), "box": (1, 2)},
     )
     base.update(kw)
@@ -51,3 +51,38 @@ def test_wds_round_trip():
     assert back.image == s.image and back.has_mask and back.has_depth
     item2 = dict(item, json=json.loads(item["json"]))  # already-decoded json is accepted
     assert from_wds(item2) == back
+
+
+def test_multi_round_and_several_masks_round_trip():
+    masks = [encode_mask(np.eye(8, 12, dtype=bool)), encode_mask(np.ones((8, 12), bool))]
+    s = _sample(masks_rle=masks, target="[SEG] A cup.",
+                rounds=[{"prompt": "Segment the plate.", "target": "[SEG] A plate."}])
+    back = from_wds(to_wds(s))
+    assert sample_json(back) == sample_json(s) and back.masks_rle == masks and back.mask_rle == masks[0]
+    assert back.turns == [("Segment the cup.", "[SEG] A cup."), ("Segment the plate.", "[SEG] A plate.")]
+    with pytest.raises(ValueError, match="round"):
+        _sample(rounds=[{"prompt": "p"}])
+    with pytest.raises(TypeError, match="list"):
+        _sample(masks_rle=masks[0])
+
+
+def test_text_only_sample_has_no_image_member():
+    s = _sample(image=b"", image_digest="", masks_rle=[], task="instruct", target="Hello.", answer="Hello.")
+    item = to_wds(s)
+    assert list(item) == ["__key__", "json"]
+    back = from_wds(item)
+    assert sample_json(back) == sample_json(s) and back.image == b"" and not back.has_image and not back.has_mask and back.mask_rle is None
+    with pytest.raises(ValueError, match="no undecoded image"):  # an image sample without its image
+        from_wds({"__key__": "k", "json": sample_json(_sample())})
+
+
+def test_version_1_json_is_still_read():
+    """Shards curated before several masks (``mask_rle``: one mask or null) read as lists."""
+    s = _sample()
+    old = json.loads(sample_json(s))
+    old["mask_rle"] = old.pop("masks_rle")[0]
+    del old["rounds"]
+    back = from_wds({"__key__": s.key, "json": json.dumps(old).encode(), "png": s.image})
+    assert sample_json(back) == sample_json(s)
+    old["mask_rle"] = None
+    assert from_wds({"__key__": s.key, "json": old, "png": s.image}).masks_rle == []

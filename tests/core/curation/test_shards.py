@@ -55,7 +55,7 @@ GEN_SRC = textwrap.dedent(
                 key=make_key("src", "train", i), source=("refcoco", "ade20k")[i % 2], split="train",
                 task="refer_seg", image_digest=bytes_digest(img), image=img, prompt=f"p{i}",
                 target=f"t{i}", answer=f"a{i}",
-                mask_rle=encode_mask(rng.random((h, w)) > 0.5) if has_mask else None,
+                masks_rle=[encode_mask(rng.random((h, w)) > 0.5)] if has_mask else [],
                 depth_tokens=rng.integers(0, 16, 9).tolist() if i % 4 else None,
                 upstream={"sources": "s"}, meta={"i": i},
             )

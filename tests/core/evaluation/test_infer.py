@@ -52,6 +52,20 @@ def test_infer_writes_mask_and_depth(model, new_image, tmp_path):
     assert meta["prompt"].startswith("Please segment the object described as: the red disc.")
 
 
+def test_infer_writes_every_mask(model, new_image, tmp_path):
+    """An answer with two [SEG] (forced): mask_0.png and mask_1.png, mask.png the first."""
+    out = tmp_path / "two"
+    r = infer(model, new_image, "Segment the disc and the background.", out,
+              response_prefix="[SEG] the disc [SEG] the background", max_new_tokens=0)  # fmt: skip
+    assert [p.name for p in r.masks_png] == ["mask_0.png", "mask_1.png"]
+    assert r.mask_png.read_bytes() == r.masks_png[0].read_bytes()
+    for p in r.masks_png:
+        with Image.open(p) as m:
+            assert m.size == (50, 36) and m.mode == "L"
+    meta = json.loads((out / "result.json").read_text())
+    assert meta["masks_png"] == [str(p) for p in r.masks_png] and meta["depth_png"] is None
+
+
 def test_infer_without_block_writes_no_mask(model, new_image, tmp_path):
     r = infer(model, new_image, "Describe the image.", tmp_path / "o", max_new_tokens=5)
     if r.status == "no_block":  # a random model: most likely no block

@@ -192,3 +192,35 @@ def test_generation_stops_on_every_eos_id_of_the_checkpoint(model):
         assert stop_token_ids(model.base_model, model.tokenizer, [7]) == {model.tokenizer.eos_token_id, end, third, 7}
     finally:
         gc.eos_token_id = saved
+
+
+def test_every_seg_of_the_response_gives_its_own_mask(model):
+    """Three [SEG] forced in the response: three masks, each SAM2 prompted by the state at its own
+    [SEG] token; ``mask`` is the first (SPEC §1, several objects)."""
+    img = png_bytes(seed=2)
+    r = generate(model, model.tokenizer, img, PROMPT, max_new_tokens=0,
+                 response_prefix="[SEG] a cube [SEG] and a ball [SEG].")  # fmt: skip
+    assert r.parsed.n_seg == 3 and len(r.masks) == len(r.masks_logits) == 3
+    assert r.seg_hiddens.shape == (3, model.hidden_size) and torch.equal(r.seg_hidden, r.seg_hiddens[0])
+    assert r.mask is r.masks[0] and r.mask_logits is r.masks_logits[0]
+    pil = to_pil_rgb(img)
+    assert all(m.shape == (pil.height, pil.width) and m.dtype == bool for m in r.masks)
+    # the reference: one pass, the state at each [SEG], SAM2 one mask at a time
+    tiles = model.image_processor(pil)
+    prompt_ids = encode_prompt(model.tokenizer, PROMPT, model.image_processor.tokens_per_tile * len(tiles))
+    ids = torch.tensor([prompt_ids + r.token_ids])
+    with torch.no_grad():
+        h = model.lm_forward(ids, pixel_values=tiles.to(model.base_model.dtype), logits_from=None).hidden[0]
+        at = [len(prompt_ids) + j for j, t in enumerate(r.token_ids) if t == model.token_ids.seg]
+        assert len(at) == 3
+        from perceptio_core.model.sam2_decoder import sam2_pixel_values
+
+        px = sam2_pixel_values(pil, model.sam2.image_size)[None]
+        for k, p in enumerate(at):
+            assert torch.allclose(r.seg_hiddens[k], h[p].float(), atol=1e-5)
+            want = model.predict_mask_logits(h[p][None], px, (pil.height, pil.width))[0, 0].float().numpy()
+            np.testing.assert_allclose(r.masks_logits[k], want, atol=1e-4)
+    assert not np.array_equal(r.masks_logits[0], r.masks_logits[1])  # different states, different masks
+    # no [SEG]: no masks
+    none = generate(model, model.tokenizer, img, "What is it?", max_new_tokens=0, response_prefix="(A)")
+    assert none.masks == [] and none.mask is None and none.seg_hiddens is None

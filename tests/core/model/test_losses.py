@@ -276,3 +276,19 @@ def test_sequence_terms_on_a_batch_without_blocks_are_zero_but_llm():
     terms = sequence_terms(torch.zeros(1, 3, V), targets, S, E, CODES, N)
     assert terms["llm"].item() == pytest.approx(math.log(V), abs=1e-6)
     assert terms["marker"].item() == terms["token"].item() == terms["count"].item() == 0.0
+
+
+def test_mask_terms_are_the_mean_over_seg_mask_pairs_by_hand():
+    """Two (SEG, mask) pairs of 2 x 2 pixels: BCE is the mean over both pairs' pixels (every pair
+    the same size: the mean of the per-pair means), Dice the mean of the per-pair Dice losses."""
+    logits = torch.tensor([[[0.0, 2.0], [-2.0, 0.0]], [[1.0, 1.0], [1.0, -1.0]]])
+    gt = torch.tensor([[[1.0, 1.0], [0.0, 0.0]], [[0.0, 1.0], [1.0, 1.0]]])
+    sig = lambda x: 1.0 / (1.0 + math.exp(-x))  # noqa: E731
+    bce_pairs, dice_pairs = [], []
+    for lg, g in zip(logits.tolist(), gt.tolist()):
+        px = [(x, y) for row_l, row_g in zip(lg, g) for x, y in zip(row_l, row_g)]
+        bce_pairs.append(sum(-(y * math.log(sig(x)) + (1 - y) * math.log(1 - sig(x))) for x, y in px) / 4)
+        inter = sum(sig(x) * y for x, y in px)
+        dice_pairs.append(1 - (2 * inter + 1) / (sum(sig(x) for x, _ in px) + sum(y for _, y in px) + 1))
+    assert float(mask_bce_loss(logits, gt)) == pytest.approx(sum(bce_pairs) / 2, rel=1e-6)
+    assert float(mask_dice_loss(logits, gt)) == pytest.approx(sum(dice_pairs) / 2, rel=1e-6)

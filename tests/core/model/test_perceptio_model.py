@@ -318,3 +318,66 @@ def test_a_tied_checkpoint_loads_tied(tmp_path):
     loaded = load_internvl(tmp_path / "tied")
     assert loaded.get_output_embeddings().weight.data_ptr() == loaded.get_input_embeddings().weight.data_ptr()
     assert loaded.config.tie_word_embeddings is True
+
+
+def _multi_seg_batch(model):
+    """Example 0: three rounds, three masks; example 1: one mask; example 2: text-only."""
+    import numpy as np
+
+    from perceptio_core.format.target import format_target
+    from perceptio_core.model.batching import TrainExample
+    from perceptio_helpers import png_bytes
+
+    n, k = model.num_depth_tokens, model.codebook_size
+    masks = []
+    for r0 in (0, 12, 26):
+        m = np.zeros((40, 48), np.uint8)
+        m[r0 : r0 + 10, r0 : r0 + 14] = 1
+        masks.append(m)
+    codes = [i % k for i in range(n)]
+    three = TrainExample(image=png_bytes(seed=4), prompt="Segment a.", target=format_target(True, codes, "A."),
+                         masks=masks, rounds=[("Segment b.", "[SEG] B."), ("Segment c.", "[SEG] C.")])
+    one = examples(n, k)[0]
+    text = TrainExample(image=None, prompt="hi", target="hello", rounds=[("again?", "yes")])
+    return model.collator()([three, one, text])
+
+
+def test_seg_terms_are_the_mean_over_every_seg_mask_pair(model):
+    """L_seg over several [SEG] per sequence: each pair's mask decoded from its own [SEG] state on
+    its example's image, BCE and Dice averaged over pairs (computed here one pair at a time)."""
+    from perceptio_core.model.losses import mask_bce_loss, mask_dice_loss
+
+    batch = _multi_seg_batch(model)
+    assert batch["seg_batch"].tolist() == [0, 0, 0, 1]
+    model.eval()
+    with torch.no_grad():
+        out = model(batch)
+        h = model.lm_forward(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
+                             logits_from=None).hidden  # fmt: skip
+        bce, dice = [], []
+        for p, b, gt in zip(batch["seg_positions"], batch["seg_batch"], batch["masks"]):
+            assert int(batch["input_ids"][b, p]) == model.token_ids.seg
+            lg = model.predict_mask_logits(h[b, p][None], batch["sam2_pixel_values"][b][None], tuple(gt.shape))[:, 0]
+            bce.append(float(mask_bce_loss(lg, gt[None])))
+            dice.append(float(mask_dice_loss(lg, gt[None])))
+    assert float(out["seg_bce"]) == pytest.approx(sum(bce) / 4, rel=1e-5)
+    assert float(out["seg_dice"]) == pytest.approx(sum(dice) / 4, rel=1e-5)
+    assert len({round(x, 6) for x in bce}) == 4  # four different pairs
+
+
+def test_text_only_examples_train_alone_and_mixed(model):
+    """A text-only example has no tiles: mixed with image examples its rows carry no image tokens;
+    a batch of text-only examples passes no pixel_values to InternVL. Gradients flow in both."""
+    from perceptio_core.model.batching import TrainExample
+
+    model.train()
+    mixed = _multi_seg_batch(model)
+    assert mixed["num_tiles"].tolist()[2] == 0
+    out = model(mixed)
+    assert torch.isfinite(out["loss"]) and float(out["seg_bce"]) > 0
+    only = model.collator()([TrainExample(image=None, prompt="hi", target="hello", rounds=[("again?", "yes")])])
+    assert only["pixel_values"].shape[0] == 0
+    out = model(only)
+    assert torch.isfinite(out["loss"]) and float(out["llm"]) > 0 and float(out["seg_bce"]) == 0.0
+    out["loss"].backward()
+    model.zero_grad(set_to_none=True)

@@ -21,7 +21,7 @@ def _sample(codes: list[int]) -> Sample:
     img = png_bytes(seed=0)
     return Sample(key="s-1", source="refcoco", split="train", task="depth_cot", image_digest="d" * 64, image=img,
                   prompt="Which point is the closest to the camera?", target=format_target(False, codes, "(A)"),
-                  answer="(A)", mask_rle=None, depth_tokens=codes)  # fmt: skip
+                  answer="(A)", masks_rle=[], depth_tokens=codes)  # fmt: skip
 
 
 def test_samples_must_fit_the_codec():

@@ -304,7 +304,7 @@ def _shards(d: Path, n: int = 12, K: int = 16, N: int = 9) -> Path:
             key=make_key("t", i), source="refcoco", split="train", task="refer_seg" if has_seg else "depth_cot",
             image_digest=bytes_digest(img), image=img, prompt="Please segment the object described as: the red cube.",
             target=format_target(has_seg, codes, "The object is a red cube."), answer="The object is a red cube.",
-            mask_rle=encode_mask(mask) if has_seg else None, depth_tokens=codes,
+            masks_rle=[encode_mask(mask)] if has_seg else [], depth_tokens=codes,
         ))  # fmt: skip
     write_shards(samples, d, max_samples=5)
     return d
