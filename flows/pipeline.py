@@ -2,8 +2,14 @@
 
 The flow body only sequences the stages; :class:`Plan` decides for each one whether it runs in this
 run (all of them by default, one with ``only``, a stage and its descendants with ``from_stage``) or
-is taken from the store as it is. Every run writes ``<workdir>/runs/<run-id>/summary.json`` and the
-resolved ``config.yaml``.
+is taken from the store as it is. Only the stages a run touches (the selected ones and their
+upstream) have their keys computed and their inputs checked, so a dataset only an untouched stage
+reads is not demanded (the benchmarks, for ``--only teacher_depth``); every dataset missing for
+those it touches is named in one error before any stage runs. Every run writes
+``<workdir>/runs/<run-id>/summary.json`` and the resolved ``config.yaml``.
+
+The DAG has two roots: ``sources`` (the training datasets), which every training stage hangs
+from, and ``benchmarks`` (HardBLINK, the multiple-choice VQA), which only ``evaluate`` reads.
 """
 
 from __future__ import annotations
@@ -48,7 +54,6 @@ class Plan:
         if only and from_stage:
             raise ConfigError("give --only or --from, not both")
         self.run = run
-        self.keys = compute_keys(run.cfg, STAGES, run.workdir)
         if only:
             self.selected = {only}
         elif from_stage:
@@ -58,6 +63,9 @@ class Plan:
         # the stages this run touches: the selected ones and what they read (``--only train_vqvae``
         # must not ask for a tokenize_depth artifact its changed config has not produced yet)
         self.needed = set(self.selected).union(*(upstream_of(s) for s in self.selected))
+        # keys of those alone: a dataset only an untouched stage reads (the benchmarks, for a run
+        # that stops before evaluate) is not demanded
+        self.keys = compute_keys(run.cfg, [s for s in STAGES if s.name in self.needed], run.workdir)
         self.records: dict[str, dict[str, Any]] = {}
         # what each stage task of this run returned: handed to downstream tasks as it is, so that
         # Prefect links them to it and draws the edge (tasks.stage_task.StageResult)
@@ -176,6 +184,7 @@ def perceptio_pipeline(
     run = start_run(profile, overrides, workdir, run_id)
     plan = Plan(run, only=only, from_stage=from_stage)
     world = plan.step("sources")
+    benchmarks = plan.step("benchmarks")
     fitted = plan.step("fit_teacher", world)
     depth = plan.step("teacher_depth", world, fitted)
     codebook = plan.step("train_vqvae", world, depth)
@@ -184,7 +193,7 @@ def perceptio_pipeline(
     base = plan.step("base", world)
     segmenter = plan.step("fit_sam2", world)
     model = plan.step("finetune", base, segmenter, samples, depth, codebook)
-    plan.step("evaluate", world, depth, model, base)
+    plan.step("evaluate", world, benchmarks, depth, model, base)
     return plan.finish()
 
 

@@ -44,7 +44,15 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    """Which datasets to read. ``root`` unset: the synthetic world is generated into the workdir."""
+    """Which datasets to read. ``root`` unset: the synthetic world is generated into the workdir.
+
+    Paths are relative to ``root`` unless absolute; ``""`` (null for the conversation files) skips
+    a dataset, and a named one the disk lacks is listed, with the ``--set`` that skips it, in one
+    error before anything runs. The training datasets (REFER + COCO images, ADE20k, the captions,
+    LLaVA / GLaMM) are the ``sources`` stage's; the captions are read only while the offline base
+    is fit (``model.base`` unset). The evaluation benchmarks (``hardblink``, ``vqa_tsv``) are the
+    ``benchmarks`` stage's, demanded only by runs that reach ``evaluate``: changing them re-runs
+    evaluation, never a training stage."""
 
     root: str | None = None
     refer_datasets: list[str] = field(default_factory=lambda: ["refcoco", "refcoco+", "refcocog"])

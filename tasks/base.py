@@ -1,7 +1,11 @@
-"""Stage ``base`` (offline default): the tiny InternVL fitted on the world's captions, VQA and
-region descriptions, standing in for InternVL2.5."""
+"""Stage ``base`` (offline default): the tiny InternVL fitted on the world's captions, the LLaVA
+instruction file (the world's holds its train-split multiple-choice VQA) and region descriptions,
+standing in for InternVL2.5. It reads the training sources only: no benchmark (HardBLINK, the VQA
+TSV) keys or feeds it."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from perceptio_core.config import PerceptioConfig
 from perceptio_core.training import base_fit
@@ -11,9 +15,13 @@ from tasks.runner import StageContext, StageOutput, StageSpec
 
 
 def fit_base(ctx: StageContext) -> StageOutput:
-    examples, texts = base_fit.base_examples(load_sources(ctx), ctx.cfg.base.grounding)
+    sources = load_sources(ctx)
+    instructions = []
+    if ctx.cfg.data.llava_json:  # relative to the data root, as the sources stage checked it
+        instructions = base_fit.instruction_examples(Path(sources.root) / Path(ctx.cfg.data.llava_json).expanduser())
+    examples, texts = base_fit.base_examples(sources, ctx.cfg.base.grounding, instructions)
     if not examples:
-        raise RuntimeError("base: the sources have no captions or train-split VQA to fit a base on")
+        raise RuntimeError("base: the sources have no captions, instructions or referred objects to fit a base on")
     out = scratch_dir(ctx)
     prog = Progress("fit base", ctx.log)
     metrics = base_fit.fit_base(
@@ -38,7 +46,7 @@ def _base_enabled(cfg: PerceptioConfig) -> bool:
 BASE = StageSpec(
     name="base",
     upstream=("sources",),
-    sections=("model.tiny", "base"),
+    sections=("model.tiny", "base", "data.llava_json"),
     body=fit_base,
     description="the tiny InternVL base fitted on the world's captions, VQA and region descriptions (offline default)",
     enabled=_base_enabled,

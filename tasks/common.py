@@ -9,14 +9,20 @@ from pathlib import Path
 
 import numpy as np
 
-from perceptio_core.data.records import Sources
+from perceptio_core.data.records import Benchmarks, Sources
 from tasks.runner import StageContext
 
 
 def load_sources(ctx: StageContext) -> Sources:
-    """The ``sources`` artifact of ``ctx``'s upstream."""
+    """The ``sources`` artifact of ``ctx``'s upstream: the training sources (no benchmarks)."""
     with open(ctx.upstream_dir("sources") / "sources.json") as f:
         return Sources.from_json(f.read())
+
+
+def load_benchmarks(ctx: StageContext) -> Benchmarks:
+    """The ``benchmarks`` artifact of ``ctx``'s upstream (HardBLINK, multiple-choice VQA)."""
+    with open(ctx.upstream_dir("benchmarks") / "benchmarks.json") as f:
+        return Benchmarks.from_json(f.read())
 
 
 def read_tokens(folder: str | Path) -> dict[str, np.ndarray]:

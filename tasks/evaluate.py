@@ -1,4 +1,9 @@
-"""Stage ``evaluate`` (SPEC §6): the benchmarks, the base comparison and the report."""
+"""Stage ``evaluate`` (SPEC §6): the benchmarks, the base comparison and the report.
+
+It reads the REFER val/test splits from the ``sources`` artifact (the same REFER files training
+reads) and HardBLINK and the multiple-choice VQA from the ``benchmarks`` artifact, joined into one
+:class:`~perceptio_core.data.records.Sources` for :func:`~perceptio_core.evaluation.evaluate.run_evaluation`;
+it is the only stage downstream of ``benchmarks``."""
 
 from __future__ import annotations
 
@@ -9,14 +14,14 @@ from perceptio_core.evaluation.evaluate import make_predictors, run_evaluation
 from perceptio_core.evaluation.report import write_report
 from perceptio_core.evaluation.infer import load_model
 from perceptio_core.model.internvl import load_internvl, load_tokenizer
-from tasks.common import load_sources
+from tasks.common import load_benchmarks, load_sources
 from tasks.progress import Progress
 from tasks.runner import StageContext, StageOutput, StageSpec
 
 
 def evaluate(ctx: StageContext) -> StageOutput:
     cfg = ctx.cfg
-    sources = load_sources(ctx)
+    sources = load_sources(ctx).with_benchmarks(load_benchmarks(ctx))
     device = cfg.run.device if cfg.run.device != "auto" else "cpu"
     model = load_model(ctx.upstream_dir("finetune") / "model", device=device)
     base_model = base_tok = None
@@ -48,7 +53,7 @@ def evaluate(ctx: StageContext) -> StageOutput:
 
 EVALUATE = StageSpec(
     name="evaluate",
-    upstream=("sources", "teacher_depth", "finetune", "base"),
+    upstream=("sources", "benchmarks", "teacher_depth", "finetune", "base"),
     sections=("evaluate",),
     body=evaluate,
     description="RefCOCO/+/g cIoU & gIoU, HardBLINK 3/4/5, MC VQA, perception-block and depth quality",

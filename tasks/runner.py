@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from perceptio_core.config import PerceptioConfig, canonical_json, to_dict
-from perceptio_core.data.records import QuarantineEntry
+from perceptio_core.data.records import MissingDataError, QuarantineEntry
 from storage import ArtifactStore, ArtifactWriter, Manifest, code_digest, git_commit, stage_key
 from storage.keys import digest_text
 
@@ -184,6 +184,9 @@ class StageSpec:
     enabled: Callable[[PerceptioConfig], bool] | None = None
     # modules the body's imports do not reach but whose source should version the stage too
     code: tuple[str, ...] = ()
+    # the config values the stage reads, where which fields it reads depends on the config (e.g.
+    # sources reads data.captions only while model.base is unset); None: its ``sections``
+    view: Callable[[PerceptioConfig], dict[str, Any]] | None = None
 
     def is_enabled(self, cfg: PerceptioConfig) -> bool:
         return self.enabled is None or self.enabled(cfg)
@@ -203,6 +206,8 @@ class StageSpec:
         return module_files(self.code_modules())
 
     def config_view(self, cfg: PerceptioConfig) -> dict[str, Any]:
+        if self.view is not None:
+            return to_dict(self.view(cfg))
         return {s: to_dict(cfg.section(s)) for s in self.sections}
 
 
@@ -210,18 +215,31 @@ def compute_keys(
     cfg: PerceptioConfig, stages: list[StageSpec], workdir: Path
 ) -> dict[str, tuple[str, dict[str, Any]]]:
     """Every stage's cache key (with its key material), in topological order. Pure: reads the
-    config and the code files (and the input fingerprint), never an artifact."""
+    config and the code files (and the input fingerprint), never an artifact.
+
+    Give only the stages a run needs (a stage and its upstream): only their inputs are demanded.
+    The datasets missing for any of them are named together in one :class:`MissingDataError`
+    (raised once every stage's inputs were looked at), each with the ``--set`` that skips it."""
     keys: dict[str, tuple[str, dict[str, Any]]] = {}
+    missing: list[MissingDataError] = []
     for spec in stages:
         if not spec.is_enabled(cfg):
             continue
         code = code_digest(spec.code_files())
         config = spec.config_view(cfg)
         if spec.fingerprint is not None:
-            config = {**config, "_inputs": spec.fingerprint(cfg, workdir)}
+            try:
+                config = {**config, "_inputs": spec.fingerprint(cfg, workdir)}
+            except MissingDataError as e:
+                missing.append(e)
+                continue
+        if any(u not in keys and u in {s.name for s in stages if s.is_enabled(cfg)} for u in spec.upstream):
+            continue  # an upstream stage lacks its data (reported below)
         upstream = {u: keys[u][0] for u in spec.upstream if u in keys}
         key = stage_key(spec.name, code, config, upstream)
         keys[spec.name] = (key, {"code": code, "config": config, "upstream": upstream})
+    if missing:
+        raise MissingDataError.merge(missing)
     return keys
 
 

@@ -1,67 +1,52 @@
-"""Stage ``sources``: resolve the datasets named by the config (or generate the synthetic world),
-read and validate them with the real-format readers, and store the records and the quarantine."""
+"""Stage ``sources``: resolve the *training* datasets named by the config (or generate the synthetic
+world), read and validate them with the real-format readers, and store the records and the
+quarantine (SPEC §5; :func:`perceptio_core.data.sources.read_training_sources`).
+
+The training sources are the REFER trees on their COCO images (train and the val/test splits
+evaluation scores, one set of files), ADE20k, the LLaVA / GLaMM conversation files (checked and
+fingerprinted here, read by ``curate`` and ``base``) and the COCO captions, which only the offline
+base fit reads: they are read, demanded and keyed only while ``model.base`` is unset
+(:func:`training_data`). The evaluation benchmarks (HardBLINK, the VQA TSV) are the ``benchmarks``
+stage's (:mod:`tasks.benchmarks`), so pointing ``data.hardblink`` or ``data.vqa_tsv`` elsewhere
+re-keys evaluation only. Every dataset this stage needs that the disk lacks is named in one
+:class:`~perceptio_core.data.records.MissingDataError` when the keys are computed, before any stage
+runs, each with the ``--set`` that skips it.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from perceptio_core.config import PerceptioConfig, canonical_json
+from perceptio_core.config import PerceptioConfig
 from perceptio_core.data import sources as data_sources
-from perceptio_core.world.synth import generate_world
-from storage import code_digest
-from storage.keys import digest_text
-from tasks.runner import RunContext, StageContext, StageOutput, StageSpec, module_files, versioned_modules
+from tasks.data import data_fingerprint, data_root, prepare, synth_code_modules, training_data, world_dir
+from tasks.runner import StageContext, StageOutput, StageSpec
 
-SYNTH_ENTRY = "perceptio_core.world.synth"
-
-
-def synth_code_modules() -> list[str]:
-    """The modules whose source versions the synthetic world: the generator and every project module
-    it reaches by import, less the config schema and package inits, as for a stage's code version
-    (the synth config's values are keyed directly)."""
-    return versioned_modules([SYNTH_ENTRY])
-
-
-def _synth_digest(cfg: PerceptioConfig) -> str:
-    return digest_text(canonical_json(cfg.synth), code_digest(module_files(synth_code_modules())))
-
-
-def world_dir(cfg: PerceptioConfig, workdir: Path) -> Path:
-    """Where the synthetic world of this config lives (one folder per synth config and code)."""
-    return Path(workdir).resolve() / "worlds" / _synth_digest(cfg)[:16]
-
-
-def data_root(cfg: PerceptioConfig, workdir: Path) -> Path:
-    if cfg.data.root:
-        root = Path(cfg.data.root).expanduser().resolve()
-        if not root.is_dir():
-            raise FileNotFoundError(f"data.root {root} does not exist or is not a folder")
-        return root
-    return world_dir(cfg, workdir)
+__all__ = ["SPEC", "data_root", "synth_code_modules", "training_data", "world_dir"]
 
 
 def fingerprint(cfg: PerceptioConfig, workdir: Path) -> str:
-    """Key material for the inputs: the synthetic world's config and generator code, or a content
-    digest of a real data root's annotation files and image listings."""
-    if cfg.data.root:
-        return "data:" + data_sources.data_fingerprint(data_root(cfg, workdir), cfg.data)
-    return "synth:" + _synth_digest(cfg)
+    """The training datasets' content (or the synthetic world's generator): :func:`tasks.data.data_fingerprint`."""
+    return data_fingerprint(cfg, workdir, training_data(cfg), data_sources.TRAINING)
 
 
-def prepare(run: RunContext) -> None:
-    """Make sure the synthetic world exists (generated once; regenerated identically if deleted)."""
-    if not run.cfg.data.root:
-        generate_world(world_dir(run.cfg, run.workdir), run.cfg.synth, progress=True)
+def config_view(cfg: PerceptioConfig) -> dict[str, Any]:
+    """The ``data`` fields this stage reads, as ``sections`` names them (``data.captions`` "" while
+    ``model.base`` is set: then it is not read)."""
+    data = training_data(cfg)
+    return {f"data.{f}": getattr(data, f) for f in ("root", *data_sources.FIELDS[data_sources.TRAINING])}
 
 
 def read_sources(ctx: StageContext) -> StageOutput:
     root = data_root(ctx.cfg, ctx.run.workdir)
-    ctx.log.info("reading sources under %s", root)
-    sources = data_sources.read_sources(root, ctx.cfg.data, cache_dir=ctx.run.workdir / "cache",
-                                        progress=True)
+    ctx.log.info("reading the training sources under %s", root)
+    sources = data_sources.read_training_sources(root, training_data(ctx.cfg), progress=True)
     with ctx.writer.atomic("sources.json", "w") as f:
         f.write(sources.to_json())
     counts = sources.counts()
+    for name in ("hardblink", "vqa"):  # the benchmarks stage's
+        counts.pop(name, None)
     for q in sources.quarantine[:20]:
         ctx.log.warning("quarantined %s %s: %s", q.source, q.record, q.reason)
     if len(sources.quarantine) > 20:
@@ -73,9 +58,10 @@ def read_sources(ctx: StageContext) -> StageOutput:
 SPEC = StageSpec(
     name="sources",
     upstream=(),
-    sections=("data",),
+    sections=tuple(f"data.{f}" for f in ("root", *data_sources.FIELDS[data_sources.TRAINING])),
+    view=config_view,  # data.captions only while model.base is unset
     body=read_sources,
-    description="resolve and validate the datasets (or the synthetic world)",
+    description="resolve and validate the training datasets (or the synthetic world)",
     fingerprint=fingerprint,
     prepare=prepare,
 )

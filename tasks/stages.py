@@ -1,12 +1,17 @@
-"""The stages of the pipeline, in topological order (ARCHITECTURE.md, the DAG)."""
+"""The stages of the pipeline, in topological order (ARCHITECTURE.md, the DAG).
+
+``sources`` (training datasets) and ``benchmarks`` (evaluation-only datasets) are the two roots:
+every training stage hangs from ``sources``, and only ``evaluate`` reads ``benchmarks``. The
+benchmarks come second so that a run reads (and checks) them before hours of training."""
 
 from __future__ import annotations
 
-from tasks import base, codebook, curate, evaluate, finetune, sam2, sources, teacher
+from tasks import base, benchmarks, codebook, curate, evaluate, finetune, sam2, sources, teacher
 from tasks.runner import StageSpec
 
 STAGES: list[StageSpec] = [
     sources.SPEC,
+    benchmarks.SPEC,
     teacher.FIT_TEACHER,
     teacher.TEACHER_DEPTH,
     codebook.TRAIN_VQVAE,

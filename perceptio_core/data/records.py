@@ -10,6 +10,7 @@ below, alone or followed by ``": <detail>"``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -47,6 +48,38 @@ class DatasetNotFoundError(FileNotFoundError):
 
     Not a per-record problem: the read stops. The message names the path that was expected.
     """
+
+
+@dataclass(frozen=True)
+class MissingDataset:
+    """One dataset the config names that the disk lacks: what it is (with its config key), where it
+    was looked for, and the ``--set`` that skips it (or points it elsewhere)."""
+
+    what: str  # "ADE20k folder (data.ade20k)"
+    path: str
+    skip: str  # "--set data.ade20k="
+
+    def line(self) -> str:
+        return f"{self.what} not found: {self.path} (skip it: {self.skip})"
+
+
+class MissingDataError(DatasetNotFoundError):
+    """Every dataset the config names that the disk lacks, in one error (``missing``), each line
+    with its path and the ``--set`` that skips it. :meth:`merge` joins the errors of several
+    readers (the training sources and the benchmarks) into one."""
+
+    def __init__(self, missing: list[MissingDataset]):
+        self.missing = list(dict.fromkeys(missing))
+        lines = [m.line() for m in self.missing]
+        if len(lines) == 1:
+            msg = lines[0]
+        else:
+            msg = f"{len(lines)} datasets named by the config are missing:\n  " + "\n  ".join(lines)
+        super().__init__(msg)
+
+    @classmethod
+    def merge(cls, errors: list[MissingDataError]) -> MissingDataError:
+        return cls([m for e in errors for m in e.missing])
 
 
 @dataclass(frozen=True)
@@ -159,10 +192,18 @@ def normalise_split(split: str) -> str:
     return SPLIT_NAMES.get(split, split)
 
 
+def _hardblink_from_dict(h: dict[str, Any]) -> HardBlinkRecord:
+    return HardBlinkRecord(**{**h, "points": tuple(tuple(p) for p in h["points"]), "labels": tuple(h["labels"])})
+
+
 @dataclass
 class Sources:
-    """Everything the ``sources`` stage resolved: records per dataset plus the quarantine.
+    """Resolved records per dataset plus the quarantine.
 
+    The ``sources`` stage fills the training part (REFER refs with their COCO images, captions,
+    ADE20k); ``hardblink`` and ``vqa`` are the evaluation benchmarks, which the ``benchmarks``
+    stage resolves apart (:class:`Benchmarks`) and evaluation joins in (:meth:`with_benchmarks`);
+    :func:`perceptio_core.data.sources.read_sources` reads both at once.
     ``coco_images`` holds every COCO image a ref or a caption uses (validated, with its digest);
     ``ade_classes`` maps ADE20k class indices to names (``objectInfo150``).
     """
@@ -176,6 +217,12 @@ class Sources:
     captions: list[tuple[int, str]] = field(default_factory=list)  # (image_id, caption)
     quarantine: list[QuarantineEntry] = field(default_factory=list)
     ade_classes: dict[int, str] = field(default_factory=dict)
+
+    def with_benchmarks(self, benchmarks: Benchmarks) -> Sources:
+        """A copy of these sources with the benchmarks' HardBLINK and VQA records (and quarantine)
+        joined in: what evaluation reads."""
+        return dataclasses.replace(self, hardblink=list(benchmarks.hardblink), vqa=list(benchmarks.vqa),
+                                   quarantine=self.quarantine + benchmarks.quarantine)
 
     def eval_image_ids(self) -> set[int]:
         """COCO image ids used by any refer split other than train (val, testA, testB, test): what
@@ -244,11 +291,7 @@ class Sources:
             raise ValueError(f"unsupported Sources JSON format {data.get('format')!r}")
         refs = [RefRecord(**{**r, "bbox": tuple(r["bbox"])}) for r in data["refs"]]
         ade = [AdeRecord(**{**a, "present_classes": tuple(a["present_classes"])}) for a in data["ade"]]
-        hb = [
-            HardBlinkRecord(**{**h, "points": tuple(tuple(p) for p in h["points"]),
-                               "labels": tuple(h["labels"])})
-            for h in data["hardblink"]
-        ]
+        hb = [_hardblink_from_dict(h) for h in data["hardblink"]]
         images = [ImageRecord(**r) for r in data["coco_images"]]
         return cls(
             root=data["root"],
@@ -260,4 +303,52 @@ class Sources:
             captions=[(int(i), str(c)) for i, c in data["captions"]],
             quarantine=[QuarantineEntry(**q) for q in data["quarantine"]],
             ade_classes={int(k): v for k, v in data["ade_classes"].items()},
+        )
+
+
+@dataclass
+class Benchmarks:
+    """Everything the ``benchmarks`` stage resolved (SPEC §6): the evaluation-only datasets, kept
+    apart from the training :class:`Sources` so that a change to a benchmark re-runs evaluation
+    only. REFER's val/test splits are not here: they come from the same REFER files as training
+    and evaluation reads them from :class:`Sources`."""
+
+    root: str
+    hardblink: list[HardBlinkRecord] = field(default_factory=list)
+    vqa: list[VqaRecord] = field(default_factory=list)
+    quarantine: list[QuarantineEntry] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        by_n: dict[int, int] = {}
+        for h in self.hardblink:
+            by_n[h.n_points] = by_n.get(h.n_points, 0) + 1
+        return {
+            "hardblink": len(self.hardblink),
+            **{f"hardblink_{n}": v for n, v in sorted(by_n.items())},
+            "vqa": len(self.vqa),
+            "quarantined": len(self.quarantine),
+        }
+
+    def to_json(self) -> str:
+        """The benchmark records as JSON text (see :meth:`from_json`)."""
+        data = {
+            "format": 1,
+            "root": self.root,
+            "hardblink": [asdict(r) for r in self.hardblink],
+            "vqa": [asdict(r) for r in self.vqa],
+            "quarantine": [q.to_dict() for q in self.quarantine],
+        }
+        return json.dumps(data, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> Benchmarks:
+        """Rebuild :class:`Benchmarks` from :meth:`to_json`'s text; the result compares equal."""
+        data = json.loads(text)
+        if data.get("format") != 1:
+            raise ValueError(f"unsupported Benchmarks JSON format {data.get('format')!r}")
+        return cls(
+            root=data["root"],
+            hardblink=[_hardblink_from_dict(h) for h in data["hardblink"]],
+            vqa=[VqaRecord(**v) for v in data["vqa"]],
+            quarantine=[QuarantineEntry(**q) for q in data["quarantine"]],
         )

@@ -1,38 +1,45 @@
-"""Resolve every dataset a run names into records (SPEC §5 data, §6 benchmarks; the ``sources`` stage).
+"""Resolve the datasets a run names into records (SPEC §5 data, §6 benchmarks).
 
-:func:`read_sources` reads, relative to a data root (the synthetic world or a real tree laid out the
-same way), everything :class:`~perceptio_core.config.DataConfig` names ("" skips a source):
+Two parts, read by two stages so that a benchmark never keys a training stage:
 
-- the REFER trees ``<root>/<dataset>/`` (``instances.json`` + ``refs(<split_by>).p``) on the COCO
-  images in ``data.coco_images``: :func:`perceptio_core.data.refer.read_refer`;
-- COCO captions (``data.captions``), image ids resolved through the captions file's ``images``;
-- ADE20k (``data.ade20k``): :func:`perceptio_core.data.ade20k.read_ade20k`;
-- HardBLINK (``data.hardblink``), in AURORA's public layout (``questions/``, ``answers/``,
-  ``images/blink{N}pointscenter/``; the synthetic world adds ``points/``):
-  :func:`perceptio_core.data.hardblink.read_hardblink`;
-- MMBench-format VQA (``data.vqa_tsv``): :func:`perceptio_core.data.vqa.read_mmbench_tsv`, its images
-  decoded into ``<cache_dir>/vqa-images`` (default cache: ``$XDG_CACHE_HOME/perceptio`` or
-  ``~/.cache/perceptio``).
+- **training** (:data:`TRAINING`, the ``sources`` stage; :func:`read_training_sources`): the REFER
+  trees ``<root>/<dataset>/`` (``instances.json`` + ``refs(<split_by>).p``) on the COCO images in
+  ``data.coco_images`` (:func:`perceptio_core.data.refer.read_refer`; their val/test splits are what
+  evaluation scores referring segmentation on), COCO captions (``data.captions``, image ids resolved
+  through the captions file's ``images``), ADE20k (``data.ade20k``,
+  :func:`perceptio_core.data.ade20k.read_ade20k`), and the LLaVA-1.5 / GLaMM conversation files of
+  SPEC §5 (``data.llava_json``, ``data.glamm_json``), which are resolved, checked and fingerprinted
+  here but read by curation (:mod:`perceptio_core.curation.curate`) and the offline base fit;
+- **benchmarks** (:data:`BENCHMARKS`, the ``benchmarks`` stage; :func:`read_benchmarks`): HardBLINK
+  (``data.hardblink``) in AURORA's public layout (``questions/``, ``answers/``,
+  ``images/blink{N}pointscenter/``; the synthetic world adds ``points/``;
+  :func:`perceptio_core.data.hardblink.read_hardblink`) and the MMBench-format multiple-choice VQA
+  TSV (``data.vqa_tsv``, :func:`perceptio_core.data.vqa.read_mmbench_tsv`, its images decoded into
+  ``<cache_dir>/vqa-images``; default cache ``$XDG_CACHE_HOME/perceptio`` or ``~/.cache/perceptio``).
 
-Every image is opened, verified, decoded and digested once (a shared
-:class:`~perceptio_core.data.image_io.ImageValidator`); each COCO and ADE20k record carries the sha256 of
-its file, the key of its depth map downstream. Where ``<root>/depth/<image stem>.npy`` exists (the
-synthetic world writes one per image) records carry it as ``depth_path``. Bad records are
-quarantined with a reason and the rest goes on; what is missing at the dataset level (the root,
-a named folder, a refs pickle, an annotation file) raises
-:class:`~perceptio_core.data.records.DatasetNotFoundError` naming the path.
+:func:`read_sources` reads both into one :class:`~perceptio_core.data.records.Sources`. Paths are
+relative to the data root unless absolute; ``""`` (or null) skips a dataset. Every image is opened,
+verified, decoded and digested once (a shared :class:`~perceptio_core.data.image_io.ImageValidator`);
+each COCO and ADE20k record carries the sha256 of its file, the key of its depth map downstream.
+Where ``<root>/depth/<image stem>.npy`` exists (the synthetic world writes one per image) records
+carry it as ``depth_path``.
 
-The optional LLaVA-1.5 / GLaMM conversation sources of SPEC §5 (``data.llava_json``,
-``data.glamm_json``) are not read here but by curation (:mod:`perceptio_core.curation.curate`); here they are
-resolved (:func:`data_path`), checked to exist (a missing one raises naming the path) and their JSON
-is part of the fingerprint, so editing one re-curates.
+A data root holds what it holds. Bad records are quarantined with a reason and the rest goes on;
+datasets the config names but the disk lacks (a folder, a refs pickle, an annotation file) are
+all listed in one :class:`~perceptio_core.data.records.MissingDataError` (:func:`resolve_paths`),
+each with its path and the ``--set`` that skips it (``--set data.ade20k=``, ``--set
+data.vqa_tsv=``, ``--set 'data.refer_datasets=[refcoco]'``). Only the parts asked for are checked:
+the benchmarks are not demanded by a reader of the training sources, nor the training sources by
+one of the benchmarks.
 
-:func:`data_fingerprint` is the cheap content digest used in cache keys: the sha256 of
-(the resolved root path, the data config, the full sha256 of every annotation / pickle / JSON /
-JSONL / TSV / class-table file, and for every image folder the sorted ``(relative name, size)``
-listing). It reads the small files completely and only lists the image folders, so an image edited
-in place without changing its size is not noticed: replace files rather than rewriting them in
-place.
+:func:`data_fingerprint` is the cheap content digest of one or both parts used in cache keys: the
+sha256 of (the resolved root path, the part's config fields, the full sha256 of every annotation /
+pickle / JSON / JSONL / TSV / class-table file, and for every image folder the sorted
+``(relative name, size)`` listing, and the listing of the true-depth files of the part's images).
+It reads the small files completely and only lists the image folders, so an image edited in place
+without changing its size is not noticed: replace files rather than rewriting them in place. With
+``generated=True`` (the synthetic world, keyed by its generator instead) the paths under the root
+are neither checked nor read, and only datasets named by an absolute path outside it are.
 """
 
 from __future__ import annotations
@@ -51,8 +58,11 @@ from perceptio_core.data.image_io import ImageError, ImageValidator
 from perceptio_core.data.records import (
     REASON_EMPTY_CAPTION,
     REASON_MALFORMED,
+    Benchmarks,
     DatasetNotFoundError,
     ImageRecord,
+    MissingDataError,
+    MissingDataset,
     QuarantineEntry,
     Sources,
     read_annotation_json,
@@ -62,6 +72,15 @@ from perceptio_core.data.vqa import read_mmbench_tsv
 
 DEPTH_DIR = "depth"  # <root>/depth/<image stem>.npy: true depth, when the data has it
 
+TRAINING = "training"  # REFER + COCO images, captions, ADE20k, LLaVA / GLaMM: the sources stage
+BENCHMARKS = "benchmarks"  # HardBLINK, the multiple-choice VQA TSV: the benchmarks stage
+PARTS = (TRAINING, BENCHMARKS)
+# the DataConfig fields each part reads (``root`` besides)
+FIELDS = {
+    TRAINING: ("refer_datasets", "refer_split_by", "coco_images", "ade20k", "captions", "llava_json", "glamm_json"),
+    BENCHMARKS: ("hardblink", "vqa_tsv"),
+}
+
 
 class SourceError(ValueError):
     """The data config asks for something :func:`read_sources` cannot provide."""
@@ -69,7 +88,8 @@ class SourceError(ValueError):
 
 @dataclass(frozen=True)
 class SourcePaths:
-    """The resolved locations of every source a :class:`DataConfig` names (None: skipped)."""
+    """The resolved locations of every source a :class:`DataConfig` names in the parts resolved
+    (None: skipped, or in a part not asked for)."""
 
     root: Path
     coco_images: Path
@@ -89,52 +109,102 @@ def data_path(root: str | os.PathLike[str], rel: str) -> Path:
     return p if p.is_absolute() else Path(root) / p
 
 
-def _need(path: Path, what: str, is_dir: bool) -> Path:
-    ok = path.is_dir() if is_dir else path.is_file()
-    if not ok:
-        raise DatasetNotFoundError(f"{what} not found: {path}")
-    return path
+def _under(path: Path, root: Path) -> bool:
+    try:
+        path.resolve().relative_to(root)
+        return True
+    except ValueError:
+        return False
 
 
-def resolve_paths(root: str | os.PathLike[str], data_cfg: DataConfig) -> SourcePaths:
-    """Resolve and check the paths of every named source (relative to ``root``; absolute paths
-    are kept). Raises :class:`DatasetNotFoundError` naming the first missing path, and
-    :class:`SourceError` for a source this reader does not support."""
+class _Checker:
+    """Collects every missing dataset instead of stopping at the first. Paths under ``exempt`` (a
+    world not generated yet) are taken as they are."""
+
+    def __init__(self, exempt: Path | None):
+        self.exempt = exempt
+        self.missing: list[MissingDataset] = []
+
+    def need(self, path: Path, what: str, skip: str, is_dir: bool) -> bool:
+        if self.exempt is not None and _under(path, self.exempt):
+            return True
+        if path.is_dir() if is_dir else path.is_file():
+            return True
+        self.missing.append(MissingDataset(what, str(path), skip))
+        return False
+
+
+def _refer_skip(present: list[str]) -> str:
+    return f"--set 'data.refer_datasets=[{', '.join(present)}]'"
+
+
+def resolve_paths(
+    root: str | os.PathLike[str], data_cfg: DataConfig, parts: tuple[str, ...] = PARTS, generated: bool = False
+) -> SourcePaths:
+    """Resolve and check the paths of every source ``data_cfg`` names in ``parts`` (relative to
+    ``root``; absolute paths are kept). Raises :class:`DatasetNotFoundError` when ``root`` is not
+    a folder, one :class:`MissingDataError` listing every missing dataset (each with the ``--set``
+    that skips it), and :class:`SourceError` for a source this reader does not support. With
+    ``generated`` (a synthetic world that may not exist yet) nothing under ``root`` is checked."""
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        raise SourceError(f"unknown source part(s) {sorted(unknown)} (known: {', '.join(PARTS)})")
     r = Path(root).expanduser()
-    if not r.is_dir():
+    if not generated and not r.is_dir():
         raise DatasetNotFoundError(f"data root not found: {r}")
     r = r.resolve()
+    check = _Checker(r if generated else None)
+    training, benchmarks = TRAINING in parts, BENCHMARKS in parts
+
+    def opt(rel: str | None, what: str, key: str, is_dir: bool, wanted: bool) -> Path | None:
+        if not wanted or not rel:
+            return None
+        p = data_path(r, rel)
+        check.need(p, f"{what} ({key})", f"--set {key}=", is_dir)
+        return p
+
     refer: dict[str, tuple[Path, str]] = {}
-    for ds in data_cfg.refer_datasets:
-        split_by = data_cfg.refer_split_by.get(ds) or REFER_SPLIT_BY.get(ds)
-        if not split_by:
+    datasets = list(data_cfg.refer_datasets) if training else []
+    for ds in datasets:
+        if not (data_cfg.refer_split_by.get(ds) or REFER_SPLIT_BY.get(ds)):
             raise SourceError(f"no split_by for REFER dataset {ds!r}: set data.refer_split_by.{ds}")
-        d = _need(r / ds, f"REFER dataset folder ({ds})", True)
-        _need(d / "instances.json", f"REFER instances file ({ds})", False)
-        _need(refs_path(d, split_by), f"REFER refs pickle ({ds}, split_by={split_by})", False)
+    complete = [ds for ds in datasets if (r / ds / "instances.json").is_file()
+                and refs_path(r / ds, data_cfg.refer_split_by.get(ds) or REFER_SPLIT_BY[ds]).is_file()]
+    if generated:
+        complete = datasets
+    for ds in datasets:
+        split_by = data_cfg.refer_split_by.get(ds) or REFER_SPLIT_BY[ds]
+        d = r / ds
+        skip = _refer_skip(complete)
+        if check.need(d, f"REFER dataset folder ({ds}, in data.refer_datasets)", skip, True):
+            check.need(d / "instances.json", f"REFER instances file ({ds})", skip, False)
+            check.need(refs_path(d, split_by), f"REFER refs pickle ({ds}, split_by={split_by})", skip, False)
         refer[ds] = (d, split_by)
     coco = data_path(r, data_cfg.coco_images)
-    if refer or data_cfg.captions:
-        _need(coco, "COCO image folder (data.coco_images)", True)
-    depth = r / DEPTH_DIR
-    return SourcePaths(
+    captions = opt(data_cfg.captions, "COCO captions file", "data.captions", False, training)
+    readers = [(name, skip) for name, skip, on in (("REFER", _refer_skip([]), bool(refer)),
+                                                    ("captions", "--set data.captions=", captions is not None)) if on]
+    if readers:
+        check.need(coco, f"COCO image folder (data.coco_images, read by {' and '.join(n for n, _ in readers)})",
+                   " ".join(sk for _, sk in readers), True)
+    ade20k = opt(data_cfg.ade20k, "ADE20k folder", "data.ade20k", True, training)
+    llava_json = opt(data_cfg.llava_json, "LLaVA instruction JSON", "data.llava_json", False, training)
+    glamm_json = opt(data_cfg.glamm_json, "GLaMM conversation JSON", "data.glamm_json", False, training)
+    out = SourcePaths(
         root=r,
         coco_images=coco,
         refer=refer,
-        captions=_need(data_path(r, data_cfg.captions), "COCO captions file (data.captions)", False)
-        if data_cfg.captions else None,
-        ade20k=_need(data_path(r, data_cfg.ade20k), "ADE20k folder (data.ade20k)", True)
-        if data_cfg.ade20k else None,
-        hardblink=_need(data_path(r, data_cfg.hardblink), "HardBLINK folder (data.hardblink)", True)
-        if data_cfg.hardblink else None,
-        vqa_tsv=_need(data_path(r, data_cfg.vqa_tsv), "MMBench TSV (data.vqa_tsv)", False)
-        if data_cfg.vqa_tsv else None,
-        depth=depth if depth.is_dir() else None,
-        llava_json=_need(data_path(r, data_cfg.llava_json), "LLaVA instruction JSON (data.llava_json)", False)
-        if data_cfg.llava_json else None,
-        glamm_json=_need(data_path(r, data_cfg.glamm_json), "GLaMM conversation JSON (data.glamm_json)", False)
-        if data_cfg.glamm_json else None,
+        captions=captions,
+        ade20k=ade20k,
+        hardblink=opt(data_cfg.hardblink, "HardBLINK folder", "data.hardblink", True, benchmarks),
+        vqa_tsv=opt(data_cfg.vqa_tsv, "MMBench TSV", "data.vqa_tsv", False, benchmarks),
+        depth=r / DEPTH_DIR if (r / DEPTH_DIR).is_dir() else None,
+        llava_json=llava_json,
+        glamm_json=glamm_json,
     )
+    if check.missing:
+        raise MissingDataError(check.missing)
+    return out
 
 
 class CaptionsResult(NamedTuple):
@@ -205,20 +275,46 @@ def default_cache_dir() -> Path:
     return Path(base) / "perceptio"
 
 
+def read_training_sources(
+    root: str | os.PathLike[str],
+    data_cfg: DataConfig,
+    progress: bool = False,
+) -> Sources:
+    """Read the training part (module docstring) under ``root`` into :class:`Sources`
+    (``hardblink`` and ``vqa`` empty). Per-record problems are quarantined; missing datasets raise
+    one :class:`MissingDataError` (:func:`resolve_paths`); ``progress`` shows tqdm bars."""
+    paths = resolve_paths(root, data_cfg, (TRAINING,))
+    return _read_training(paths, ImageValidator(), progress)
+
+
+def read_benchmarks(
+    root: str | os.PathLike[str],
+    data_cfg: DataConfig,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> Benchmarks:
+    """Read the evaluation benchmarks (HardBLINK, the VQA TSV) under ``root`` into
+    :class:`Benchmarks`; ``cache_dir`` receives the decoded VQA images (``<cache_dir>/vqa-images``).
+    Per-record problems are quarantined; missing datasets raise one :class:`MissingDataError`."""
+    paths = resolve_paths(root, data_cfg, (BENCHMARKS,))
+    return _read_benchmarks(paths, ImageValidator(), cache_dir)
+
+
 def read_sources(
     root: str | os.PathLike[str],
     data_cfg: DataConfig,
     cache_dir: str | os.PathLike[str] | None = None,
     progress: bool = False,
 ) -> Sources:
-    """Read every source ``data_cfg`` names under ``root`` (module docstring) into :class:`Sources`.
-
-    ``cache_dir`` receives the decoded VQA images (``<cache_dir>/vqa-images``); ``progress`` shows
-    tqdm bars. Per-record problems are quarantined; dataset-level ones raise
-    :class:`DatasetNotFoundError` / :class:`SourceError`.
-    """
-    paths = resolve_paths(root, data_cfg)
+    """Read every source ``data_cfg`` names under ``root``, training part and benchmarks (module
+    docstring), into one :class:`Sources`: :func:`read_training_sources` joined with
+    :func:`read_benchmarks` (:meth:`Sources.with_benchmarks`), every missing dataset of both in one
+    :class:`MissingDataError`."""
+    paths = resolve_paths(root, data_cfg, PARTS)
     validator = ImageValidator()
+    return _read_training(paths, validator, progress).with_benchmarks(_read_benchmarks(paths, validator, cache_dir))
+
+
+def _read_training(paths: SourcePaths, validator: ImageValidator, progress: bool) -> Sources:
     out = Sources(root=str(paths.root))
     for ds, (folder, split_by) in paths.refer.items():
         res = read_refer(folder, paths.coco_images, ds, split_by, validator, paths.depth, progress)
@@ -236,6 +332,12 @@ def read_sources(
         ade = read_ade20k(paths.ade20k, validator, paths.depth, progress)
         out.ade, out.ade_classes = ade.records, ade.classes
         out.quarantine += ade.quarantine
+    return out
+
+
+def _read_benchmarks(paths: SourcePaths, validator: ImageValidator,
+                     cache_dir: str | os.PathLike[str] | None) -> Benchmarks:
+    out = Benchmarks(root=str(paths.root))
     if paths.hardblink is not None:
         hb = read_hardblink(paths.hardblink, validator, paths.depth)
         out.hardblink = hb.records
@@ -261,8 +363,10 @@ def _hash_file(h: "hashlib._Hash", path: Path, root: Path) -> None:
     h.update(f"file {_rel(path, root)} {fh.hexdigest()}\n".encode())
 
 
-def _hash_listing(h: "hashlib._Hash", folder: Path, root: Path) -> None:
+def _hash_listing(h: "hashlib._Hash", folder: Path, root: Path) -> set[str]:
+    """Hash the sorted ``(relative name, size)`` listing of ``folder``; return the file stems."""
     entries: list[str] = []
+    stems: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames.sort()
         for name in filenames:
@@ -272,9 +376,26 @@ def _hash_listing(h: "hashlib._Hash", folder: Path, root: Path) -> None:
             except FileNotFoundError:
                 continue
             entries.append(f"{_rel(p, folder)}\t{size}")
+            stems.add(p.stem)
     entries.sort()
     lh = hashlib.sha256("\n".join(entries).encode("utf-8"))
     h.update(f"dir {_rel(folder, root)} {len(entries)} {lh.hexdigest()}\n".encode())
+    return stems
+
+
+def _hash_depth(h: "hashlib._Hash", depth_dir: Path, stems: set[str], root: Path) -> None:
+    """Hash the listing of the true-depth files ``<stem>.npy`` of the images ``stems`` (those of the
+    part fingerprinted, not every image's)."""
+    entries = []
+    for p in depth_dir.glob("*.npy"):
+        if p.stem in stems:
+            try:
+                entries.append(f"{p.name}\t{p.stat().st_size}")
+            except FileNotFoundError:
+                continue
+    entries.sort()
+    lh = hashlib.sha256("\n".join(entries).encode("utf-8"))
+    h.update(f"depth {_rel(depth_dir, root)} {len(entries)} {lh.hexdigest()}\n".encode())
 
 
 def _rel(p: Path, root: Path) -> str:
@@ -284,36 +405,51 @@ def _rel(p: Path, root: Path) -> str:
         return p.as_posix()
 
 
-def data_fingerprint(root: str | os.PathLike[str], data_cfg: DataConfig) -> str:
-    """A cheap content digest (sha256 hex) of the data ``data_cfg`` names under ``root`` (module
-    docstring says what goes in). Raises what :func:`resolve_paths` raises for missing sources."""
-    paths = resolve_paths(root, data_cfg)
+def data_fingerprint(
+    root: str | os.PathLike[str], data_cfg: DataConfig, parts: tuple[str, ...] = PARTS, generated: bool = False
+) -> str:
+    """A cheap content digest (sha256 hex) of the data ``data_cfg`` names under ``root`` in
+    ``parts`` (module docstring says what goes in): a benchmark edit leaves the training part's
+    digest as it is. Raises what :func:`resolve_paths` raises for missing sources. With
+    ``generated`` the root's own path and everything under it are left out (the caller keys the
+    generated world), so only datasets named by absolute paths outside it are read."""
+    paths = resolve_paths(root, data_cfg, parts, generated)
+    r = paths.root
+
+    def keep(p: Path) -> bool:
+        return not generated or not _under(p, r)
+
     h = hashlib.sha256()
-    h.update(f"root {paths.root}\n".encode())
-    h.update(f"config {canonical_json(data_cfg)}\n".encode())
+    if not generated:
+        h.update(f"root {r}\n".encode())
+    fields = {"root": data_cfg.root, **{f: getattr(data_cfg, f) for part in PARTS if part in parts
+                                         for f in FIELDS[part]}}
+    h.update(f"config {canonical_json(fields)}\n".encode())
+    stems: set[str] = set()
     for ds, (folder, split_by) in sorted(paths.refer.items()):
-        _hash_file(h, folder / "instances.json", paths.root)
-        _hash_file(h, refs_path(folder, split_by), paths.root)
-    if paths.refer or paths.captions is not None:
-        _hash_listing(h, paths.coco_images, paths.root)
-    if paths.captions is not None:
-        _hash_file(h, paths.captions, paths.root)
-    if paths.ade20k is not None:
+        if keep(folder):
+            _hash_file(h, folder / "instances.json", r)
+            _hash_file(h, refs_path(folder, split_by), r)
+    if (paths.refer or paths.captions is not None) and keep(paths.coco_images):
+        stems |= _hash_listing(h, paths.coco_images, r)
+    if paths.captions is not None and keep(paths.captions):
+        _hash_file(h, paths.captions, r)
+    if paths.ade20k is not None and keep(paths.ade20k):
         for name in ("objectInfo150.csv", "objectInfo150.txt"):
             if (paths.ade20k / name).is_file():
-                _hash_file(h, paths.ade20k / name, paths.root)
-        _hash_listing(h, paths.ade20k / "images", paths.root)
+                _hash_file(h, paths.ade20k / name, r)
+        stems |= _hash_listing(h, paths.ade20k / "images", r)
         if (paths.ade20k / "annotations").is_dir():
-            _hash_listing(h, paths.ade20k / "annotations", paths.root)
-    if paths.hardblink is not None:
-        for f in hardblink_files(paths.hardblink):  # questions, answers and (the world's) points JSONL
-            _hash_file(h, f, paths.root)
-        _hash_listing(h, paths.hardblink, paths.root)
-    if paths.vqa_tsv is not None:
-        _hash_file(h, paths.vqa_tsv, paths.root)
-    if paths.depth is not None:
-        _hash_listing(h, paths.depth, paths.root)
+            _hash_listing(h, paths.ade20k / "annotations", r)
     for conv in (paths.llava_json, paths.glamm_json):  # their images are named in the JSON
-        if conv is not None:
-            _hash_file(h, conv, paths.root)
+        if conv is not None and keep(conv):
+            _hash_file(h, conv, r)
+    if paths.hardblink is not None and keep(paths.hardblink):
+        for f in hardblink_files(paths.hardblink):  # questions, answers and (the world's) points JSONL
+            _hash_file(h, f, r)
+        stems |= _hash_listing(h, paths.hardblink, r)
+    if paths.vqa_tsv is not None and keep(paths.vqa_tsv):
+        _hash_file(h, paths.vqa_tsv, r)
+    if paths.depth is not None and keep(paths.depth):
+        _hash_depth(h, paths.depth, stems, r)
     return h.hexdigest()

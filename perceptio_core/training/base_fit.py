@@ -39,7 +39,7 @@ from perceptio_core.model.processor import TileProcessor
 from perceptio_core.curation.describe import describe_object, position_phrase
 from perceptio_core.model.losses import IGNORE, llm_loss, shift_for_next_token
 from perceptio_core.data.masks import mask_centroid
-from perceptio_core.format.prompts import TEMPLATES, clean_expression, format_mc_prompt
+from perceptio_core.format.prompts import TEMPLATES, clean_expression, format_mc_prompt, hardblink_text
 from perceptio_core.data.records import Sources
 from perceptio_core.data.refer import MaskError, ann_to_mask
 from perceptio_core.device import ProgressFn
@@ -81,13 +81,43 @@ def grounding_examples(sources: Sources) -> list[tuple[str, str, str]]:
     return [seen[k] for k in sorted(seen)]
 
 
-def base_examples(sources: Sources, grounding: bool = True) -> tuple[list[tuple[str, str, str]], list[str]]:
+def instruction_examples(path: str | os.PathLike[str], image_root: str | os.PathLike[str] | None = None
+                         ) -> list[tuple[str, str, str]]:
+    """``(image path, prompt, answer)`` of a LLaVA-1.5 instruction JSON (SPEC §5): for each entry
+    with an image that exists (under ``image_root``, default the JSON's folder), its first human
+    turn (``<image>`` removed) and first gpt turn, as curation reads it
+    (:func:`perceptio_core.curation.instructions.llava_samples`); other entries are left out. The
+    world's file holds its train-split multiple-choice questions, MMBench-style."""
+    root = Path(image_root) if image_root is not None else Path(path).parent
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    out = []
+    for entry in data if isinstance(data, list) else []:
+        if not isinstance(entry, dict) or not entry.get("image") or not isinstance(entry.get("conversations"), list):
+            continue
+        turns = [t for t in entry["conversations"] if isinstance(t, dict)]
+        human = next((t.get("value", "") for t in turns if t.get("from") == "human"), "")
+        gpt = next((t.get("value", "") for t in turns if t.get("from") == "gpt"), "")
+        image = root / str(entry["image"])
+        if human and gpt and image.is_file():
+            out.append((str(image), human.replace("<image>", "").strip(), gpt.strip()))
+    return out
+
+
+HARDBLINK_POINTS = (3, 4, 5)  # SPEC §6: the point counts HardBLINK asks about
+
+
+def base_examples(
+    sources: Sources, grounding: bool = True, instructions: Sequence[tuple[str, str, str]] = ()
+) -> tuple[list[tuple[str, str, str]], list[str]]:
     """``(examples, texts)`` of the base fit. ``examples``: ``(image path, prompt, answer)`` of the
-    world's captions (prompt :data:`CAPTION_PROMPT`), its TRAIN-split multiple-choice VQA
-    (evaluation splits are never trained on) and, with ``grounding``, the descriptions of the
-    training-split referred objects (:func:`grounding_examples`). ``texts``: what the tokenizer is
-    trained on besides them (every prompt template, referring expression, HardBLINK question and
-    ADE20k class name, so fine-tuning text is covered)."""
+    world's captions (prompt :data:`CAPTION_PROMPT`), the TRAIN-split multiple-choice VQA of
+    ``sources`` (evaluation splits are never trained on; the pipeline's training sources carry
+    none), the ``instructions`` (:func:`instruction_examples`: the world's LLaVA file holds its
+    train-split VQA) and, with ``grounding``, the descriptions of the training-split referred
+    objects (:func:`grounding_examples`). ``texts``: what the tokenizer is trained on besides them
+    (every prompt template, referring expression, ADE20k class name and the HardBLINK question as
+    depth chain-of-thought training asks it, :func:`~perceptio_core.format.prompts.hardblink_text`,
+    so fine-tuning text is covered without reading the benchmark)."""
     examples = []
     for image_id, caption in sources.captions:
         img = sources.coco_images.get(image_id)
@@ -96,11 +126,12 @@ def base_examples(sources: Sources, grounding: bool = True) -> tuple[list[tuple[
     for q in sources.vqa:
         if q.split == "train":
             examples.append((q.image_path, format_mc_prompt(q.question, q.options, q.hint), q.answer))
+    examples += [tuple(e) for e in instructions]
     if grounding:
         examples += grounding_examples(sources)
     texts = [t for ts in TEMPLATES.values() for t in ts]
     texts += sorted({r.sentence for r in sources.refs})
-    texts += sorted({h.question for h in sources.hardblink})
+    texts += sorted({hardblink_text(list("ABCDEFGH"[:n])) for n in HARDBLINK_POINTS})
     texts += sorted(sources.ade_classes.values()) if sources.ade_classes else []
     return examples, texts
 

@@ -20,7 +20,7 @@ from flows.cli import main as cli_main
 from storage import ArtifactStore
 
 ROOT = Path(__file__).resolve().parents[2]
-STAGES = ["sources", "fit_teacher", "teacher_depth", "train_vqvae", "tokenize_depth", "curate",
+STAGES = ["sources", "benchmarks", "fit_teacher", "teacher_depth", "train_vqvae", "tokenize_depth", "curate",
           "base", "fit_sam2", "finetune", "evaluate"]
 
 
@@ -92,7 +92,7 @@ def test_second_run_is_all_cached_then_vqvae_change_reruns_only_downstream(first
     assert {s: r["key"] for s, r in again["stages"].items()} == {s: r["key"] for s, r in summary["stages"].items()}
     changed = _run(wd, "--set", "vqvae.steps=41")
     status = {s: r["status"] for s, r in changed["stages"].items()}
-    assert status == {"sources": "cached", "fit_teacher": "cached", "teacher_depth": "cached",
+    assert status == {"sources": "cached", "benchmarks": "cached", "fit_teacher": "cached", "teacher_depth": "cached",
                       "train_vqvae": "computed", "tokenize_depth": "computed", "curate": "computed",
                       "base": "cached", "fit_sam2": "cached", "finetune": "computed", "evaluate": "computed"}
     capsys.readouterr()
@@ -227,3 +227,86 @@ def test_infer_on_an_image_not_in_the_dataset(first_run, tmp_path, capsys):
     assert cli_main(["infer", "--run", str(wd), "--image", str(tmp_path / "bad.jpg"), "--query", "x",
                      "--out", str(tmp_path / "o2")]) == 2
     assert "bad.jpg" in capsys.readouterr().err
+
+
+def _stale_stages(wd: Path, overrides: list[str], capsys) -> set[str]:
+    """The stages ``perceptio stages --json`` reports stale under ``overrides``."""
+    capsys.readouterr()
+    assert cli_main(["stages", "--config", "smoke", "--workdir", str(wd), "--json",
+                     *[a for o in overrides for a in ("--set", o)]]) == 0
+    out = capsys.readouterr().out
+    rows = json.loads(out[out.index("\n[") + 1:])
+    return {r["stage"] for r in rows if not r["fresh"]}
+
+
+@pytest.mark.slow
+def test_a_benchmark_edit_reruns_evaluation_and_no_training_stage(first_run, tmp_path, capsys):
+    """HardBLINK (or the VQA TSV) pointed at an edited copy: exactly the stages that read the
+    benchmarks are stale (keys computed, nothing run), and a rerun recomputes only them, with the
+    edited answer in what evaluate read."""
+    from perceptio_core.config import load_config
+    from perceptio_core.data.records import Benchmarks
+    from tasks.data import world_dir
+    from tasks.runner import compute_keys
+    from tasks.stages import STAGES as SPECS
+
+    wd, summary = first_run
+    keys = {s: r["key"] for s, r in summary["stages"].items()}
+    world = world_dir(load_config("smoke"), wd)
+    benchmark_readers = {"benchmarks", "evaluate"}
+
+    # HardBLINK: a copy with one answer changed
+    hb = tmp_path / "HardBLINK"
+    shutil.copytree(world / "HardBLINK", hb)
+    answers = hb / "answers" / "blink_3pointscenter_answers.jsonl"
+    rows = [json.loads(line) for line in answers.read_text().splitlines()]
+    old = rows[0]["text"]
+    rows[0]["text"] = "(B)" if old != "(B)" else "(A)"
+    answers.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ov = [f"data.hardblink={hb}"]
+    assert _stale_stages(wd, ov, capsys) == benchmark_readers
+    new = {s: k for s, (k, _) in compute_keys(load_config("smoke", ov), SPECS, wd).items()}
+    assert {s for s in STAGES if new[s] != keys[s]} == benchmark_readers
+
+    # the VQA TSV: a copy with one answer changed (keys only)
+    tsv = tmp_path / "mmbench.tsv"
+    lines = (world / "vqa" / "mmbench_world.tsv").read_text().splitlines(keepends=True)
+    header, row = lines[0].rstrip("\n").split("\t"), lines[1].split("\t")
+    col = header.index("answer")
+    row[col] = "B" if row[col] != "B" else "A"
+    tsv.write_text(lines[0] + "\t".join(row) + "".join(lines[2:]))
+    assert _stale_stages(wd, [f"data.vqa_tsv={tsv}"], capsys) == benchmark_readers
+
+    # the rerun computes the benchmark readers only; evaluate read the edited answer
+    again = _run(wd, "--set", ov[0])
+    assert {s for s, r in again["stages"].items() if r["status"] == "computed"} == benchmark_readers
+    assert {s for s, r in again["stages"].items() if r["status"] == "cached"} == set(STAGES) - benchmark_readers
+    bkey = again["stages"]["benchmarks"]["key"]
+    store = ArtifactStore(wd / "store")
+    bench = Benchmarks.from_json((store.dir("benchmarks", bkey) / "benchmarks.json").read_text())
+    edited = next(r for r in bench.hardblink if r.qid == f"3pt/{rows[0]['question_id']}")
+    assert edited.answer == rows[0]["text"] != old and edited.image_path.startswith(str(hb.resolve()))
+    ev = store.manifest("evaluate", again["stages"]["evaluate"]["key"])
+    assert ev.inputs["benchmarks"] == bkey and ev.inputs["finetune"] == keys["finetune"]
+    assert again["metrics"]["benchmarks.hardblink"] == summary["metrics"]["benchmarks.hardblink"] > 0
+
+
+@pytest.mark.slow
+def test_missing_benchmarks_are_demanded_only_by_runs_that_reach_them(first_run, capsys):
+    wd, _ = first_run
+    gone = ["--set", f"data.hardblink={wd / 'no-hardblink'}", "--set", f"data.vqa_tsv={wd / 'no.tsv'}"]
+    # a training stage alone: the benchmarks are not read, so not demanded
+    only = _run(wd, "--only", "teacher_depth", *gone)
+    assert "benchmarks" not in only["stages"] and only["stages"]["teacher_depth"]["status"] == "cached"
+    # the whole pipeline: one error naming both, each with the --set that skips it, before any stage
+    capsys.readouterr()
+    assert cli_main(["run", "--config", "smoke", "--workdir", str(wd), *gone]) == 2
+    err = capsys.readouterr().err
+    assert "2 datasets named by the config are missing" in err
+    assert f"HardBLINK folder (data.hardblink) not found: {wd / 'no-hardblink'} (skip it: --set data.hardblink=)" in err
+    assert f"MMBench TSV (data.vqa_tsv) not found: {wd / 'no.tsv'} (skip it: --set data.vqa_tsv=)" in err
+    # skipped as the error says: evaluate runs without them (refer only)
+    skipped = _run(wd, "--set", "data.hardblink=", "--set", "data.vqa_tsv=")
+    assert skipped["stages"]["benchmarks"]["metrics"]["hardblink"] == 0
+    assert skipped["stages"]["evaluate"]["status"] == "computed" and skipped["stages"]["finetune"]["status"] == "cached"
+    assert not any(k.startswith(("evaluate.hardblink", "evaluate.vqa")) for k in skipped["metrics"])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from perceptio_core.config import load_config
-from tasks import sources
+from tasks import data as sources  # the world's folder and code version (shared by sources and benchmarks)
 from tasks.runner import UNVERSIONED, _is_package_init, _module_file, module_files, project_imports_closure
 from tasks.stages import BY_NAME, STAGES
 

@@ -1,0 +1,54 @@
+"""Stage ``benchmarks``: resolve the evaluation-only datasets (SPEC §6) apart from the training
+sources: HardBLINK (``data.hardblink``, AURORA's layout) and the MMBench-format multiple-choice VQA
+TSV (``data.vqa_tsv``), read and validated by :func:`perceptio_core.data.sources.read_benchmarks`
+into ``benchmarks.json`` plus a quarantine.
+
+Only ``evaluate`` reads this artifact, so pointing a benchmark elsewhere (or editing one) re-keys
+``benchmarks`` and ``evaluate`` and nothing trained. No training stage reads benchmark images: the
+teacher maps the training images only (evaluation looks a HardBLINK image's teacher map up by digest
+and finds none), curation excludes the REFER evaluation splits (from the ``sources`` artifact), and
+the offline base's tokenizer covers the HardBLINK question through the text depth chain-of-thought
+training asks it with. The stage is demanded (its datasets checked) only by runs that reach it:
+``perceptio run`` in full or ``--from``/``--only`` a stage upstream of ``evaluate``'s; ``""`` skips
+either benchmark.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from perceptio_core.config import PerceptioConfig
+from perceptio_core.data import sources as data_sources
+from tasks.runner import StageContext, StageOutput, StageSpec
+from tasks.data import data_fingerprint, data_root, prepare
+
+
+def fingerprint(cfg: PerceptioConfig, workdir: Path) -> str:
+    return data_fingerprint(cfg, workdir, cfg.data, data_sources.BENCHMARKS)
+
+
+def read_benchmarks(ctx: StageContext) -> StageOutput:
+    root = data_root(ctx.cfg, ctx.run.workdir)
+    ctx.log.info("reading the benchmarks under %s", root)
+    bench = data_sources.read_benchmarks(root, ctx.cfg.data, cache_dir=ctx.run.workdir / "cache")
+    with ctx.writer.atomic("benchmarks.json", "w") as f:
+        f.write(bench.to_json())
+    for q in bench.quarantine[:20]:
+        ctx.log.warning("quarantined %s %s: %s", q.source, q.record, q.reason)
+    if len(bench.quarantine) > 20:
+        ctx.log.warning("... and %d more quarantined records", len(bench.quarantine) - 20)
+    counts: dict[str, Any] = bench.counts()
+    ctx.log.info("benchmarks: %s", counts)
+    return StageOutput(metrics=counts, quarantine=list(bench.quarantine), notes=[f"root {root}"])
+
+
+SPEC = StageSpec(
+    name="benchmarks",
+    upstream=(),
+    sections=("data.root", "data.hardblink", "data.vqa_tsv"),
+    body=read_benchmarks,
+    description="resolve and validate the evaluation benchmarks (HardBLINK, multiple-choice VQA)",
+    fingerprint=fingerprint,
+    prepare=prepare,
+)
