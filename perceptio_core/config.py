@@ -67,7 +67,8 @@ class DataConfig:
     captions: str = "annotations/captions_train2014.json"  # relative to root; "" to skip
     llava_json: str | None = "llava/llava_world.json"  # LLaVA-1.5 instruction JSON (SPEC §5; relative
     # to root or absolute; the world's: its train VQA as conversations); null: none
-    glamm_json: str | None = None  # optional GLaMM grounded-conversation JSON (SPEC §5)
+    glamm_json: str | None = "glamm/GranDf_world_GCG_train.json"  # GLaMM GranD-f GCG JSON (SPEC §5;
+    # relative to root or absolute; the world's: grounded captions of its training images); null: none
 
 
 @dataclass

@@ -49,6 +49,7 @@ def curate(ctx: StageContext) -> StageOutput:
         "samples_total": res.n_samples,
         "tasks": stats["tasks"],
         "dropped": stats["dropped"],  # by reason
+        "paper_counts": stats["paper_counts"],  # train samples per source beside the paper's
         "dropped_total": stats["dropped_total"],
         "quarantined": res.n_quarantined,
         "shards": len(res.shards),

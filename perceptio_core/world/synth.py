@@ -21,6 +21,9 @@ SPEC §5 and §6, so the real loaders run on it unchanged. :func:`generate_world
   scenes, split by scene into "train" and "dev".
 - The "train" questions again as LLaVA-1.5 instruction data (``llava/llava_world.json``, images in
   ``llava/images/``).
+- GLaMM GranD-f-style grounded captions of the REFER training images
+  (``glamm/GranDf_world_GCG_train.json``, images in ``glamm/images/``; one phrase per object, each
+  with its own mask: :func:`perceptio_core.world.writers.write_gcg`).
 - COCO captions (``annotations/captions_train2014.json``), one or two per COCO image.
 - True depth of every COCO, ADE20k and HardBLINK image: ``depth/<image file stem>.npy``, float32
   metres, [H, W].
@@ -56,9 +59,11 @@ from perceptio_core.world.writers import (
     hardblink_min_separation,
     hardblink_part,
     vqa_part,
+    write_gcg,
 )
 
-GENERATOR_VERSION = "3"  # 2: llava/llava_world.json; 3: HardBLINK in AURORA's public layout
+GENERATOR_VERSION = "4"  # 2: llava/llava_world.json; 3: HardBLINK in AURORA's public layout;
+# 4: glamm/ (GranD-f-style GCG)
 WORLD_FILE = "WORLD.json"
 
 __all__ = ["GENERATOR_VERSION", "WORLD_FILE", "WorldError", "generate_world", "read_world_info"]
@@ -121,6 +126,7 @@ def generate_world(out_dir: str | os.PathLike[str], cfg: SynthConfig,
             counts.update(ade_part(tmp, cfg, bar))
             counts.update(hardblink_part(tmp, cfg, bar))
             counts.update(vqa_part(tmp, cfg, bar))
+        counts.update(write_gcg(tmp, tmp / "glamm"))  # from the written COCO part: no new scene
         result = {**_world_header(cfg), "counts": counts,
                   "sky_depth": SKY_DEPTH, "min_annotation_pixels": min_ann_pixels(cfg.width, cfg.height),
                   "hardblink_min_separation": hardblink_min_separation(cfg.width, cfg.height)}

@@ -36,9 +36,9 @@
   as LLaVA-1.5 instruction data: ``{"id", "image", "conversations": [{"from": "human", "value":
   "<image>\\n" + the MMBench prompt}, {"from": "gpt", "value": the letter}]}``, the multiple-choice
   form LLaVA-1.5's mix uses (its A-OKVQA part). Dev questions are never in it.
-- :func:`write_gcg` (not a part of :func:`~perceptio_core.world.synth.generate_world`; run on a
-  written world, into a folder of its own): GLaMM GranD-f-style grounded captions (GCG) of the
-  world's REFER training images, one phrase per object, each grounded by its own mask.
+- :func:`write_gcg` (run by :func:`~perceptio_core.world.synth.generate_world` after the other
+  parts, into ``glamm/``): GLaMM GranD-f-style grounded captions (GCG) of the world's REFER
+  training images, one phrase per object, each grounded by its own mask.
 
 Each part writes under ``root``, advances ``bar`` (a tqdm bar) once per scene and returns its counts
 for ``WORLD.json``; it also writes the true depth of its images (``depth/<image file stem>.npy``).
@@ -560,7 +560,9 @@ def write_gcg(world_root: str | Path, out_dir: str | Path, max_objects: int = 4)
     ``out_dir/GranDf_world_GCG_train.json``, a list of ``{"file_name", "height", "width",
     "caption", "groundings": {phrase: {"token_positives": [start, end] (character span in the
     caption), "rle_masks": [compressed COCO RLE]}}}``, and the images under ``out_dir/images/``
-    (``file_name`` relative to that folder, as GranD-f's image folder is given separately).
+    (``file_name`` is ``images/<name>``, relative to the JSON's folder, which is where the reader
+    looks when ``curate.glamm_image_root`` is unset; GranD-f's own JSON names bare files and its
+    image folder is given with ``curate.glamm_image_root``).
 
     One entry per COCO image of the world's REFER train split (unc) with at least two distinct
     non-crowd objects as large as REFER's (2 x ``min_ann_pixels``): its (at most ``max_objects``)
@@ -600,7 +602,7 @@ def write_gcg(world_root: str | Path, out_dir: str | Path, max_objects: int = 4)
             mask = ann_to_mask(a["segmentation"], im["height"], im["width"]) > 0
             groundings[caption[s:e]] = {"token_positives": [s, e], "rle_masks": [encode_mask(mask)]}
         (out / "images" / im["file_name"]).write_bytes((root / "images" / "train2014" / im["file_name"]).read_bytes())
-        entries.append({"file_name": im["file_name"], "height": im["height"], "width": im["width"],
+        entries.append({"file_name": f"images/{im['file_name']}", "height": im["height"], "width": im["width"],
                         "caption": caption, "groundings": groundings})
     (out / GCG_FILE).write_text(json.dumps(entries, indent=1))
     return {"gcg": len(entries), "gcg_phrases": sum(len(e["groundings"]) for e in entries)}

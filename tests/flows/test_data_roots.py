@@ -46,18 +46,18 @@ def test_only_what_the_chosen_stages_read_is_demanded(tiny_world, tmp_path):
     ov = [f"data.root={root}"]
     with pytest.raises(MissingDataError) as info:
         compute_keys(load_config("smoke", ov), STAGES, tmp_path / "w")
-    assert set(_skips(str(info.value))) == {"data.captions", "data.ade20k", "data.llava_json", "data.hardblink",
-                                            "data.vqa_tsv"}
+    assert set(_skips(str(info.value))) == {"data.captions", "data.ade20k", "data.llava_json", "data.glamm_json",
+                                            "data.hardblink", "data.vqa_tsv"}
     # the training stages alone: the benchmarks are not demanded
     with pytest.raises(MissingDataError) as info:
         compute_keys(load_config("smoke", ov), TRAINING_STAGES, tmp_path / "w")
-    assert set(_skips(str(info.value))) == {"data.captions", "data.ade20k", "data.llava_json"}
+    assert set(_skips(str(info.value))) == {"data.captions", "data.ade20k", "data.llava_json", "data.glamm_json"}
     # captions feed only the offline base: with a released base they are neither demanded nor keyed
     released = ov + ["model.base=OpenGVLab/InternVL2_5-1B-MPO-hf", "model.sam2_checkpoint=facebook/sam2.1-hiera-tiny"]
     with pytest.raises(MissingDataError) as info:
         compute_keys(load_config("smoke", released), TRAINING_STAGES, tmp_path / "w")
-    assert set(_skips(str(info.value))) == {"data.ade20k", "data.llava_json"}
-    skip = ["data.ade20k=", "data.llava_json="]
+    assert set(_skips(str(info.value))) == {"data.ade20k", "data.llava_json", "data.glamm_json"}
+    skip = ["data.ade20k=", "data.llava_json=", "data.glamm_json="]
     a = compute_keys(load_config("smoke", released + skip), TRAINING_STAGES, tmp_path / "w")
     b = compute_keys(load_config("smoke", released + skip + ["data.captions=elsewhere.json"]), TRAINING_STAGES,
                      tmp_path / "w")
@@ -71,16 +71,18 @@ def test_a_refcoco_only_root_runs_its_sources_with_the_listed_sets(tiny_world, t
     capsys.readouterr()
     assert cli_main(run) == 2
     err = capsys.readouterr().err
-    assert "perceptio: error: 5 datasets named by the config are missing:" in err
+    assert "perceptio: error: 6 datasets named by the config are missing:" in err
     err = err[err.index("perceptio: error:"):]  # what the CLI printed (Prefect's log comes before it)
     skips = _skips(err)
     assert skips == {"data.captions": ["data.captions="], "data.ade20k": ["data.ade20k="],
-                     "data.llava_json": ["data.llava_json="], "data.hardblink": ["data.hardblink="],
+                     "data.llava_json": ["data.llava_json="], "data.glamm_json": ["data.glamm_json="],
+                     "data.hardblink": ["data.hardblink="],
                      "data.vqa_tsv": ["data.vqa_tsv="]}
     for key, path in [("data.ade20k", root / "ADEChallengeData2016"), ("data.hardblink", root / "HardBLINK"),
                       ("data.vqa_tsv", root / "vqa" / "mmbench_world.tsv")]:
         assert f"({key}) not found: {path} (skip it: --set {key}=)" in err
-    sets = [a for k in ("data.captions", "data.ade20k", "data.llava_json") for s in skips[k] for a in ("--set", s)]
+    sets = [a for k in ("data.captions", "data.ade20k", "data.llava_json", "data.glamm_json")
+            for s in skips[k] for a in ("--set", s)]
     # the training sets alone suffice for a training stage; every key of the training stages computes
     assert cli_main(run + sets + ["--only", "sources"]) == 0
     runs = sorted((tmp_path / "w" / "runs").iterdir(), key=lambda p: p.stat().st_mtime)

@@ -351,7 +351,7 @@ def test_world_gcg_and_text_only_llava_through_the_shards(world, tmp_path):
     (tmp_path / "llava.json").write_text(json.dumps([
         {"id": "t", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"},
                                       {"from": "human", "value": "and?"}, {"from": "gpt", "value": "bye"}]}]))
-    cfg = CurateConfig(tasks=["instruct", "grounded_conv"], glamm_image_root=str(tmp_path / "gcg" / "images"))
+    cfg = CurateConfig(tasks=["instruct", "grounded_conv"])  # images/<name>, relative to the JSON's folder
     res = curate(src, tokens, maps, cfg, UPSTREAM, tmp_path / "c", llava_json=str(tmp_path / "llava.json"),
                  glamm_json=str(tmp_path / "gcg" / GCG_FILE), **CODEBOOK)
     back = list(read_shards(res.shard_paths()))

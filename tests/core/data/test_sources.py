@@ -18,7 +18,7 @@ from perceptio_core.data.records import DatasetNotFoundError, ImageRecord, Sourc
 from perceptio_core.data.masks import encode_mask, mask_to_uncompressed_rle
 from perceptio_core.data.sources import data_fingerprint, data_path, read_sources, resolve_paths
 
-ONLY_REFCOCO = dict(refer_datasets=["refcoco"], ade20k="", hardblink="", vqa_tsv="", captions="", llava_json=None)
+ONLY_REFCOCO = dict(refer_datasets=["refcoco"], ade20k="", hardblink="", vqa_tsv="", captions="", llava_json=None, glamm_json=None)
 
 
 def _jpeg(path: Path, seed: int, size=(40, 30)) -> None:

@@ -144,9 +144,9 @@ def test_a_refcoco_only_root_reads_with_the_listed_sets(tiny_world, tmp_path):
     root = refcoco_only_root(tiny_world, tmp_path / "refcoco-only")
     with pytest.raises(MissingDataError) as info:
         read_training_sources(root, DataConfig())
-    # the training part lacks ADE20k, the captions and the LLaVA file: all three named at once
+    # the training part lacks ADE20k, the captions, the LLaVA and GLaMM files: all four named at once
     assert [m.skip for m in info.value.missing] == ["--set data.captions=", "--set data.ade20k=",
-                                                    "--set data.llava_json="]
+                                                    "--set data.llava_json=", "--set data.glamm_json="]
     cfg = load_config("tiny", [f"data.root={root}", *_sets(info.value)])
     s = read_training_sources(root, cfg.data)
     assert s.quarantine == [] and len(s.coco_images) == 24

@@ -346,7 +346,7 @@ def test_public_hardblink_scores_text_and_skips_the_depth_token_diagnostic(publi
 def test_world_hardblink_runs_the_depth_token_diagnostic(tiny_world, tmp_path):
     """With the world's points file the diagnostic runs: a map that is the true disparity names the
     nearest point every time, whatever the text says; records without points are left out of it."""
-    cfg = DataConfig(refer_datasets=[], ade20k="", vqa_tsv="", captions="", llava_json=None)
+    cfg = DataConfig(refer_datasets=[], ade20k="", vqa_tsv="", captions="", llava_json=None, glamm_json=None)
     src = read_sources(tiny_world, cfg, cache_dir=tmp_path / "cache")
     assert len(src.hardblink) == 6 and all(r.points for r in src.hardblink)
 
