@@ -172,7 +172,7 @@ def test_accelerate_configs_load_and_resolve(monkeypatch):
     from accelerate.utils import DeepSpeedPlugin, DistributedType, FullyShardedDataParallelPlugin
 
     from perceptio_core.config import load_config
-    from perceptio_core.training.trainer import configure_deepspeed
+    from perceptio_core.training.sharding import configure_deepspeed
 
     zero = DistributedType.DEEPSPEED
     kinds = {"ddp.yaml": DistributedType.MULTI_GPU, "fsdp.yaml": DistributedType.FSDP,
