@@ -48,7 +48,9 @@ def hidden_tmp(final: Path) -> Path:
     return final.with_name(f".{final.name}.tmp")
 
 
-def _tmp_name(path: Path) -> Path:
+def temp_sibling(path: Path) -> Path:
+    """A unique temporary sibling ``<name>.tmp-<pid>-<id>`` of ``path`` (a file or a folder) for a
+    writer to fill and rename into place (:func:`is_temp` recognises it)."""
     return path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
@@ -57,7 +59,7 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[A
     """Open a temporary sibling of ``path`` for writing; on a clean exit fsync and rename it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
+    tmp = temp_sibling(path)
     f = open(tmp, mode)
     try:
         yield f

@@ -99,7 +99,6 @@ import os
 import re
 import shutil
 import struct
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,7 +119,7 @@ from transformers import (
 )
 from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
 
-from perceptio_core.atomic_io import TMP_MARK, fsync_dir, fsync_tree
+from perceptio_core.atomic_io import fsync_dir, fsync_tree, temp_sibling
 from perceptio_core.model.internvl import IMAGE_TOKENS
 
 log = logging.getLogger(__name__)
@@ -719,7 +718,7 @@ def _prepare_dst(dst: Path) -> Path:
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise FileExistsError(f"{dst} exists and is not an empty folder: choose a new destination")
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f"{dst.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp = temp_sibling(dst)
     tmp.mkdir()
     return tmp
 

@@ -28,7 +28,7 @@ into the embeddings and the LM head (written again from the unmerged model's eff
 result does not depend on how a PEFT version merges token adapters). The rest of the base, the LM-head
 rows of the original vocabulary included, is the checkpoint's, bit for bit.
 
-Writing is atomic: the export is built in a temporary sibling folder (``.<name>.tmp-<pid>-<id>``),
+Writing is atomic: the export is built in a temporary sibling folder (``<name>.tmp-<pid>-<id>``),
 checked there, fsynced and renamed into place; a failure removes it. The checks: the manifest's
 sha256 of every file read back from disk, and (``check_reload``) the export loaded back and run on a
 fixed probe (an image + text sequence through InternVL, the [SEG] state through the projection and
@@ -52,7 +52,7 @@ from typing import Any
 
 import torch
 
-from perceptio_core.atomic_io import file_digest, fsync_dir, fsync_tree, write_json, write_text
+from perceptio_core.atomic_io import file_digest, fsync_dir, fsync_tree, temp_sibling, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -371,7 +371,7 @@ def export_model(
         merge_lora(model)
     dtype = model.model_cfg.dtype
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp = temp_sibling(out)
     try:
         model.save_pretrained(tmp, self_contained=True)
         if not (tmp / "depth_tokenizer").is_dir():
