@@ -264,6 +264,7 @@ class PerceptioCollator:
             raise ValueError("tokenizer has no pad token")
         self.pad_id = int(tokenizer.pad_token_id)
         self.end_id = turn_end_id(tokenizer)
+        self.end_text = tokenizer.decode([self.end_id], skip_special_tokens=False)
 
     def encode(self, example: TrainExample, num_tiles: int) -> tuple[list[int], list[int], int]:
         """(input ids, labels, index where the first target starts) of one example whose image is
@@ -272,13 +273,13 @@ class PerceptioCollator:
         tok = self.tokenizer
         n_img = self.processor.tokens_per_tile * num_tiles
         turns = [(example.prompt, example.target)] + [(p, t) for p, t in example.rounds]
-        end_text = tok.decode([self.end_id], skip_special_tokens=False)
         ids = encode_prompt(tok, example.prompt, n_img)
         if len(ids) >= self.max_length:
             raise ValueError(f"prompt of {len(ids)} tokens does not fit max_length {self.max_length}")
         labels = [IGNORE] * len(ids)
         target_from = len(ids)
-        covered = prompt_text(tok, example.prompt, n_img)  # the text the ids so far encode
+        # the text the ids so far encode (rendered only for multi-round examples)
+        covered = prompt_text(tok, example.prompt, n_img) if example.rounds else ""
         for i, (_, target) in enumerate(turns):
             if i > 0:
                 full = conversation_text(tok, [*turns[:i], (turns[i][0], None)], n_img)
@@ -292,7 +293,7 @@ class PerceptioCollator:
             tgt = encode_target(tok, target, self.end_id)
             ids += tgt
             labels += tgt
-            covered += target + end_text
+            covered += target + self.end_text
             if len(ids) >= self.max_length:
                 break
         return ids[: self.max_length], labels[: self.max_length], target_from

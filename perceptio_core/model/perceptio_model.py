@@ -282,7 +282,8 @@ class PerceptioModel(nn.Module):
         """One pass of InternVL (with LoRA) over ``input_ids`` [B, T].
 
         ``pixel_values`` [tiles, 3, S, S] (every image's tiles, in batch order) fill the
-        ``<IMG_CONTEXT>`` places (prefill only; None when decoding with a cache). ``logits_from``: the LM head runs on ``hidden[:, logits_from:]``
+        ``<IMG_CONTEXT>`` places (prefill only; None when decoding with a cache).
+        ``logits_from``: the LM head runs on ``hidden[:, logits_from:]``
         (-1: the last position; None: no logits).
         """
         hidden, logits, cache = lm_pass(self.base_model, input_ids, attention_mask, pixel_values,
@@ -369,15 +370,11 @@ class PerceptioModel(nn.Module):
         return result
 
     def seg_hidden_states(
-        self, hidden: torch.Tensor, seg_positions: torch.Tensor, seg_batch: torch.Tensor | None = None
+        self, hidden: torch.Tensor, seg_positions: torch.Tensor, seg_batch: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The [SEG] states of a batch: ``hidden`` [B, T, d] at the pairs' ``seg_positions`` [S]
-        (the input index of each [SEG] token itself) in rows ``seg_batch`` [S]. Without
-        ``seg_batch``, ``seg_positions`` is one position per row [B], -1 where none (the one-[SEG]
-        form). Returns (rows [n], states [n, d])."""
-        if seg_batch is None:
-            rows = torch.nonzero(seg_positions >= 0).squeeze(1)
-            return rows, hidden[rows, seg_positions[rows]]
+        (the input index of each [SEG] token itself) in rows ``seg_batch`` [S]. Returns
+        (rows [S], states [S, d])."""
         return seg_batch, hidden[seg_batch, seg_positions]
 
     def _seg_terms(self, hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

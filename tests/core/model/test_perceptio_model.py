@@ -123,7 +123,7 @@ def test_seg_state_is_the_one_at_the_seg_token_itself(model, batch):
     def states(input_ids):
         with torch.no_grad():
             h = model.lm_forward(input_ids, pixel_values=batch["pixel_values"][:1], logits_from=None).hidden
-        rows, seg = model.seg_hidden_states(h, torch.tensor([pos]))
+        rows, seg = model.seg_hidden_states(h, torch.tensor([pos]), torch.tensor([0]))
         assert rows.tolist() == [0]
         return h, seg[0]
 
