@@ -37,7 +37,7 @@ from transformers import LogitsProcessor
 from perceptio_core.model.batching import encode_image, encode_prompt
 from perceptio_core.model.internvl import PerceptionTokenIds, stop_token_ids
 from perceptio_core.format.target import Parsed, ParseStatus, parse_generation
-from perceptio_core.model.sam2_decoder import sam2_pixel_values, upsample_logits
+from perceptio_core.model.sam2_decoder import sam2_pixel_values
 
 
 class PerceptionConstraint(LogitsProcessor):
@@ -345,10 +345,9 @@ def generate(
         result.seg_hidden = result.seg_hiddens[0]
         if want_mask:
             sam_px = sam2_pixel_values(pil, model.sam2.image_size)[None].to(device)
-            features = model.sam2.encode_image(sam_px.to(model.sam2.no_mem_embed.dtype))
-            features = features.select(torch.zeros(len(at), dtype=torch.long, device=device))
-            low = model.sam2.decode_masks(features, model.seg_prompt(states))  # [n_seg, 1, h, w]
-            logits = upsample_logits(low, (pil.height, pil.width))[:, 0].float().cpu()
+            one_image = torch.zeros(len(at), dtype=torch.long, device=device)  # every [SEG] prompts it
+            logits = model.predict_mask_logits(states, sam_px, (pil.height, pil.width), image_index=one_image)
+            logits = logits[:, 0].float().cpu()  # [n_seg, H, W]
             thr = model.model_cfg.mask_threshold
             result.masks_logits = [lg.numpy() for lg in logits]
             result.masks = [(torch.sigmoid(lg) > thr).numpy() for lg in logits]

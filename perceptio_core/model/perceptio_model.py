@@ -298,11 +298,18 @@ class PerceptioModel(nn.Module):
         return self.seg_projection(seg_hidden.to(w.dtype))[:, None, :]
 
     def predict_mask_logits(
-        self, seg_hidden: torch.Tensor, sam2_pixel_values: torch.Tensor, output_size: tuple[int, int] | None = None
+        self,
+        seg_hidden: torch.Tensor,
+        sam2_pixel_values: torch.Tensor,
+        output_size: tuple[int, int] | None = None,
+        image_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Mask logits [n, 1, H, W] from [SEG] states [n, d] and SAM2 inputs [n, 3, S2, S2];
+        """Mask logits [n, 1, H, W] from [SEG] states [n, d] and SAM2 inputs [m, 3, S2, S2]: state
+        i prompts image ``image_index[i]`` (default: image i, m = n), each image encoded once;
         low resolution (S2 / 4) unless ``output_size`` is given (bilinear upsampling)."""
         features = self.sam2.encode_image(sam2_pixel_values.to(self.sam2.no_mem_embed.dtype))
+        if image_index is not None:
+            features = features.select(image_index)
         logits = self.sam2.decode_masks(features, self.seg_prompt(seg_hidden))
         return upsample_logits(logits, output_size) if output_size is not None else logits
 
@@ -389,10 +396,8 @@ class PerceptioModel(nn.Module):
             return {"seg_bce": zero, "seg_dice": zero.clone()}
         gt = batch["masks"]  # [S, S2, S2]
         images, which = torch.unique(rows, return_inverse=True)  # examples with pairs; pair -> index
-        features = self.sam2.encode_image(batch["sam2_pixel_values"][images].to(self.sam2.no_mem_embed.dtype))
-        features = features.select(which)
-        logits = self.sam2.decode_masks(features, self.seg_prompt(states))
-        logits = upsample_logits(logits, tuple(gt.shape[-2:]))[:, 0]  # [S, S2, S2]
+        logits = self.predict_mask_logits(states, batch["sam2_pixel_values"][images], tuple(gt.shape[-2:]),
+                                          image_index=which)[:, 0]  # [S, S2, S2]
         return {"seg_bce": mask_bce_loss(logits, gt), "seg_dice": mask_dice_loss(logits, gt)}
 
     # ---------------------------------------------------------------- save / load
