@@ -69,8 +69,9 @@ def content_digest(path: Path, cache_dir: Path | None = None) -> str:
     files = [path] if path.is_file() else sorted(
         f for f in path.rglob("*") if f.is_file() and not any(p.startswith(".") for p in f.relative_to(path).parts)
     )
+    before = dict(cache)
     parts = [f"{f.relative_to(path) if f != path else f.name}:{_cached_file_digest(f.resolve(), cache)}" for f in files]
-    if cache_file is not None:
+    if cache_file is not None and cache != before:  # written only when a file was (re)read
         os.makedirs(cache_file.parent, exist_ok=True)
         write_json(cache_file, cache)
     return digest_text(*parts)
