@@ -36,7 +36,8 @@ from perceptio_core.curation.inputs import (
 )
 
 
-def _load_json_list(path: str | os.PathLike[str]) -> list[Any]:
+def json_records(path: str | os.PathLike[str]) -> list[Any]:
+    """The records of a LLaVA / GLaMM JSON file: a list, or a dict wrapping one."""
     with open(path, encoding="utf-8") as f:
         data = json.load(f)
     if isinstance(data, dict):  # some dumps wrap the list: {"annotations": [...]} or {file: entry}
@@ -77,7 +78,7 @@ def llava_samples(
     the root). Entries without an ``image`` field are kept as text-only samples (``image`` b"",
     ``image_digest`` "")."""
     root = Path(image_root) if image_root else Path(path).parent
-    for idx, entry in enumerate(_load_json_list(path)):
+    for idx, entry in enumerate(json_records(path)):
         rid = f"#{idx} id={entry.get('id') if isinstance(entry, dict) else None}"
         if not isinstance(entry, dict) or not isinstance(entry.get("conversations"), list):
             stats.drop("llava", rid, REASON_BAD_RECORD)
@@ -133,7 +134,7 @@ def glamm_samples(
     without a span in the caption, with no mask at the image's size or with a degenerate mask are
     left out; an image with none left is dropped."""
     root = Path(image_root) if image_root else Path(path).parent
-    for idx, entry in enumerate(_load_json_list(path)):
+    for idx, entry in enumerate(json_records(path)):
         name = (entry.get("file_name") or entry.get("image") or "") if isinstance(entry, dict) else ""
         rid = f"#{idx} {name}"
         caption = entry.get("caption") if isinstance(entry, dict) else None

@@ -84,22 +84,21 @@ def grounding_examples(sources: Sources) -> list[tuple[str, str, str]]:
 def instruction_examples(path: str | os.PathLike[str], image_root: str | os.PathLike[str] | None = None
                          ) -> list[tuple[str, str, str]]:
     """``(image path, prompt, answer)`` of a LLaVA-1.5 instruction JSON (SPEC §5): for each entry
-    with an image that exists (under ``image_root``, default the JSON's folder), its first human
-    turn (``<image>`` removed) and first gpt turn, as curation reads it
-    (:func:`perceptio_core.curation.instructions.llava_samples`); other entries are left out. The
-    world's file holds its train-split multiple-choice questions, MMBench-style."""
+    with an image that exists (under ``image_root``, default the JSON's folder), its first round as
+    curation reads it (:func:`perceptio_core.curation.instructions.llava_rounds`: ``<image>``
+    removed); other entries are left out. The world's file holds its train-split multiple-choice
+    questions, MMBench-style."""
+    from perceptio_core.curation.instructions import json_records, llava_rounds
+
     root = Path(image_root) if image_root is not None else Path(path).parent
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
     out = []
-    for entry in data if isinstance(data, list) else []:
+    for entry in json_records(path):
         if not isinstance(entry, dict) or not entry.get("image") or not isinstance(entry.get("conversations"), list):
             continue
-        turns = [t for t in entry["conversations"] if isinstance(t, dict)]
-        human = next((t.get("value", "") for t in turns if t.get("from") == "human"), "")
-        gpt = next((t.get("value", "") for t in turns if t.get("from") == "gpt"), "")
+        rounds = llava_rounds(entry["conversations"])
         image = root / str(entry["image"])
-        if human and gpt and image.is_file():
-            out.append((str(image), human.replace("<image>", "").strip(), gpt.strip()))
+        if rounds and image.is_file():
+            out.append((str(image), *rounds[0]))
     return out
 
 
