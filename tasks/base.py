@@ -5,9 +5,9 @@ TSV) keys or feeds it."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 from perceptio_core.config import PerceptioConfig
+from perceptio_core.data.sources import data_path
 from perceptio_core.training import base_fit
 from tasks.common import load_sources, publish_training, scratch_dir
 from tasks.progress import Progress
@@ -18,7 +18,7 @@ def fit_base(ctx: StageContext) -> StageOutput:
     sources = load_sources(ctx)
     instructions = []
     if ctx.cfg.data.llava_json:  # relative to the data root, as the sources stage checked it
-        instructions = base_fit.instruction_examples(Path(sources.root) / Path(ctx.cfg.data.llava_json).expanduser())
+        instructions = base_fit.instruction_examples(data_path(sources.root, ctx.cfg.data.llava_json))
     examples, texts = base_fit.base_examples(sources, ctx.cfg.base.grounding, instructions)
     if not examples:
         raise RuntimeError("base: the sources have no captions, instructions or referred objects to fit a base on")
