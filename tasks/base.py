@@ -5,7 +5,6 @@ TSV) keys or feeds it."""
 
 from __future__ import annotations
 
-
 from perceptio_core.config import PerceptioConfig
 from perceptio_core.data.sources import data_path
 from perceptio_core.training import base_fit
