@@ -121,6 +121,7 @@ from transformers.models.internvl.configuration_internvl import InternVLVisionCo
 
 from perceptio_core.atomic_io import fsync_dir, fsync_tree, temp_sibling
 from perceptio_core.model.internvl import IMAGE_TOKENS
+from perceptio_core.model.processor import TileProcessor
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +129,6 @@ OPENGVLAB_ARCH = "InternVLChatModel"
 NATIVE_ARCH = "InternVLForConditionalGeneration"
 CONVERT_COMMAND = "perceptio convert-internvl SRC DST"
 MAX_SHARD_BYTES = 5 * 2**30
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # InternVL's image normalisation (its preprocessing)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # OpenGVLab's conversation templates (their conversation.py, SeparatorStyle.MPT):
 # (system prefix, default system message, user role, assistant role, separator).
@@ -909,27 +908,16 @@ def _write_generation_config(tmp: Path, src: Path, fast, turn_end: str, text) ->
 
 
 def _write_processor_configs(tmp: Path, cfg: dict[str, Any], config: InternVLConfig) -> None:
-    size = int(config.vision_config.image_size[0])
+    """The checkpoint's dynamic tiling (``dynamic_image_size``, ``min/max_dynamic_patch``) as the
+    processor files every InternVL of this project carries (:class:`TileProcessor`)."""
     dynamic = bool(cfg.get("dynamic_image_size", True))
-    pre = {
-        "image_processor_type": "GotOcr2ImageProcessor",
-        "processor_class": "InternVLProcessor",
-        "do_resize": True,
-        "size": {"height": size, "width": size},
-        "resample": 3,  # PIL bicubic
-        "do_rescale": True,
-        "rescale_factor": 1 / 255,
-        "do_normalize": True,
-        "image_mean": list(IMAGENET_MEAN),
-        "image_std": list(IMAGENET_STD),
-        "do_convert_rgb": True,
-        "crop_to_patches": dynamic,
-        "min_patches": int(cfg.get("min_dynamic_patch", 1)),
-        "max_patches": int(cfg.get("max_dynamic_patch", 12)) if dynamic else 1,
-    }
-    (tmp / "preprocessor_config.json").write_text(json.dumps(pre, indent=2) + "\n")
-    proc = {"processor_class": "InternVLProcessor", "image_seq_length": int(config.image_seq_length)}
-    (tmp / "processor_config.json").write_text(json.dumps(proc, indent=2) + "\n")
+    max_tiles = int(cfg.get("max_dynamic_patch", 12)) if dynamic else 1
+    TileProcessor(
+        tile_size=int(config.vision_config.image_size[0]),
+        tokens_per_tile=int(config.image_seq_length),
+        min_tiles=min(int(cfg.get("min_dynamic_patch", 1)), max_tiles),
+        max_tiles=max_tiles,
+    ).save_pretrained(tmp)
 
 
 __all__ = [

@@ -142,6 +142,7 @@ class TileProcessor:
         """The ``GotOcr2ImageProcessor`` config transformers' InternVL processor reads."""
         return {
             "image_processor_type": "GotOcr2ImageProcessor",
+            "processor_class": "InternVLProcessor",
             "crop_to_patches": self.max_tiles > 1,
             "min_patches": self.min_tiles,
             "max_patches": self.max_tiles,
