@@ -115,21 +115,21 @@ def main() -> None:
         generate_world(root, SynthConfig(images=24, ade_images=4, hardblink_per_count=2, vqa_questions=8,
                                          width=128, height=96, seed=0))  # fmt: skip
         src = read_sources(root, DataConfig(), cache_dir=Path(tmp) / "cache")
-        cfg = EvaluateConfig(refer_limit=args.eval_refer_limit, hardblink_limit=1, vqa_limit=2,
+        cfg = EvaluateConfig(refer_limit=args.eval_refer_limit, hardblink_limit=1, mcq_limit=2, mme_limit=1,
                              unconstrained_limit=0, max_new_tokens=mx)  # fmt: skip
         predict = model_predictor(model, max_new_tokens=mx)
         t0 = time.perf_counter()
         ev = run_evaluation(predict, src, cfg, depth_spec=model.depth_spec)
         model_s = time.perf_counter() - t0
-        n_model = int(sum(v for k, v in ev.metrics.items() if k.endswith(".n") and not k.startswith(("depth.",
-                                                                                                       "perception"))))
+        n_model = int(sum(v for k, v in ev.metrics.items() if k.endswith(".n") and ".category." not in k
+                          and not k.startswith(("depth.", "perception"))))
         fake = lambda image, prompt: SimpleNamespace(text="(A)", mask=None, depth_map=None, depth_indices=None)
-        full = EvaluateConfig(refer_limit=0, hardblink_limit=0, vqa_limit=0, unconstrained_limit=0)
+        full = EvaluateConfig(refer_limit=0, hardblink_limit=0, mcq_limit=0, mme_limit=0, unconstrained_limit=0)
         t0 = time.perf_counter()
         ev_fake = run_evaluation(fake, src, full, depth_spec=model.depth_spec)
         fake_s = time.perf_counter() - t0
-        n_fake = int(sum(v for k, v in ev_fake.metrics.items() if k.endswith(".n") and not k.startswith(
-            ("depth.", "perception"))))
+        n_fake = int(sum(v for k, v in ev_fake.metrics.items() if k.endswith(".n") and ".category." not in k
+                         and not k.startswith(("depth.", "perception"))))
 
     result = {
         "device": args.device,

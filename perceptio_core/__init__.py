@@ -22,7 +22,7 @@ _EXPORTS: dict[str, str] = {
     "safe_load": "data.safe_pickle", "UnsafePickleError": "data.safe_pickle",
     "load_image": "data.image_io", "file_digest": "atomic_io", "ImageError": "data.image_io",
     "ann_to_mask": "data.refer", "read_refer": "data.refer", "read_ade20k": "data.ade20k",
-    "read_hardblink": "data.hardblink", "read_mmbench_tsv": "data.vqa",
+    "read_hardblink": "data.hardblink", "read_mcq_tsv": "data.mcq", "read_mme": "data.mme",
     "Sources": "data.records", "QuarantineEntry": "data.records",
     "iter_samples": "curation.curate", "ShardWriter": "curation.shards", "read_shards": "curation.shards",
     "encode_mask": "data.masks", "decode_mask": "data.masks",

@@ -50,7 +50,7 @@ class DataConfig:
     a dataset, and a named one the disk lacks is listed, with the ``--set`` that skips it, in one
     error before anything runs. The training datasets (REFER + COCO images, ADE20k, the captions,
     LLaVA / GLaMM) are the ``sources`` stage's; the captions are read only while the offline base
-    is fit (``model.base`` unset). The evaluation benchmarks (``hardblink``, ``vqa_tsv``) are the
+    is fit (``model.base`` unset). The evaluation benchmarks (``hardblink``, ``mcq``, ``mme``) are the
     ``benchmarks`` stage's, demanded only by runs that reach ``evaluate``: changing them re-runs
     evaluation, never a training stage."""
 
@@ -63,7 +63,10 @@ class DataConfig:
     coco_images: str = "images/train2014"  # relative to root
     ade20k: str = "ADEChallengeData2016"  # relative to root; "" to skip
     hardblink: str = "HardBLINK"  # relative to root; "" to skip
-    vqa_tsv: str = "vqa/mmbench_world.tsv"  # relative to root (or absolute); "" to skip
+    # multiple-choice benchmarks in VLMEvalKit's TSV layout, name -> TSV (relative to root or
+    # absolute; "" skips one): MMBench, SEED-Bench, AI2D, MMStar, ScienceQA ... (the world's: its MMBench)
+    mcq: dict[str, str] = field(default_factory=lambda: {"mmbench": "vqa/mmbench_world.tsv"})
+    mme: str = "MME_Benchmark_release_version"  # MME's release folder, relative to root; "" to skip
     captions: str = "annotations/captions_train2014.json"  # relative to root; "" to skip
     llava_json: str | None = "llava/llava_world.json"  # LLaVA-1.5 instruction JSON (SPEC §5; relative
     # to root or absolute; the world's: its train VQA as conversations); null: none
@@ -79,12 +82,13 @@ class SynthConfig:
     ade_images: int = 120
     hardblink_per_count: int = 24  # HardBLINK-style questions for each of 3, 4, 5 points
     vqa_questions: int = 240  # half train (also the LLaVA-format instruction file), half dev
+    mme_images: int = 12  # MME images per subtask (existence, count, position, color), 2 questions each
     width: int = 128
     height: int = 96
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.images < 1 or min(self.ade_images, self.hardblink_per_count, self.vqa_questions) < 0:
+        if self.images < 1 or min(self.ade_images, self.hardblink_per_count, self.vqa_questions, self.mme_images) < 0:
             raise ConfigError("synth: images must be >= 1 and the other counts >= 0")
         if min(self.width, self.height) < 32:
             raise ConfigError(f"synth: images of {self.width}x{self.height} are too small (32 px a side at least)")
@@ -419,12 +423,14 @@ class EvaluateConfig:
 
     refer: bool = True  # RefCOCO / RefCOCO+ / RefCOCOg referring segmentation
     hardblink: bool = True
-    vqa: bool = True  # multiple-choice VQA (MMBench-style)
+    mcq: bool = True  # the multiple-choice benchmarks of data.mcq (MMBench-style accuracy)
+    mme: bool = True  # MME (acc / acc+ per subtask, perception and cognition scores)
     refer_datasets: list[str] = field(default_factory=lambda: ["refcoco", "refcoco+", "refcocog"])
     refer_splits: list[str] = field(default_factory=lambda: ["val", "testA", "testB", "test"])  # those present
     refer_limit: int = 25  # expressions per dataset and split, 0: all
     hardblink_limit: int = 0  # questions per point count, 0: all (the public set: 124; the world: 24)
-    vqa_limit: int = 60  # questions per split (train splits are never evaluated)
+    mcq_limit: int = 60  # questions per benchmark (train splits are never evaluated)
+    mme_limit: int = 0  # images per MME subtask (two questions each), 0: all
     unconstrained_limit: int = 12  # refer + HardBLINK prompts decoded again without the constraint
     constrained: bool = True  # constrained perception decoding (SPEC §1) for the main run
     max_new_tokens: int = 160  # N + 3 + the answer
@@ -435,7 +441,8 @@ class EvaluateConfig:
     depth_pairs: int = 2000  # random pixel pairs per map for the pair-order accuracy
 
     def __post_init__(self) -> None:
-        for name in ("refer_limit", "hardblink_limit", "vqa_limit", "unconstrained_limit", "report_samples"):
+        for name in ("refer_limit", "hardblink_limit", "mcq_limit", "mme_limit", "unconstrained_limit",
+                     "report_samples"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"evaluate.{name} must be >= 0 (0: all), got {getattr(self, name)}")
         if "train" in self.refer_splits:
@@ -525,7 +532,8 @@ def _check_value(value: Any, tp: Any, key: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return dict(value)
+        kt, vt = (typing.get_args(tp) + (Any, Any))[:2]
+        return {_check_value(k, kt, key): _check_value(v, vt, f"{key}.{k}") for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -643,11 +651,24 @@ def load_config(
             if not isinstance(node.get(k), dict):
                 raise ConfigError(f"unknown config key {'.'.join(keys[: i + 1])} (in override {ov!r})")
             node = node[k]
-        if keys[-1] not in node:
+        if keys[-1] not in node and not _is_mapping_field(keys[:-1]):
             raise ConfigError(f"unknown config key {'.'.join(keys)} (in override {ov!r})")
         node[keys[-1]] = value
     # derived fields are recomputed, never read back
     return _build(PerceptioConfig, _strip_all_derived(PerceptioConfig, data), "")
+
+
+def _is_mapping_field(keys: list[str]) -> bool:
+    """Whether the dotted ``keys`` name a ``dict`` field (``data.mcq``): one whose keys are free, so
+    ``--set data.mcq.seedbench=...`` adds an entry."""
+    tp: Any = PerceptioConfig
+    for k in keys:
+        if not dataclasses.is_dataclass(tp):
+            return False
+        tp = typing.get_type_hints(tp).get(k)
+        if tp is None:
+            return False
+    return typing.get_origin(tp) is dict
 
 
 def _strip_all_derived(cls: type, data: dict[str, Any]) -> dict[str, Any]:

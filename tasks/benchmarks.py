@@ -1,7 +1,8 @@
 """Stage ``benchmarks``: resolve the evaluation-only datasets (SPEC §6) apart from the training
-sources: HardBLINK (``data.hardblink``, AURORA's layout) and the MMBench-format multiple-choice VQA
-TSV (``data.vqa_tsv``), read and validated by :func:`perceptio_core.data.sources.read_benchmarks`
-into ``benchmarks.json`` plus a quarantine.
+sources: HardBLINK (``data.hardblink``, AURORA's layout), the multiple-choice benchmarks in
+VLMEvalKit's TSV layout (``data.mcq``, name -> TSV) and MME's release folder (``data.mme``), read
+and validated by :func:`perceptio_core.data.sources.read_benchmarks` into ``benchmarks.json`` plus a
+quarantine.
 
 Only ``evaluate`` reads this artifact, so pointing a benchmark elsewhere (or editing one) re-keys
 ``benchmarks`` and ``evaluate`` and nothing trained. No training stage reads benchmark images: the
@@ -10,7 +11,7 @@ and finds none), curation excludes the REFER evaluation splits (from the ``sourc
 the offline base's tokenizer covers the HardBLINK question through the text depth chain-of-thought
 training asks it with. The stage is demanded (its datasets checked) only by runs that reach it:
 ``perceptio run`` in full or ``--from``/``--only`` a stage upstream of ``evaluate``'s; ``""`` skips
-either benchmark.
+any benchmark (``--set data.mme=``, ``--set data.mcq.mmbench=``).
 """
 
 from __future__ import annotations
@@ -46,9 +47,9 @@ def read_benchmarks(ctx: StageContext) -> StageOutput:
 SPEC = StageSpec(
     name="benchmarks",
     upstream=(),
-    sections=("data.root", "data.hardblink", "data.vqa_tsv"),
+    sections=("data.root", "data.hardblink", "data.mcq", "data.mme"),
     body=read_benchmarks,
-    description="resolve and validate the evaluation benchmarks (HardBLINK, multiple-choice VQA)",
+    description="resolve and validate the evaluation benchmarks (HardBLINK, multiple-choice TSVs, MME)",
     fingerprint=fingerprint,
     prepare=prepare,
 )

@@ -1,9 +1,10 @@
 """Stage ``evaluate`` (SPEC §6): the benchmarks, the base comparison and the report.
 
 It reads the REFER val/test splits from the ``sources`` artifact (the same REFER files training
-reads) and HardBLINK and the multiple-choice VQA from the ``benchmarks`` artifact, joined into one
-:class:`~perceptio_core.data.records.Sources` for :func:`~perceptio_core.evaluation.evaluate.run_evaluation`;
-it is the only stage downstream of ``benchmarks``."""
+reads) and HardBLINK, the multiple-choice benchmarks and MME from the ``benchmarks`` artifact,
+joined into one :class:`~perceptio_core.data.records.Sources` for
+:func:`~perceptio_core.evaluation.evaluate.run_evaluation`; it is the only stage downstream of
+``benchmarks``."""
 
 from __future__ import annotations
 

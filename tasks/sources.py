@@ -7,7 +7,7 @@ evaluation scores, one set of files), ADE20k, the LLaVA / GLaMM conversation fil
 fingerprinted here, read by ``curate`` and ``base``) and the COCO captions, which only the offline
 base fit reads: they are read, demanded and keyed only while ``model.base`` is unset
 (:func:`training_data`). The evaluation benchmarks (HardBLINK, the VQA TSV) are the ``benchmarks``
-stage's (:mod:`tasks.benchmarks`), so pointing ``data.hardblink`` or ``data.vqa_tsv`` elsewhere
+stage's (:mod:`tasks.benchmarks`), so pointing ``data.hardblink``, ``data.mcq`` or ``data.mme`` elsewhere
 re-keys evaluation only. Every dataset this stage needs that the disk lacks is named in one
 :class:`~perceptio_core.data.records.MissingDataError` when the keys are computed, before any stage
 runs, each with the ``--set`` that skips it.
@@ -45,7 +45,7 @@ def read_sources(ctx: StageContext) -> StageOutput:
     with ctx.writer.atomic("sources.json", "w") as f:
         f.write(sources.to_json())
     counts = sources.counts()
-    for name in ("hardblink", "vqa"):  # the benchmarks stage's
+    for name in ("hardblink", "mcq", "mme"):  # the benchmarks stage's
         counts.pop(name, None)
     for q in sources.quarantine[:20]:
         ctx.log.warning("quarantined %s %s: %s", q.source, q.record, q.reason)

@@ -1,7 +1,7 @@
 """Shared test fixtures.
 
 ``tiny_world``: one small synthetic world (24 COCO images at 64x48, 8 ADE20k images, 2 HardBLINK
-questions per point count, 12 VQA questions), generated once per test session into a temporary
+questions per point count, 12 VQA questions, 2 MME images per subtask), generated once per test session into a temporary
 folder; treat it as read-only (copy what a test needs to modify).
 """
 
@@ -25,7 +25,7 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 from perceptio_core.config import SynthConfig
 from perceptio_core.world.synth import generate_world
 
-TINY_WORLD = dict(images=24, ade_images=8, hardblink_per_count=2, vqa_questions=12,
+TINY_WORLD = dict(images=24, ade_images=8, hardblink_per_count=2, vqa_questions=12, mme_images=2,
                   width=64, height=48, seed=0)
 
 

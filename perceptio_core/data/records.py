@@ -1,6 +1,6 @@
 """Plain records the readers return and the later stages consume (SPEC §5).
 
-Every reader in ``perceptio_core`` (``refer.py``, ``ade20k.py``, ``hardblink.py``, ``vqa.py``) turns
+Every reader in ``perceptio_core`` (``refer.py``, ``ade20k.py``, ``hardblink.py``, ``mcq.py``, ``mme.py``) turns
 a dataset tree in its real on-disk format into these records; nothing here knows about Prefect or
 the artifact store, and the only file it reads is an annotation JSON (:func:`read_annotation_json`,
 the one way every reader turns a missing or broken annotation file into a clear error). A record that cannot be used becomes a :class:`QuarantineEntry`
@@ -86,7 +86,7 @@ class MissingDataError(DatasetNotFoundError):
 class QuarantineEntry:
     """One bad input record: where it came from, which record, and why it was set aside."""
 
-    source: str  # "refcoco", "refcoco+", "refcocog", "captions", "ade20k", "hardblink", "vqa", ...
+    source: str  # "refcoco", "refcoco+", "refcocog", "captions", "ade20k", "hardblink", "mcq", "mme", ...
     record: str  # a human-readable id: "ref_id=12", "image_id=3 (COCO_train2014_000000000003.jpg)"
     reason: str  # "missing image", "corrupt image: ...", "zero-area mask", "empty sentence", ...
 
@@ -104,7 +104,7 @@ class ImageRecord:
     path: str
     width: int
     height: int
-    source: str  # "coco", "ade20k", "hardblink", "vqa"
+    source: str  # "coco", "ade20k", "hardblink"
     depth_path: str | None = None
     digest: str = ""  # sha256 of the image file's bytes: the key of its depth map and tokens
 
@@ -171,8 +171,9 @@ class HardBlinkRecord:
 
 
 @dataclass(frozen=True)
-class VqaRecord:
-    """A multiple-choice VQA question (MMBench-style)."""
+class McqRecord:
+    """A multiple-choice question of a benchmark in VLMEvalKit's TSV layout (MMBench, SEED-Bench,
+    AI2D, MMStar, ScienceQA ...); ``benchmark`` is its name in ``data.mcq``."""
 
     qid: str
     image_path: str
@@ -182,6 +183,19 @@ class VqaRecord:
     hint: str = ""
     category: str = ""
     split: str = "test"
+    benchmark: str = "mmbench"
+
+
+@dataclass(frozen=True)
+class MmeRecord:
+    """One yes/no question of MME; the two questions of an image share ``image_key`` (acc+)."""
+
+    qid: str  # "<subtask>/<stem>/<line>"
+    subtask: str  # "existence", "count", ..., "code_reasoning"
+    image_key: str  # "<subtask>/<stem>"
+    image_path: str
+    question: str
+    answer: str  # "Yes" or "No"
 
 
 SPLIT_NAMES = {"training": "train", "validation": "val"}
@@ -201,7 +215,7 @@ class Sources:
     """Resolved records per dataset plus the quarantine.
 
     The ``sources`` stage fills the training part (REFER refs with their COCO images, captions,
-    ADE20k); ``hardblink`` and ``vqa`` are the evaluation benchmarks, which the ``benchmarks``
+    ADE20k); ``hardblink``, ``mcq`` and ``mme`` are the evaluation benchmarks, which the ``benchmarks``
     stage resolves apart (:class:`Benchmarks`) and evaluation joins in (:meth:`with_benchmarks`);
     :func:`perceptio_core.data.sources.read_sources` reads both at once.
     ``coco_images`` holds every COCO image a ref or a caption uses (validated, with its digest);
@@ -213,16 +227,17 @@ class Sources:
     refs: list[RefRecord] = field(default_factory=list)
     ade: list[AdeRecord] = field(default_factory=list)
     hardblink: list[HardBlinkRecord] = field(default_factory=list)
-    vqa: list[VqaRecord] = field(default_factory=list)
+    mcq: list[McqRecord] = field(default_factory=list)
+    mme: list[MmeRecord] = field(default_factory=list)
     captions: list[tuple[int, str]] = field(default_factory=list)  # (image_id, caption)
     quarantine: list[QuarantineEntry] = field(default_factory=list)
     ade_classes: dict[int, str] = field(default_factory=dict)
 
     def with_benchmarks(self, benchmarks: Benchmarks) -> Sources:
-        """A copy of these sources with the benchmarks' HardBLINK and VQA records (and quarantine)
-        joined in: what evaluation reads."""
-        return dataclasses.replace(self, hardblink=list(benchmarks.hardblink), vqa=list(benchmarks.vqa),
-                                   quarantine=self.quarantine + benchmarks.quarantine)
+        """A copy of these sources with the benchmarks' records (and quarantine) joined in: what
+        evaluation reads."""
+        return dataclasses.replace(self, hardblink=list(benchmarks.hardblink), mcq=list(benchmarks.mcq),
+                                   mme=list(benchmarks.mme), quarantine=self.quarantine + benchmarks.quarantine)
 
     def eval_image_ids(self) -> set[int]:
         """COCO image ids used by any refer split other than train (val, testA, testB, test): what
@@ -238,7 +253,8 @@ class Sources:
             **{f"refs.{k}": v for k, v in sorted(by_dataset.items())},
             "ade20k": len(self.ade),
             "hardblink": len(self.hardblink),
-            "vqa": len(self.vqa),
+            "mcq": len(self.mcq),
+            "mme": len(self.mme),
             "captions": len(self.captions),
             "quarantined": len(self.quarantine),
         }
@@ -270,14 +286,15 @@ class Sources:
     def to_json(self) -> str:
         """The whole resolved source set as JSON text (see :meth:`from_json`)."""
         data = {
-            "format": 1,
+            "format": 2,
             "root": self.root,
             "coco_images": [asdict(r) for _, r in sorted(self.coco_images.items())],
             "refs": [asdict(r) for r in self.refs],
             "ade": [asdict(r) for r in self.ade],
             "ade_classes": {str(k): v for k, v in sorted(self.ade_classes.items())},
             "hardblink": [asdict(r) for r in self.hardblink],
-            "vqa": [asdict(r) for r in self.vqa],
+            "mcq": [asdict(r) for r in self.mcq],
+            "mme": [asdict(r) for r in self.mme],
             "captions": [[i, c] for i, c in self.captions],
             "quarantine": [q.to_dict() for q in self.quarantine],
         }
@@ -287,7 +304,7 @@ class Sources:
     def from_json(cls, text: str) -> Sources:
         """Rebuild a :class:`Sources` from :meth:`to_json`'s text; the result compares equal."""
         data = json.loads(text)
-        if data.get("format") != 1:
+        if data.get("format") != 2:
             raise ValueError(f"unsupported Sources JSON format {data.get('format')!r}")
         refs = [RefRecord(**{**r, "bbox": tuple(r["bbox"])}) for r in data["refs"]]
         ade = [AdeRecord(**{**a, "present_classes": tuple(a["present_classes"])}) for a in data["ade"]]
@@ -299,7 +316,8 @@ class Sources:
             refs=refs,
             ade=ade,
             hardblink=hb,
-            vqa=[VqaRecord(**v) for v in data["vqa"]],
+            mcq=[McqRecord(**v) for v in data["mcq"]],
+            mme=[MmeRecord(**v) for v in data["mme"]],
             captions=[(int(i), str(c)) for i, c in data["captions"]],
             quarantine=[QuarantineEntry(**q) for q in data["quarantine"]],
             ade_classes={int(k): v for k, v in data["ade_classes"].items()},
@@ -315,27 +333,34 @@ class Benchmarks:
 
     root: str
     hardblink: list[HardBlinkRecord] = field(default_factory=list)
-    vqa: list[VqaRecord] = field(default_factory=list)
+    mcq: list[McqRecord] = field(default_factory=list)
+    mme: list[MmeRecord] = field(default_factory=list)
     quarantine: list[QuarantineEntry] = field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
         by_n: dict[int, int] = {}
         for h in self.hardblink:
             by_n[h.n_points] = by_n.get(h.n_points, 0) + 1
+        by_mcq: dict[str, int] = {}
+        for m in self.mcq:
+            by_mcq[m.benchmark] = by_mcq.get(m.benchmark, 0) + 1
         return {
             "hardblink": len(self.hardblink),
             **{f"hardblink_{n}": v for n, v in sorted(by_n.items())},
-            "vqa": len(self.vqa),
+            "mcq": len(self.mcq),
+            **{f"mcq.{k}": v for k, v in sorted(by_mcq.items())},
+            "mme": len(self.mme),
             "quarantined": len(self.quarantine),
         }
 
     def to_json(self) -> str:
         """The benchmark records as JSON text (see :meth:`from_json`)."""
         data = {
-            "format": 1,
+            "format": 2,
             "root": self.root,
             "hardblink": [asdict(r) for r in self.hardblink],
-            "vqa": [asdict(r) for r in self.vqa],
+            "mcq": [asdict(r) for r in self.mcq],
+            "mme": [asdict(r) for r in self.mme],
             "quarantine": [q.to_dict() for q in self.quarantine],
         }
         return json.dumps(data, separators=(",", ":"))
@@ -344,11 +369,12 @@ class Benchmarks:
     def from_json(cls, text: str) -> Benchmarks:
         """Rebuild :class:`Benchmarks` from :meth:`to_json`'s text; the result compares equal."""
         data = json.loads(text)
-        if data.get("format") != 1:
+        if data.get("format") != 2:
             raise ValueError(f"unsupported Benchmarks JSON format {data.get('format')!r}")
         return cls(
             root=data["root"],
             hardblink=[_hardblink_from_dict(h) for h in data["hardblink"]],
-            vqa=[VqaRecord(**v) for v in data["vqa"]],
+            mcq=[McqRecord(**v) for v in data["mcq"]],
+            mme=[MmeRecord(**v) for v in data["mme"]],
             quarantine=[QuarantineEntry(**q) for q in data["quarantine"]],
         )

@@ -13,9 +13,11 @@ Two parts, read by two stages so that a benchmark never keys a training stage:
 - **benchmarks** (:data:`BENCHMARKS`, the ``benchmarks`` stage; :func:`read_benchmarks`): HardBLINK
   (``data.hardblink``) in AURORA's public layout (``questions/``, ``answers/``,
   ``images/blink{N}pointscenter/``; the synthetic world adds ``points/``;
-  :func:`perceptio_core.data.hardblink.read_hardblink`) and the MMBench-format multiple-choice VQA
-  TSV (``data.vqa_tsv``, :func:`perceptio_core.data.vqa.read_mmbench_tsv`, its images decoded into
-  ``<cache_dir>/vqa-images``; default cache ``$XDG_CACHE_HOME/perceptio`` or ``~/.cache/perceptio``).
+  :func:`perceptio_core.data.hardblink.read_hardblink`), the multiple-choice benchmarks in
+  VLMEvalKit's TSV layout (``data.mcq``, name -> TSV, :func:`perceptio_core.data.mcq.read_mcq_tsv`,
+  their images decoded into ``<cache_dir>/mcq-images``; default cache ``$XDG_CACHE_HOME/perceptio``
+  or ``~/.cache/perceptio``) and MME in its release layout (``data.mme``,
+  :func:`perceptio_core.data.mme.read_mme`).
 
 :func:`read_sources` reads both into one :class:`~perceptio_core.data.records.Sources`. Paths are
 relative to the data root unless absolute; ``""`` (or null) skips a dataset. Every image is opened,
@@ -28,7 +30,7 @@ A data root holds what it holds. Bad records are quarantined with a reason and t
 datasets the config names but the disk lacks (a folder, a refs pickle, an annotation file) are
 all listed in one :class:`~perceptio_core.data.records.MissingDataError` (:func:`resolve_paths`),
 each with its path and the ``--set`` that skips it (``--set data.ade20k=``, ``--set
-data.vqa_tsv=``, ``--set 'data.refer_datasets=[refcoco]'``). Only the parts asked for are checked:
+data.mcq.mmbench=``, ``--set 'data.refer_datasets=[refcoco]'``). Only the parts asked for are checked:
 the benchmarks are not demanded by a reader of the training sources, nor the training sources by
 one of the benchmarks.
 
@@ -68,17 +70,18 @@ from perceptio_core.data.records import (
     read_annotation_json,
 )
 from perceptio_core.data.refer import REFER_SPLIT_BY, read_refer, refs_path
-from perceptio_core.data.vqa import read_mmbench_tsv
+from perceptio_core.data.mcq import read_mcq_tsv
+from perceptio_core.data.mme import mme_files, read_mme
 
 DEPTH_DIR = "depth"  # <root>/depth/<image stem>.npy: true depth, when the data has it
 
 TRAINING = "training"  # REFER + COCO images, captions, ADE20k, LLaVA / GLaMM: the sources stage
-BENCHMARKS = "benchmarks"  # HardBLINK, the multiple-choice VQA TSV: the benchmarks stage
+BENCHMARKS = "benchmarks"  # HardBLINK, the multiple-choice TSVs, MME: the benchmarks stage
 PARTS = (TRAINING, BENCHMARKS)
 # the DataConfig fields each part reads (``root`` besides)
 FIELDS = {
     TRAINING: ("refer_datasets", "refer_split_by", "coco_images", "ade20k", "captions", "llava_json", "glamm_json"),
-    BENCHMARKS: ("hardblink", "vqa_tsv"),
+    BENCHMARKS: ("hardblink", "mcq", "mme"),
 }
 
 
@@ -97,7 +100,8 @@ class SourcePaths:
     captions: Path | None = None
     ade20k: Path | None = None
     hardblink: Path | None = None
-    vqa_tsv: Path | None = None
+    mcq: dict[str, Path] = field(default_factory=dict)  # benchmark name -> TSV
+    mme: Path | None = None
     depth: Path | None = None
     llava_json: Path | None = None
     glamm_json: Path | None = None
@@ -197,7 +201,9 @@ def resolve_paths(
         captions=captions,
         ade20k=ade20k,
         hardblink=opt(data_cfg.hardblink, "HardBLINK folder", "data.hardblink", True, benchmarks),
-        vqa_tsv=opt(data_cfg.vqa_tsv, "MMBench TSV", "data.vqa_tsv", False, benchmarks),
+        mcq={name: p for name, rel in sorted(data_cfg.mcq.items())
+             if (p := opt(rel, f"multiple-choice TSV {name!r}", f"data.mcq.{name}", False, benchmarks))},
+        mme=opt(data_cfg.mme, "MME folder", "data.mme", True, benchmarks),
         depth=r / DEPTH_DIR if (r / DEPTH_DIR).is_dir() else None,
         llava_json=llava_json,
         glamm_json=glamm_json,
@@ -281,7 +287,7 @@ def read_training_sources(
     progress: bool = False,
 ) -> Sources:
     """Read the training part (module docstring) under ``root`` into :class:`Sources`
-    (``hardblink`` and ``vqa`` empty). Per-record problems are quarantined; missing datasets raise
+    (the benchmarks empty). Per-record problems are quarantined; missing datasets raise
     one :class:`MissingDataError` (:func:`resolve_paths`); ``progress`` shows tqdm bars."""
     paths = resolve_paths(root, data_cfg, (TRAINING,))
     return _read_training(paths, ImageValidator(), progress)
@@ -292,8 +298,8 @@ def read_benchmarks(
     data_cfg: DataConfig,
     cache_dir: str | os.PathLike[str] | None = None,
 ) -> Benchmarks:
-    """Read the evaluation benchmarks (HardBLINK, the VQA TSV) under ``root`` into
-    :class:`Benchmarks`; ``cache_dir`` receives the decoded VQA images (``<cache_dir>/vqa-images``).
+    """Read the evaluation benchmarks (HardBLINK, the multiple-choice TSVs, MME) under ``root`` into
+    :class:`Benchmarks`; ``cache_dir`` receives the TSVs' decoded images (``<cache_dir>/mcq-images``).
     Per-record problems are quarantined; missing datasets raise one :class:`MissingDataError`."""
     paths = resolve_paths(root, data_cfg, (BENCHMARKS,))
     return _read_benchmarks(paths, ImageValidator(), cache_dir)
@@ -342,11 +348,15 @@ def _read_benchmarks(paths: SourcePaths, validator: ImageValidator,
         hb = read_hardblink(paths.hardblink, validator, paths.depth)
         out.hardblink = hb.records
         out.quarantine += hb.quarantine
-    if paths.vqa_tsv is not None:
-        cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-        vqa = read_mmbench_tsv(paths.vqa_tsv, cache / "vqa-images")
-        out.vqa = vqa.records
-        out.quarantine += vqa.quarantine
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    for name, tsv in paths.mcq.items():
+        mcq = read_mcq_tsv(tsv, cache / "mcq-images", benchmark=name)
+        out.mcq += mcq.records
+        out.quarantine += mcq.quarantine
+    if paths.mme is not None:
+        mme = read_mme(paths.mme, validator)
+        out.mme = mme.records
+        out.quarantine += mme.quarantine
     return out
 
 
@@ -448,8 +458,13 @@ def data_fingerprint(
         for f in hardblink_files(paths.hardblink):  # questions, answers and (the world's) points JSONL
             _hash_file(h, f, r)
         stems |= _hash_listing(h, paths.hardblink, r)
-    if paths.vqa_tsv is not None and keep(paths.vqa_tsv):
-        _hash_file(h, paths.vqa_tsv, r)
+    for tsv in paths.mcq.values():
+        if keep(tsv):
+            _hash_file(h, tsv, r)
+    if paths.mme is not None and keep(paths.mme):
+        for f in mme_files(paths.mme):
+            _hash_file(h, f, r)
+        _hash_listing(h, paths.mme, r)
     if paths.depth is not None and keep(paths.depth):
         _hash_depth(h, paths.depth, stems, r)
     return h.hexdigest()

@@ -147,4 +147,19 @@ def label_of(answer: str) -> str:
     return next(iter(found))
 
 
-__all__ = ["find_labels", "label_of", "normalise_text", "parse_choice", "parse_mc_answer"]
+
+
+def parse_yes_no(answer: str) -> str | None:
+    """``"Yes"``, ``"No"`` or None, read as MME's own scoring script reads a prediction
+    (``eval_tool/calculation.py``): lower-cased, periods removed, exactly "yes"/"no", else "yes" or
+    else "no" within its first four characters; anything else is unreadable (scored wrong)."""
+    text = (answer or "").lower().strip().replace(".", "")
+    if text in ("yes", "no"):
+        return text.capitalize()
+    head = text[:4]
+    if "yes" in head:
+        return "Yes"
+    return "No" if "no" in head else None
+
+
+__all__ = ["find_labels", "label_of", "normalise_text", "parse_choice", "parse_mc_answer", "parse_yes_no"]

@@ -31,8 +31,18 @@ Benchmarks and the metric names of :func:`run_evaluation` (``<benchmark>.<split>
   without them it is left out and :attr:`Evaluation.notes` says so,
   ``hardblink.depth_tokens.skipped: "no point coordinates in the public release"``; over a point
   count where only some questions have points it covers those, and the notes say how many.
-- Multiple-choice VQA: ``vqa.<split>.accuracy`` (MMBench-style) per split except ``train``, prompt
-  :func:`format_mc_prompt`, answers read by :func:`perceptio_core.evaluation.answers.parse_mc_answer`.
+- Multiple-choice benchmarks (``data.mcq``: MMBench, SEED-Bench, AI2D, ...; rows of a ``train``
+  split left out): ``mcq.<name>.{accuracy, n}`` and per category of the TSV
+  ``mcq.<name>.category.<category>.{accuracy, n}`` (the category lower-cased, every run of other
+  characters than letters and digits one ``_``). Prompt :func:`mcq_prompt` (hint, question, the
+  options, VLMEvalKit's instruction); answers read by
+  :func:`perceptio_core.evaluation.answers.parse_mc_answer`; unreadable = wrong. Plain accuracy, one
+  pass per question (VLMEvalKit's official MMBench figure is its circular evaluation).
+- MME: ``mme.<subtask>.{acc, acc_plus, score, n}`` and ``mme.perception.score``,
+  ``mme.cognition.score`` (the sums of the subtasks present:
+  :func:`perceptio_core.evaluation.metrics.mme_scores`). Prompt: the question as MME writes it
+  (it ends "Please answer yes or no."); answers read as MME's script reads them
+  (:func:`perceptio_core.evaluation.answers.parse_yes_no`); unreadable = wrong.
 - Perception block (SPEC §1): ``perception_block.wellformed``: the share of the refer and HardBLINK
   generations (the prompts that ask for it) whose perception output is well formed: status ``ok``
   of :func:`~perceptio_core.format.target.parse_generation` (``[SEG]`` + a block of exactly N
@@ -50,7 +60,8 @@ Benchmarks and the metric names of :func:`run_evaluation` (``<benchmark>.<split>
   is scored as a flat map (constant 0.5), never dropped; ``coverage`` is the share that had a map.
 
 Limits (:class:`~perceptio_core.config.EvaluateConfig`): ``refer_limit`` expressions per dataset
-and split, ``hardblink_limit`` questions per point count, ``vqa_limit`` questions per split,
+and split, ``hardblink_limit`` questions per point count, ``mcq_limit`` questions per benchmark,
+``mme_limit`` images per MME subtask (both questions of each),
 ``unconstrained_limit`` prompts; 0 = all. A limited subset is spread evenly over the records in
 their (sorted) order, so it is the same on every run.
 
@@ -71,16 +82,17 @@ from typing import Any
 
 import numpy as np
 
-from perceptio_core.evaluation.answers import label_of, parse_choice, parse_mc_answer
+from perceptio_core.evaluation.answers import label_of, parse_choice, parse_mc_answer, parse_yes_no
 from perceptio_core.config import EvaluateConfig
 from perceptio_core.device import ProgressFn
 from perceptio_core.depth.codec import DepthCodecSpec
 from perceptio_core.depth.metrics import MAP_EPS, map_metrics, pair_order_accuracy, resize_map, teacher_vs_true_metrics
 from perceptio_core.data.image_io import ImageError, image_digest, load_image
-from perceptio_core.evaluation.metrics import IoUAccumulator, resize_mask
+from perceptio_core.evaluation.metrics import IoUAccumulator, mme_scores, resize_mask
 from perceptio_core.format.target import ParseStatus, parse_generation
 from perceptio_core.format.prompts import clean_expression, format_mc_prompt, render_prompt
-from perceptio_core.data.records import HardBlinkRecord, ImageRecord, RefRecord, Sources, VqaRecord
+from perceptio_core.data.mme import group_of
+from perceptio_core.data.records import HardBlinkRecord, ImageRecord, McqRecord, MmeRecord, RefRecord, Sources
 from perceptio_core.data.refer import ann_to_mask
 
 Predict = Callable[[Any, str], Any]
@@ -106,9 +118,14 @@ def hardblink_prompt(question: str) -> str:
     return render_prompt("depth_cot", variant=0, question=question.strip())
 
 
-def vqa_prompt(record: VqaRecord) -> str:
-    """:func:`format_mc_prompt` of a :class:`VqaRecord`."""
+def mcq_prompt(record: McqRecord) -> str:
+    """:func:`format_mc_prompt` of a :class:`McqRecord`."""
     return format_mc_prompt(record.question, record.options, record.hint)
+
+
+def mme_prompt(record: MmeRecord) -> str:
+    """MME's question as written (it carries its own "Please answer yes or no.")."""
+    return record.question
 
 
 # --------------------------------------------------------------------------------------------
@@ -245,8 +262,8 @@ class Shown:
     """One sample kept for the report's pictures (the perceptio prediction; the base's answer to
     the same prompt when the base ran)."""
 
-    benchmark: str  # "refer", "hardblink", "vqa"
-    name: str  # "refcoco val", "hardblink 3", "vqa test"
+    benchmark: str  # "refer", "hardblink", "mcq", "mme"
+    name: str  # "refcoco val", "hardblink 3", "mcq mmbench", "mme count"
     key: str
     image_path: str
     query: str  # what the sample asks (expression, question)
@@ -362,15 +379,33 @@ def hardblink_plan(records: Iterable[HardBlinkRecord], cfg: EvaluateConfig) -> d
     return {n: spread(rs, cfg.hardblink_limit) for n, rs in sorted(by_n.items())}
 
 
-def vqa_plan(records: Iterable[VqaRecord], cfg: EvaluateConfig) -> dict[str, list[VqaRecord]]:
-    """Split -> the VQA records evaluated (sorted by qid, ``vqa_limit`` each); the ``train`` split
-    (the world's VQA questions the base is fitted on) is never evaluated."""
-    by_split: dict[str, list[VqaRecord]] = {}
-    for r in sorted(records, key=lambda r: (r.split, r.qid)):
-        if r.split == "train":
-            continue
-        by_split.setdefault(r.split, []).append(r)
-    return {s: spread(rs, cfg.vqa_limit) for s, rs in by_split.items()}
+def _qid_order(qid: str) -> tuple[int, str]:
+    return (int(qid), "") if qid.isdigit() else (1 << 62, qid)
+
+
+def mcq_plan(records: Iterable[McqRecord], cfg: EvaluateConfig) -> dict[str, list[McqRecord]]:
+    """Benchmark name -> its records evaluated (in index order, ``mcq_limit`` each); rows of a
+    ``train`` split (the world's questions its base is fitted on) are never evaluated."""
+    by_name: dict[str, list[McqRecord]] = {}
+    for r in sorted(records, key=lambda r: (r.benchmark, _qid_order(r.qid))):
+        if r.split != "train":
+            by_name.setdefault(r.benchmark, []).append(r)
+    return {name: spread(rs, cfg.mcq_limit) for name, rs in by_name.items()}
+
+
+def mme_plan(records: Iterable[MmeRecord], cfg: EvaluateConfig) -> dict[str, list[MmeRecord]]:
+    """Subtask -> its questions evaluated: ``mme_limit`` images spread over each subtask's sorted
+    images, every question of each (acc+ needs both)."""
+    by_task: dict[str, dict[str, list[MmeRecord]]] = {}
+    for r in sorted(records, key=lambda r: (r.subtask, r.image_key, r.qid)):
+        by_task.setdefault(r.subtask, {}).setdefault(r.image_key, []).append(r)
+    return {task: [r for key in spread(sorted(images), cfg.mme_limit) for r in images[key]]
+            for task, images in by_task.items()}
+
+
+def category_key(category: str) -> str:
+    """A TSV category as a metric name part: lower case, every other run of characters one ``_``."""
+    return "_".join("".join(c if c.isalnum() else " " for c in category.lower()).split()) or "none"
 
 
 # --------------------------------------------------------------------------------------------
@@ -518,7 +553,7 @@ def run_evaluation(
 
     Args:
         predict: the Perceptio predictor (constrained decoding, the default).
-        sources: the resolved records (refs + COCO images, HardBLINK, VQA).
+        sources: the resolved records (refs + COCO images, HardBLINK, the MCQ benchmarks, MME).
         cfg: which datasets/splits and how many samples (:class:`EvaluateConfig`; default values).
         base_predict: the base model's predictor; its metrics come out as ``base.<...>``.
         predict_unconstrained: the Perceptio predictor without the decoding constraint, for
@@ -532,11 +567,12 @@ def run_evaluation(
     cfg = cfg or EvaluateConfig()
     refer = refer_plan(sources, cfg) if cfg.refer else {}
     hardblink = hardblink_plan(sources.hardblink, cfg) if cfg.hardblink else {}
-    vqa = vqa_plan(sources.vqa, cfg) if cfg.vqa else {}
+    mcq = mcq_plan(sources.mcq, cfg) if cfg.mcq else {}
+    mme = mme_plan(sources.mme, cfg) if cfg.mme else {}
     block_items = [("refer", it) for items in refer.values() for it in items] + [
         ("hardblink", r) for rs in hardblink.values() for r in rs]
     unconstrained = spread(block_items, cfg.unconstrained_limit) if predict_unconstrained is not None else []
-    n_main = len(block_items) + sum(len(v) for v in vqa.values())
+    n_main = len(block_items) + sum(len(v) for v in mcq.values()) + sum(len(v) for v in mme.values())
     total = n_main * (2 if base_predict is not None else 1) + len(unconstrained)
 
     ev = Evaluation()
@@ -642,24 +678,46 @@ def run_evaluation(
                 ev.notes["hardblink.depth_tokens.skipped"] = (
                     NO_POINTS if not tok_n else f"{NO_POINTS} (point counts {', '.join(skipped)})")
 
-        # ---- multiple-choice VQA
-        for split, recs in vqa.items():
-            right_n = 0
+        # ---- multiple-choice benchmarks
+        for name, recs in mcq.items():
+            by_cat: dict[str, list[bool]] = {}
             for r in recs:
-                prompt = vqa_prompt(r)
-                p = run(pred_fn, model, r.image_path, prompt, benchmark="vqa", split=split)
+                prompt = mcq_prompt(r)
+                p = run(pred_fn, model, r.image_path, prompt, benchmark=f"mcq.{name}", split=r.category)
                 right = parse_mc_answer(p.text, r.options) == r.answer
-                right_n += right
-                key = f"vqa/{r.qid}"
-                if is_main and keeper.wants("vqa", right):
-                    keeper.keep("vqa", Shown("vqa", f"vqa {split}", key, r.image_path, r.question, prompt, p.text,
-                                             f"{r.answer}. {r.options.get(r.answer, '')}", right,
-                                             depth_map=getattr(p, "depth_map", None)))
+                by_cat.setdefault(category_key(r.category), []).append(right)
+                key = f"mcq/{name}/{r.qid}"
+                if is_main and keeper.wants(f"mcq.{name}", right):
+                    keeper.keep(f"mcq.{name}", Shown("mcq", f"mcq {name}", key, r.image_path, r.question, prompt,
+                                                     p.text, f"{r.answer}. {r.options.get(r.answer, '')}", right,
+                                                     depth_map=getattr(p, "depth_map", None)))
                 elif not is_main and key in keeper.kept:
                     keeper.kept[key].base_answer = p.text
                     keeper.kept[key].base_correct = right
-            ev.metrics[f"{prefix}vqa.{split}.accuracy"] = right_n / len(recs)
-            ev.metrics[f"{prefix}vqa.{split}.n"] = float(len(recs))
+            oks = [ok for v in by_cat.values() for ok in v]
+            ev.metrics[f"{prefix}mcq.{name}.accuracy"] = sum(oks) / len(oks)
+            ev.metrics[f"{prefix}mcq.{name}.n"] = float(len(oks))
+            for cat, v in sorted(by_cat.items()):
+                ev.metrics[f"{prefix}mcq.{name}.category.{cat}.accuracy"] = sum(v) / len(v)
+                ev.metrics[f"{prefix}mcq.{name}.category.{cat}.n"] = float(len(v))
+
+        # ---- MME
+        rows: list[tuple[str, str, bool]] = []
+        for task, recs in mme.items():
+            for r in recs:
+                p = run(pred_fn, model, r.image_path, mme_prompt(r), benchmark="mme", split=task)
+                right = parse_yes_no(p.text) == r.answer
+                rows.append((task, r.image_key, right))
+                key = f"mme/{r.qid}"
+                if is_main and keeper.wants("mme", right):
+                    keeper.keep("mme", Shown("mme", f"mme {task}", key, r.image_path, r.question, mme_prompt(r),
+                                             p.text, r.answer, right, depth_map=getattr(p, "depth_map", None)))
+                elif not is_main and key in keeper.kept:
+                    keeper.kept[key].base_answer = p.text
+                    keeper.kept[key].base_correct = right
+        if rows:
+            for k, v in mme_scores(rows, {t: group_of(t) for t in mme}).items():
+                ev.metrics[f"{prefix}mme.{k}"] = v
 
         seconds = time.perf_counter() - t_start
         ev.timings[f"{model}.seconds"] = seconds
@@ -713,17 +771,20 @@ __all__ = [
     "TextOnlyLM",
     "base_predictor",
     "block_status",
+    "category_key",
     "clean_expression",
     "format_mc_prompt",
     "hardblink_plan",
     "hardblink_prompt",
     "make_predictors",
+    "mcq_plan",
+    "mcq_prompt",
+    "mme_plan",
+    "mme_prompt",
     "model_predictor",
     "refer_plan",
     "refer_prompt",
     "run_evaluation",
     "spread",
     "token_depth_choice",
-    "vqa_plan",
-    "vqa_prompt",
 ]

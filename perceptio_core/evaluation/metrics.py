@@ -27,6 +27,7 @@ Conventions (documented choices):
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -143,10 +144,32 @@ class IoUAccumulator:
         return out
 
 
-__all__ = [
-    "IoUAccumulator",
-    "intersection_union",
-    "mask_iou",
-    "resize_mask",
-    "threshold_key",
-]
+
+
+def mme_scores(rows: Iterable[tuple[str, str, bool]], groups: Mapping[str, str]) -> dict[str, float]:
+    """MME's scores (its ``eval_tool/calculation.py``) from ``(subtask, image_key, correct)`` per
+    question: per subtask ``acc`` (share of questions right) and ``acc_plus`` (share of images with
+    both questions right), both in [0, 1], ``score = 100 * (acc + acc_plus)`` (at most 200) and
+    ``n`` (questions); per group of ``groups`` (subtask -> "perception" / "cognition" / ...) the
+    sum of its subtasks' scores, ``<group>.score`` (MME's perception total is out of 2000 over its
+    10 subtasks, cognition out of 800 over 4: a group with fewer subtasks present sums fewer)."""
+    by_task: dict[str, dict[str, list[bool]]] = {}
+    for task, image, ok in rows:
+        by_task.setdefault(task, {}).setdefault(image, []).append(bool(ok))
+    out: dict[str, float] = {}
+    totals: dict[str, float] = {}
+    for task, images in sorted(by_task.items()):
+        answers = [ok for oks in images.values() for ok in oks]
+        acc = sum(answers) / len(answers)
+        acc_plus = sum(all(oks) for oks in images.values()) / len(images)
+        score = 100.0 * (acc + acc_plus)
+        out[f"{task}.acc"], out[f"{task}.acc_plus"] = acc, acc_plus
+        out[f"{task}.score"], out[f"{task}.n"] = score, float(len(answers))
+        group = groups.get(task, "other")
+        totals[group] = totals.get(group, 0.0) + score
+    for group, total in sorted(totals.items()):
+        out[f"{group}.score"] = total
+    return out
+
+
+__all__ = ["IoUAccumulator", "intersection_union", "mask_iou", "mme_scores", "resize_mask", "threshold_key"]

@@ -84,10 +84,11 @@ def grounding_examples(sources: Sources) -> list[tuple[str, str, str]]:
 def instruction_examples(path: str | os.PathLike[str], image_root: str | os.PathLike[str] | None = None
                          ) -> list[tuple[str, str, str]]:
     """``(image path, prompt, answer)`` of a LLaVA-1.5 instruction JSON (SPEC §5): for each entry
-    with an image that exists (under ``image_root``, default the JSON's folder), its first round as
+    with an image that exists (under ``image_root``, default the JSON's folder), every round as
     curation reads it (:func:`perceptio_core.curation.instructions.llava_rounds`: ``<image>``
-    removed); other entries are left out. The world's file holds its train-split multiple-choice
-    questions, MMBench-style."""
+    removed), each its own single-turn example; text-only entries and the rest are left out. The
+    world's file holds its train-split multiple-choice questions, MMBench-style, and a yes/no
+    question per image, MME-style."""
     from perceptio_core.curation.instructions import json_records, llava_rounds
 
     root = Path(image_root) if image_root is not None else Path(path).parent
@@ -97,8 +98,8 @@ def instruction_examples(path: str | os.PathLike[str], image_root: str | os.Path
             continue
         rounds = llava_rounds(entry["conversations"])
         image = root / str(entry["image"])
-        if rounds and image.is_file():
-            out.append((str(image), *rounds[0]))
+        if image.is_file():
+            out += [(str(image), *r) for r in rounds]
     return out
 
 
@@ -122,7 +123,7 @@ def base_examples(
         img = sources.coco_images.get(image_id)
         if img is not None:
             examples.append((img.path, CAPTION_PROMPT, caption))
-    for q in sources.vqa:
+    for q in sources.mcq:
         if q.split == "train":
             examples.append((q.image_path, format_mc_prompt(q.question, q.options, q.hint), q.answer))
     examples += [tuple(e) for e in instructions]

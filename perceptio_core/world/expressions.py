@@ -12,7 +12,8 @@ positions when the centroids are at least ``max(3, 0.06 * width)`` pixels apart.
 
 :func:`captions` lists a scene's objects and their layout, COCO-caption style;
 :func:`vqa_questions` asks MMBench-style multiple-choice questions (counting, colour, shape,
-depth, spatial relation) whose answers come from the scene truth.
+depth, spatial relation) and :func:`mme_questions` MME-style yes/no pairs (existence, count,
+position, colour), their answers from the scene truth.
 """
 
 from __future__ import annotations
@@ -260,4 +261,49 @@ def vqa_questions(ents: list[Entity], width: int, rng: np.random.Generator) -> l
                 left[0].color, [c for c in rng.permutation(COLOURS)], "spatial_relationship",
                 "finegrained_perception (cross-instance)")
             break
+    return out
+
+
+def _a(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
+
+
+MME_SUBTASKS = ("existence", "count", "position", "color")  # the MME perception subtasks the world asks
+YES_NO = "Please answer yes or no."
+
+
+def mme_questions(ents: list[Entity], width: int, rng: np.random.Generator) -> dict[str, tuple[str, str]]:
+    """MME-style question pairs about one scene, per subtask of :data:`MME_SUBTASKS` the scene can
+    ask: ``(question answered Yes, question answered No)``, both true of the scene truth and ending
+    in "Please answer yes or no." as MME's do. Every visible object counts (crowds included), so a
+    "No" is never a half-truth."""
+    out: dict[str, tuple[str, str]] = {}
+    present = {(e.color, e.shape) for e in ents}
+    singles = [e for e in ents if e.group < 0]
+    if ents:
+        e = ents[int(rng.integers(len(ents)))]
+        absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present]
+        if absent:
+            c, s = absent[int(rng.integers(len(absent)))]
+            out["existence"] = (f"Is there {_a(e.color)} {e.color} {e.shape} in this image? {YES_NO}",
+                                f"Is there {_a(c)} {c} {s} in this image? {YES_NO}")
+    if singles and len(singles) == len(ents):
+        n = len(singles)
+        wrong = n + (1 if n == 1 or rng.random() < 0.5 else -1)
+        out["count"] = (f"Are there {n} object{'s' if n > 1 else ''} in this image? {YES_NO}",
+                        f"Are there {wrong} object{'s' if wrong > 1 else ''} in this image? {YES_NO}")
+    for shape in rng.permutation(SHAPES):
+        same = [e for e in ents if e.shape == shape]
+        if len(same) == 1:
+            other = [c for c in COLOURS if c != same[0].color]
+            out["color"] = (f"Is the {shape} {same[0].color}? {YES_NO}",
+                            f"Is the {shape} {other[int(rng.integers(len(other)))]}? {YES_NO}")
+            break
+    uniq = [e for e in ents if sum(_matches(o, e.color, e.shape) for o in ents) == 1]
+    margin = max(3.0, 0.06 * width)
+    pairs = [(a, b) for a in uniq for b in uniq if a.cx + margin <= b.cx]
+    if pairs:
+        a, b = pairs[int(rng.integers(len(pairs)))]
+        na, nb = f"the {a.color} {a.shape}", f"the {b.color} {b.shape}"
+        out["position"] = (f"Is {na} on the left of {nb}? {YES_NO}", f"Is {nb} on the left of {na}? {YES_NO}")
     return out

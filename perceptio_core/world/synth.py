@@ -19,8 +19,12 @@ SPEC §5 and §6, so the real loaders run on it unchanged. :func:`generate_world
   ``points/blink_{N}pointscenter_points.jsonl``; the closest point has the smallest true depth.
 - MMBench-format multiple-choice VQA (``vqa/mmbench_world.tsv``, base64 JPEG inline) on separate
   scenes, split by scene into "train" and "dev".
-- The "train" questions again as LLaVA-1.5 instruction data (``llava/llava_world.json``, images in
-  ``llava/images/``).
+- The "train" scenes again as LLaVA-1.5 instruction data (``llava/llava_world.json``, images in
+  ``llava/images/``): one multi-turn conversation per scene (its questions, then a yes/no one), and
+  text-only conversations among them, as LLaVA-665K has.
+- MME in its release layout (``MME_Benchmark_release_version/<subtask>/<stem>.jpg`` + ``.txt``):
+  ``synth.mme_images`` images for each of the existence, count, position and color subtasks, each
+  with its yes/no pair.
 - GLaMM GranD-f-style grounded captions of the REFER training images
   (``glamm/GranDf_world_GCG_train.json``, images in ``glamm/images/``; one phrase per object, each
   with its own mask: :func:`perceptio_core.world.writers.write_gcg`).
@@ -58,12 +62,13 @@ from perceptio_core.world.writers import (
     coco_part,
     hardblink_min_separation,
     hardblink_part,
+    mme_part,
     vqa_part,
     write_gcg,
 )
 
-GENERATOR_VERSION = "4"  # 2: llava/llava_world.json; 3: HardBLINK in AURORA's public layout;
-# 4: glamm/ (GranD-f-style GCG)
+GENERATOR_VERSION = "5"  # 2: llava/llava_world.json; 3: HardBLINK in AURORA's public layout;
+# 4: glamm/ (GranD-f-style GCG); 5: MME, multi-turn and text-only LLaVA conversations
 WORLD_FILE = "WORLD.json"
 
 __all__ = ["GENERATOR_VERSION", "WORLD_FILE", "WorldError", "generate_world", "read_world_info"]
@@ -118,7 +123,7 @@ def generate_world(out_dir: str | os.PathLike[str], cfg: SynthConfig,
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     total = cfg.images + cfg.ade_images + len(HARDBLINK_COUNTS) * cfg.hardblink_per_count \
-        + (cfg.vqa_questions + 1) // 2
+        + (cfg.vqa_questions + 1) // 2 + 4 * cfg.mme_images
     try:
         with tqdm(total=total, disable=not progress, desc="synth world", unit="scene") as bar:
             counts: dict[str, int] = {}
@@ -126,6 +131,7 @@ def generate_world(out_dir: str | os.PathLike[str], cfg: SynthConfig,
             counts.update(ade_part(tmp, cfg, bar))
             counts.update(hardblink_part(tmp, cfg, bar))
             counts.update(vqa_part(tmp, cfg, bar))
+            counts.update(mme_part(tmp, cfg, bar))
         counts.update(write_gcg(tmp, tmp / "glamm"))  # from the written COCO part: no new scene
         result = {**_world_header(cfg), "counts": counts,
                   "sky_depth": SKY_DEPTH, "min_annotation_pixels": min_ann_pixels(cfg.width, cfg.height),

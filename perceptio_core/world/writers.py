@@ -66,7 +66,15 @@ from perceptio_core.data.markers import MarkerStyle, draw_markers
 from perceptio_core.data.masks import encode_mask, mask_to_polygons, mask_to_uncompressed_rle
 from perceptio_core.data.refer import decode_rle
 from perceptio_core.format.prompts import format_mc_prompt, hardblink_text
-from perceptio_core.world.expressions import candidates, captions, dress, sentence, vqa_questions
+from perceptio_core.world.expressions import (
+    MME_SUBTASKS,
+    candidates,
+    captions,
+    dress,
+    mme_questions,
+    sentence,
+    vqa_questions,
+)
 from perceptio_core.world.render import (
     LABEL_GROUND,
     LABEL_OBJECT0,
@@ -77,7 +85,7 @@ from perceptio_core.world.render import (
     Scene,
     render,
 )
-from perceptio_core.world.scenes import Entity, entities, min_ann_pixels, sample_scene
+from perceptio_core.world.scenes import COLOURS, Entity, entities, min_ann_pixels, sample_scene
 
 JPEG_QUALITY = 90
 
@@ -105,7 +113,7 @@ HARDBLINK_COUNTS = (3, 4, 5)
 HARDBLINK_CATEGORY = "Relative_Depth"  # BLINK's task the set extends
 
 # seeds of the per-item generators: (cfg.seed, kind, index...)
-_K_COCO, _K_ADE, _K_HB, _K_VQA, _K_SPLIT, _K_REFS, _K_CAPTION = 1, 2, 3, 4, 5, 6, 7
+_K_COCO, _K_ADE, _K_HB, _K_VQA, _K_SPLIT, _K_REFS, _K_CAPTION, _K_MME, _K_LLAVA = 1, 2, 3, 4, 5, 6, 7, 8, 9
 
 
 class WorldError(RuntimeError):
@@ -483,7 +491,9 @@ def hardblink_min_separation(width: int, height: int) -> float:
 
 def vqa_part(root: Path, cfg: SynthConfig, bar: Any) -> dict[str, int]:
     """MMBench-format TSV of multiple-choice questions on scenes of their own, and its train
-    questions as LLaVA-1.5 instruction conversations."""
+    scenes as LLaVA-1.5 instruction conversations (:func:`_llava_conversation`: every question of
+    the scene, then a yes/no question, as the turns of one conversation), with a text-only
+    conversation every :data:`TEXT_ONLY_EVERY` train scenes, as LLaVA-665K mixes in ShareGPT text."""
     rows: list[list[Any]] = []
     llava: list[dict[str, Any]] = []
     llava_images: dict[str, bytes] = {}
@@ -502,19 +512,22 @@ def vqa_part(root: Path, cfg: SynthConfig, bar: Any) -> dict[str, int]:
             jpeg = _jpeg_bytes(r.image)
             b64 = base64.b64encode(jpeg).decode("ascii")
             split = "train" if scene_i % 2 == 0 else "dev"
+            asked = []
             for j in sorted(int(p) for p in pick):
                 if len(rows) >= cfg.vqa_questions:
                     break
                 q = qs[j]
+                asked.append(q)
                 opts = q["options"] + [""] * (4 - len(q["options"]))
-                if split == "train":
-                    name = f"images/vqa_scene_{scene_i:06d}.jpg"
-                    llava_images[name] = jpeg
-                    prompt = format_mc_prompt(q["question"], dict(zip("ABCD", q["options"])))
-                    llava.append({"id": f"world-vqa-{len(rows)}", "image": name, "conversations": [
-                        {"from": "human", "value": f"<image>\n{prompt}"}, {"from": "gpt", "value": q["answer"]}]})
                 rows.append([len(rows), q["question"], "", *opts, q["answer"], q["category"], b64,
                              "perceptio_world", q["l2"], "", split])
+            if split == "train" and asked:
+                name = f"images/vqa_scene_{scene_i:06d}.jpg"
+                llava_images[name] = jpeg
+                yes_no = mme_questions(ents, cfg.width, np.random.default_rng([cfg.seed, _K_LLAVA, scene_i]))
+                llava.append(_llava_conversation(f"world-vqa-{scene_i}", name, asked, yes_no, rng))
+                if len(llava) % (TEXT_ONLY_EVERY + 1) == TEXT_ONLY_EVERY:
+                    llava.append(_text_only_conversation(f"world-text-{scene_i}", rng))
             bar.update(1)
         scene_i += 1
         if scene_i > 20 * max(cfg.vqa_questions, 1) + 100:
@@ -531,7 +544,79 @@ def vqa_part(root: Path, cfg: SynthConfig, bar: Any) -> dict[str, int]:
     for name, data in llava_images.items():
         (llava_dir / name).write_bytes(data)
     (llava_dir / "llava_world.json").write_text(json.dumps(llava, indent=1))
-    return {"vqa": len(rows), "vqa_scenes": scene_i, "llava": len(llava)}
+    return {"vqa": len(rows), "vqa_scenes": scene_i, "llava": len(llava),
+            "llava_text_only": sum("image" not in c for c in llava)}
+
+
+TEXT_ONLY_EVERY = 3  # one text-only LLaVA conversation after every 3 image conversations
+
+
+def _llava_conversation(conv_id: str, image: str, questions: list[dict[str, Any]],
+                        yes_no: dict[str, tuple[str, str]], rng: np.random.Generator) -> dict[str, Any]:
+    """One LLaVA-1.5 conversation on an image: each multiple-choice question a turn (the first
+    carrying ``<image>``), then one yes/no question of the scene (Yes or No at random)."""
+    turns: list[dict[str, str]] = []
+    for q in questions:
+        prompt = format_mc_prompt(q["question"], dict(zip("ABCD", q["options"])))
+        turns += [{"from": "human", "value": prompt}, {"from": "gpt", "value": q["answer"]}]
+    if yes_no:
+        sub = sorted(yes_no)[int(rng.integers(len(yes_no)))]
+        k = int(rng.integers(2))
+        turns += [{"from": "human", "value": yes_no[sub][k]}, {"from": "gpt", "value": ("Yes", "No")[k]}]
+    turns[0] = {"from": "human", "value": f"<image>\n{turns[0]['value']}"}
+    return {"id": conv_id, "image": image, "conversations": turns}
+
+
+def _text_only_conversation(conv_id: str, rng: np.random.Generator) -> dict[str, Any]:
+    """A conversation without an image (LLaVA-665K keeps its text-only ShareGPT samples): two turns
+    about the world's vocabulary."""
+    shapes = [str(s) for s in rng.permutation(list(SHAPES))]
+    colours = [str(c) for c in rng.permutation(list(COLOURS))]
+    return {"id": conv_id, "conversations": [
+        {"from": "human", "value": "Which shapes can the objects in these scenes have?"},
+        {"from": "gpt", "value": ", ".join(shapes) + "."},
+        {"from": "human", "value": "And which colours?"},
+        {"from": "gpt", "value": ", ".join(colours) + "."},
+    ]}
+
+
+# --------------------------------------------------------------------------------------------
+# MME
+# --------------------------------------------------------------------------------------------
+
+MME_DIR = "MME_Benchmark_release_version"
+
+
+def mme_part(root: Path, cfg: SynthConfig, bar: Any) -> dict[str, int]:
+    """MME in its release layout (:mod:`perceptio_core.data.mme`): ``cfg.mme_images`` images for
+    each subtask of :data:`~perceptio_core.world.expressions.MME_SUBTASKS`, each on a scene of its
+    own, with its pair of yes/no questions (``<subtask>/<stem>.jpg`` + ``<subtask>/<stem>.txt``)."""
+    need = {s: cfg.mme_images for s in MME_SUBTASKS}
+    scene_i = 0
+    while any(need.values()):
+        rng = np.random.default_rng([cfg.seed, _K_MME, scene_i])
+        scene = sample_scene(rng, cfg.width, cfg.height, 2, 5, crowd=False)
+        r = render(scene, rng)
+        ents = entities(scene, r)
+        min_px = min_ann_pixels(cfg.width, cfg.height)
+        if len(ents) == len(scene.objects) and all(e.visible >= min_px and e.fraction >= 0.5 for e in ents):
+            pairs = mme_questions(ents, cfg.width, rng)
+            open_ = [s for s in MME_SUBTASKS if need[s] and s in pairs]
+            if open_:
+                sub = max(open_, key=lambda s: need[s])
+                i = cfg.mme_images - need[sub]
+                folder = root / MME_DIR / sub
+                folder.mkdir(parents=True, exist_ok=True)
+                stem = f"world_{sub}_{i:04d}"
+                (folder / f"{stem}.jpg").write_bytes(_jpeg_bytes(r.image))
+                yes, no = pairs[sub]
+                (folder / f"{stem}.txt").write_text(f"{yes}\tYes\n{no}\tNo\n")
+                need[sub] -= 1
+                bar.update(1)
+        scene_i += 1
+        if scene_i > 50 * cfg.mme_images * len(MME_SUBTASKS) + 100:
+            raise WorldError(f"could not generate the MME questions (still needed: {need})")
+    return {"mme_images": cfg.mme_images * len(MME_SUBTASKS) if cfg.mme_images else 0}
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from tasks.runner import compute_keys
 from tasks.stages import STAGES
 
 PAPER_PROFILES = ["paper-8b", "paper-4b", "internvl3-8b"]
-PATH_FIELDS = [("data", "root"), ("data", "vqa_tsv"), ("data", "llava_json"), ("data", "glamm_json"),
+PATH_FIELDS = [("data", "root"), ("data", "mme"), ("data", "llava_json"), ("data", "glamm_json"),
                ("teacher", "checkpoint"), ("model", "base"), ("model", "tokenizer"), ("model", "sam2_checkpoint")]
 
 
@@ -24,6 +24,7 @@ PATH_FIELDS = [("data", "root"), ("data", "vqa_tsv"), ("data", "llava_json"), ("
 def test_paper_profiles_name_only_the_documented_roots(profile):
     cfg = load_config(profile)
     paths = {f"{s}.{k}": getattr(getattr(cfg, s), k) for s, k in PATH_FIELDS}
+    paths |= {f"data.mcq.{name}": tsv for name, tsv in cfg.data.mcq.items()}
     given = {k: v for k, v in paths.items() if v}
     assert {"data.root", "teacher.checkpoint", "model.base", "model.sam2_checkpoint"} <= set(given)
     for key, value in given.items():
@@ -34,8 +35,8 @@ def test_paper_profiles_name_only_the_documented_roots(profile):
 
 
 def _world_overrides(world: Path) -> list[str]:
-    return [f"data.root={world}", "data.vqa_tsv=vqa/mmbench_world.tsv", "data.llava_json=llava/llava_world.json",
-            "data.glamm_json="]  # fmt: skip
+    return [f"data.root={world}", "data.mcq={mmbench: vqa/mmbench_world.tsv}", "data.mme=MME_Benchmark_release_version",
+            "data.llava_json=llava/llava_world.json", "data.glamm_json="]  # fmt: skip
 
 
 def _keys_error(profile: str, overrides: list[str], workdir: Path) -> str:

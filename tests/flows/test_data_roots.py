@@ -37,7 +37,7 @@ def _skips(message: str) -> dict[str, list[str]]:
     """``{config key: the --set overrides the error suggests}`` from an error's lines."""
     out = {}
     for line in message.splitlines():
-        m = re.search(r"\((data\.[a-z0-9_]+)[,)].* \(skip it: (.+)\)$", line)
+        m = re.search(r"\((data\.[a-z0-9_.]+)[,)].* \(skip it: (.+)\)$", line)
         if m:
             out[m.group(1)] = [s.strip().strip("'") for s in m.group(2).split("--set ") if s.strip()]
     return out
@@ -49,7 +49,7 @@ def test_only_what_the_chosen_stages_read_is_demanded(tiny_world, tmp_path):
     with pytest.raises(MissingDataError) as info:
         compute_keys(load_config("smoke", ov), STAGES, tmp_path / "w")
     assert set(_skips(str(info.value))) == {"data.captions", "data.ade20k", "data.llava_json", "data.glamm_json",
-                                            "data.hardblink", "data.vqa_tsv"}
+                                            "data.hardblink", "data.mcq.mmbench", "data.mme"}
     # the training stages alone: the benchmarks are not demanded
     with pytest.raises(MissingDataError) as info:
         compute_keys(load_config("smoke", ov), TRAINING_STAGES, tmp_path / "w")
@@ -81,15 +81,16 @@ def test_a_refcoco_only_root_runs_its_sources_with_the_listed_sets(tiny_world, t
     r = _cli(run)
     assert r.returncode == 2, r.stderr[-3000:]
     err = r.stderr
-    assert "perceptio: error: 6 datasets named by the config are missing:" in err
+    assert "perceptio: error: 7 datasets named by the config are missing:" in err
     err = err[err.index("perceptio: error:"):]  # what the CLI printed (Prefect's log comes before it)
     skips = _skips(err)
     assert skips == {"data.captions": ["data.captions="], "data.ade20k": ["data.ade20k="],
                      "data.llava_json": ["data.llava_json="], "data.glamm_json": ["data.glamm_json="],
                      "data.hardblink": ["data.hardblink="],
-                     "data.vqa_tsv": ["data.vqa_tsv="]}
+                     "data.mcq.mmbench": ["data.mcq.mmbench="], "data.mme": ["data.mme="]}
     for key, path in [("data.ade20k", root / "ADEChallengeData2016"), ("data.hardblink", root / "HardBLINK"),
-                      ("data.vqa_tsv", root / "vqa" / "mmbench_world.tsv")]:
+                      ("data.mcq.mmbench", root / "vqa" / "mmbench_world.tsv"),
+                      ("data.mme", root / "MME_Benchmark_release_version")]:
         assert f"({key}) not found: {path} (skip it: --set {key}=)" in err
     sets = [a for k in ("data.captions", "data.ade20k", "data.llava_json", "data.glamm_json")
             for s in skips[k] for a in ("--set", s)]

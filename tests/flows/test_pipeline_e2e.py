@@ -268,14 +268,17 @@ def test_a_benchmark_edit_reruns_evaluation_and_no_training_stage(first_run, tmp
     new = {s: k for s, (k, _) in compute_keys(load_config("smoke", ov), SPECS, wd).items()}
     assert {s for s in STAGES if new[s] != keys[s]} == benchmark_readers
 
-    # the VQA TSV: a copy with one answer changed (keys only)
+    # a multiple-choice TSV: a copy with one answer changed (keys only)
     tsv = tmp_path / "mmbench.tsv"
     lines = (world / "vqa" / "mmbench_world.tsv").read_text().splitlines(keepends=True)
     header, row = lines[0].rstrip("\n").split("\t"), lines[1].split("\t")
     col = header.index("answer")
     row[col] = "B" if row[col] != "B" else "A"
     tsv.write_text(lines[0] + "\t".join(row) + "".join(lines[2:]))
-    assert _stale_stages(wd, [f"data.vqa_tsv={tsv}"], capsys) == benchmark_readers
+    assert _stale_stages(wd, [f"data.mcq.mmbench={tsv}"], capsys) == benchmark_readers
+    # another MCQ benchmark added beside it, and MME skipped (keys only)
+    assert _stale_stages(wd, [f"data.mcq.seedbench={tsv}"], capsys) == benchmark_readers
+    assert _stale_stages(wd, ["data.mme="], capsys) == benchmark_readers
 
     # the rerun computes the benchmark readers only; evaluate read the edited answer
     again = _run(wd, "--set", ov[0])
@@ -294,7 +297,7 @@ def test_a_benchmark_edit_reruns_evaluation_and_no_training_stage(first_run, tmp
 @pytest.mark.slow
 def test_missing_benchmarks_are_demanded_only_by_runs_that_reach_them(first_run, capsys):
     wd, _ = first_run
-    gone = ["--set", f"data.hardblink={wd / 'no-hardblink'}", "--set", f"data.vqa_tsv={wd / 'no.tsv'}"]
+    gone = ["--set", f"data.hardblink={wd / 'no-hardblink'}", "--set", f"data.mcq.mmbench={wd / 'no.tsv'}"]
     # a training stage alone: the benchmarks are not read, so not demanded
     only = _run(wd, "--only", "teacher_depth", *gone)
     assert "benchmarks" not in only["stages"] and only["stages"]["teacher_depth"]["status"] == "cached"
@@ -304,9 +307,10 @@ def test_missing_benchmarks_are_demanded_only_by_runs_that_reach_them(first_run,
     err = capsys.readouterr().err
     assert "2 datasets named by the config are missing" in err
     assert f"HardBLINK folder (data.hardblink) not found: {wd / 'no-hardblink'} (skip it: --set data.hardblink=)" in err
-    assert f"MMBench TSV (data.vqa_tsv) not found: {wd / 'no.tsv'} (skip it: --set data.vqa_tsv=)" in err
+    assert (f"multiple-choice TSV 'mmbench' (data.mcq.mmbench) not found: {wd / 'no.tsv'} "
+            "(skip it: --set data.mcq.mmbench=)") in err
     # skipped as the error says: evaluate runs without them (refer only)
-    skipped = _run(wd, "--set", "data.hardblink=", "--set", "data.vqa_tsv=")
+    skipped = _run(wd, "--set", "data.hardblink=", "--set", "data.mcq.mmbench=", "--set", "data.mme=")
     assert skipped["stages"]["benchmarks"]["metrics"]["hardblink"] == 0
     assert skipped["stages"]["evaluate"]["status"] == "computed" and skipped["stages"]["finetune"]["status"] == "cached"
-    assert not any(k.startswith(("evaluate.hardblink", "evaluate.vqa")) for k in skipped["metrics"])
+    assert not any(k.startswith(("evaluate.hardblink", "evaluate.mcq", "evaluate.mme")) for k in skipped["metrics"])

@@ -18,7 +18,7 @@ from perceptio_core.data.records import DatasetNotFoundError, ImageRecord, Sourc
 from perceptio_core.data.masks import encode_mask, mask_to_uncompressed_rle
 from perceptio_core.data.sources import data_fingerprint, data_path, read_sources, resolve_paths
 
-ONLY_REFCOCO = dict(refer_datasets=["refcoco"], ade20k="", hardblink="", vqa_tsv="", captions="", llava_json=None, glamm_json=None)
+ONLY_REFCOCO = dict(refer_datasets=["refcoco"], ade20k="", hardblink="", mcq={}, mme="", captions="", llava_json=None, glamm_json=None)
 
 
 def _jpeg(path: Path, seed: int, size=(40, 30)) -> None:
@@ -143,7 +143,7 @@ def test_world_sources_round_trip(tiny_world, tmp_path):
     assert s.quarantine == []
     counts = s.counts()
     assert counts["coco_images"] == 24 and counts["ade20k"] == 8 and counts["hardblink"] == 6
-    assert counts["vqa"] == 12 and counts["captions"] >= 24
+    assert counts["mcq"] == 12 and counts["mme"] == 16 and counts["captions"] >= 24
     assert {"refs.refcoco", "refs.refcoco+", "refs.refcocog"} <= set(counts)
     assert s.ade_classes[3] == "floor"
     for rec in list(s.coco_images.values()) + [a.image_record() for a in s.ade]:
@@ -176,7 +176,7 @@ def test_fingerprint_follows_content(tiny_world, tmp_path):
     cfg = DataConfig()
     fp = data_fingerprint(root, cfg)
     assert fp == data_fingerprint(root, cfg) and len(fp) == 64
-    assert data_fingerprint(root, DataConfig(vqa_tsv="")) != fp  # the config is part of it
+    assert data_fingerprint(root, DataConfig(mcq={})) != fp  # the config is part of it
     refs = root / "refcocog" / "refs(umd).p"
     data = pickle.loads(refs.read_bytes())
     refs.write_bytes(pickle.dumps(data[:-1], protocol=2))

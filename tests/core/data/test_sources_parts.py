@@ -30,10 +30,10 @@ from perceptio_core.data.sources import (
 def test_training_sources_and_benchmarks_are_read_apart(tiny_world, tmp_path):
     train = read_training_sources(tiny_world, DataConfig())
     bench = read_benchmarks(tiny_world, DataConfig(), cache_dir=tmp_path / "cache")
-    assert train.hardblink == [] and train.vqa == [] and train.refs and train.ade and train.captions
-    assert len(bench.hardblink) == 6 and len(bench.vqa) == 12 and bench.quarantine == []
-    assert bench.counts() == {"hardblink": 6, "hardblink_3": 2, "hardblink_4": 2, "hardblink_5": 2, "vqa": 12,
-                              "quarantined": 0}
+    assert train.hardblink == train.mcq == train.mme == [] and train.refs and train.ade and train.captions
+    assert len(bench.hardblink) == 6 and len(bench.mcq) == 12 and len(bench.mme) == 16 and bench.quarantine == []
+    assert bench.counts() == {"hardblink": 6, "hardblink_3": 2, "hardblink_4": 2, "hardblink_5": 2, "mcq": 12,
+                              "mcq.mmbench": 12, "mme": 16, "quarantined": 0}
     # together they are what read_sources reads in one go, and what evaluation is given
     assert read_sources(tiny_world, DataConfig(), cache_dir=tmp_path / "cache") == train.with_benchmarks(bench)
     assert Benchmarks.from_json(bench.to_json()) == bench
@@ -62,13 +62,18 @@ def test_a_benchmark_edit_changes_the_benchmark_digest_only(tiny_world, tmp_path
     tsv.write_text(tsv.read_text() + tsv.read_text().splitlines()[-1] + "\n")  # one more row
     assert digests()[0] == train and digests()[1] != bench
     train, bench = digests()
+    mme = root / "MME_Benchmark_release_version" / "count"
+    qa = next(mme.glob("*.txt"))
+    qa.write_text(qa.read_text().replace("\tYes", "\tNo", 1))
+    assert digests()[0] == train and digests()[1] != bench
+    train, bench = digests()
     hb_image = next((root / "HardBLINK" / "images").rglob("*.png"))
     depth = root / "depth" / f"{hb_image.stem}.npy"  # the true depth of a HardBLINK image only
     assert depth.is_file()
     depth.write_bytes(depth.read_bytes() + b"\0" * 16)
     assert digests()[0] == train and digests()[1] != bench
     # benchmark settings are not training key material, and the other way round
-    assert data_fingerprint(root, DataConfig(vqa_tsv=""), (TRAINING,)) == train
+    assert data_fingerprint(root, DataConfig(mcq={}, mme=""), (TRAINING,)) == train
     assert data_fingerprint(root, DataConfig(ade20k=""), (BENCHMARKS,)) == digests()[1]
     train, bench = digests()
     refs = root / "refcocog" / "refs(umd).p"
@@ -103,12 +108,13 @@ def test_every_missing_dataset_is_named_in_one_error_with_its_set(tiny_world, tm
     for gone in ("ADEChallengeData2016", "HardBLINK", "refcoco+"):
         shutil.rmtree(root / gone)
     (root / "vqa" / "mmbench_world.tsv").unlink()
+    shutil.rmtree(root / "MME_Benchmark_release_version")
     (root / "llava" / "llava_world.json").unlink()
     with pytest.raises(MissingDataError) as info:
         resolve_paths(root, DataConfig())
     err = info.value
     lines = str(err).splitlines()
-    assert lines[0] == "5 datasets named by the config are missing:"
+    assert lines[0] == "6 datasets named by the config are missing:"
     assert lines[1:] == [
         f"  REFER dataset folder (refcoco+, in data.refer_datasets) not found: {root / 'refcoco+'} "
         "(skip it: --set 'data.refer_datasets=[refcoco, refcocog]')",
@@ -116,7 +122,9 @@ def test_every_missing_dataset_is_named_in_one_error_with_its_set(tiny_world, tm
         f"  LLaVA instruction JSON (data.llava_json) not found: {root / 'llava' / 'llava_world.json'} "
         "(skip it: --set data.llava_json=)",
         f"  HardBLINK folder (data.hardblink) not found: {root / 'HardBLINK'} (skip it: --set data.hardblink=)",
-        f"  MMBench TSV (data.vqa_tsv) not found: {root / 'vqa' / 'mmbench_world.tsv'} (skip it: --set data.vqa_tsv=)",
+        f"  multiple-choice TSV 'mmbench' (data.mcq.mmbench) not found: {root / 'vqa' / 'mmbench_world.tsv'} "
+        "(skip it: --set data.mcq.mmbench=)",
+        f"  MME folder (data.mme) not found: {root / 'MME_Benchmark_release_version'} (skip it: --set data.mme=)",
     ]
     # a reader of one part is not stopped by the other's
     with pytest.raises(MissingDataError) as info:
@@ -125,11 +133,12 @@ def test_every_missing_dataset_is_named_in_one_error_with_its_set(tiny_world, tm
         "--set 'data.refer_datasets=[refcoco, refcocog]'", "--set data.ade20k=", "--set data.llava_json="]
     with pytest.raises(MissingDataError) as info:
         read_benchmarks(root, DataConfig(), cache_dir=tmp_path / "cache")
-    assert [m.skip for m in info.value.missing] == ["--set data.hardblink=", "--set data.vqa_tsv="]
+    assert [m.skip for m in info.value.missing] == ["--set data.hardblink=", "--set data.mcq.mmbench=",
+                                                    "--set data.mme="]
     # the suggested --set lines, applied, read the rest without error
     cfg = load_config("tiny", [f"data.root={root}", *_sets(err)])
     s = read_sources(root, cfg.data, cache_dir=tmp_path / "cache")
-    assert {r.dataset for r in s.refs} == {"refcoco", "refcocog"} and not s.ade and not s.hardblink and not s.vqa
+    assert {r.dataset for r in s.refs} == {"refcoco", "refcocog"} and not s.ade and not s.hardblink and not s.mcq
 
 
 def refcoco_only_root(world: Path, dest: Path) -> Path:
@@ -152,20 +161,24 @@ def test_a_refcoco_only_root_reads_with_the_listed_sets(tiny_world, tmp_path):
     assert s.quarantine == [] and len(s.coco_images) == 24
     assert {r.dataset for r in s.refs} == {"refcoco", "refcoco+", "refcocog"}
     assert not s.ade and not s.captions and all(r.depth_path is None for r in s.coco_images.values())
-    assert read_benchmarks(root, DataConfig(hardblink="", vqa_tsv="")).counts()["hardblink"] == 0
+    assert read_benchmarks(root, DataConfig(hardblink="", mcq={}, mme="")).counts()["hardblink"] == 0
     assert json.loads(s.to_json())["refs"]
 
 
 def test_the_base_fit_reads_the_train_vqa_from_the_instruction_file_not_the_benchmark(tiny_world, tmp_path):
     """The offline base used to take its VQA examples from the TSV's train split; it now reads them
-    from the LLaVA instruction file (a training source), which holds the same questions: the same
-    prompts, answers and image bytes, so the benchmark TSV keys and feeds no training stage."""
+    from the LLaVA instruction file (a training source), which holds the same questions as rounds of
+    its conversations (and a yes/no round per image besides): the same prompts, answers and image
+    bytes, so the benchmark TSV keys and feeds no training stage."""
     from perceptio_core.format.prompts import format_mc_prompt
     from perceptio_core.training.base_fit import instruction_examples
 
     bench = read_benchmarks(tiny_world, DataConfig(), cache_dir=tmp_path / "cache")
     from_tsv = [(q.image_path, format_mc_prompt(q.question, q.options, q.hint), q.answer)
-                for q in bench.vqa if q.split == "train"]
-    from_llava = instruction_examples(tiny_world / "llava" / "llava_world.json")
+                for q in bench.mcq if q.split == "train"]
+    every = instruction_examples(tiny_world / "llava" / "llava_world.json")
+    yes_no = [e for e in every if e[1].endswith("Please answer yes or no.")]
+    from_llava = [e for e in every if e not in yes_no]
     assert from_tsv and [e[1:] for e in from_llava] == [e[1:] for e in from_tsv]
     assert [Path(e[0]).read_bytes() for e in from_llava] == [Path(e[0]).read_bytes() for e in from_tsv]
+    assert yes_no and {e[2] for e in yes_no} <= {"Yes", "No"}

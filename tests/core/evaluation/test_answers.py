@@ -106,3 +106,11 @@ def test_mc_a_fish_reads_the_weak_letter_when_no_text_matches():
 
 def test_normalise_text():
     assert normalise_text("  Dark-Red, please! ") == "dark red please"
+
+
+def test_parse_yes_no_reads_as_mme_calculation_does():
+    from perceptio_core.evaluation.answers import parse_yes_no
+
+    assert [parse_yes_no(t) for t in ("Yes", "no.", " YES ", "Yes, there is.", "No, it is not.", "Nope",
+                                      "I think yes", "B", "", "not sure")] == [
+        "Yes", "No", "Yes", "Yes", "No", "No", None, None, None, "No"]

@@ -24,14 +24,15 @@ from perceptio_core.evaluation.evaluate import (
     refer_prompt,
     run_evaluation,
     spread,
+    mcq_prompt,
+    mme_prompt,
     token_depth_choice,
-    vqa_prompt,
 )
 from perceptio_core.atomic_io import file_digest
 from perceptio_core.data.image_io import MissingImageError
 from perceptio_core.format.target import format_target
 from perceptio_core.format.prompts import HARDBLINK_QUESTION, render_prompt
-from perceptio_core.data.records import HardBlinkRecord, ImageRecord, RefRecord, Sources, VqaRecord
+from perceptio_core.data.records import HardBlinkRecord, ImageRecord, McqRecord, MmeRecord, RefRecord, Sources
 from perceptio_core.data.hardblink import read_hardblink
 from perceptio_core.data.refer import ann_to_mask
 from perceptio_core.data.sources import read_sources
@@ -60,7 +61,8 @@ def _ref(ds, split, ref_id, image_id, sentence, poly):
 
 @pytest.fixture()
 def world(tmp_path):
-    """Three images, refs on three datasets/splits (one train), HardBLINK 3 and 4, VQA two splits."""
+    """Three images, refs on three datasets/splits (one train), HardBLINK 3 and 4, two multiple-choice
+    benchmarks (one with a train row), MME existence on two images."""
     img = [_png(tmp_path / f"im{i}.png", i) for i in range(3)]
     depth = tmp_path / "im0.npy"
     yy, xx = np.mgrid[0:H, 0:W]
@@ -82,13 +84,17 @@ def world(tmp_path):
                         HARDBLINK_QUESTION, "(C)"),
     ]
     opts = {"A": "dog", "B": "cat", "C": "cow", "D": "fish"}
-    vqa = [
-        VqaRecord("q1", img[0], "What animal is it?", opts, "B", split="test"),
-        VqaRecord("q2", img[1], "Which animal swims?", opts, "D", hint="Look at the water.", split="test"),
-        VqaRecord("q3", img[2], "What animal moos?", opts, "C", split="dev"),
-        VqaRecord("q4", img[2], "Trained on, never evaluated?", opts, "C", split="train"),
+    mcq = [
+        McqRecord("1", img[0], "What animal is it?", opts, "B", category="Animal Recognition", benchmark="mmbench"),
+        McqRecord("2", img[1], "Which animal swims?", opts, "D", hint="Look at the water.", category="water life",
+                  benchmark="mmbench"),
+        McqRecord("3", img[2], "What animal moos?", opts, "C", category="sounds", benchmark="seedbench"),
+        McqRecord("4", img[2], "Trained on, never evaluated?", opts, "C", split="train", benchmark="mmbench"),
     ]
-    src = Sources(root=str(tmp_path), coco_images=recs, refs=refs, hardblink=hb, vqa=vqa)
+    yes_no = "Please answer yes or no."
+    mme = [MmeRecord(f"existence/{i}/{k}", "existence", f"existence/{i}", img[i], f"Is there a {what}? {yes_no}", ans)
+           for i in (0, 1) for k, (what, ans) in enumerate((("cube", "Yes"), ("cow", "No")), start=1)]
+    src = Sources(root=str(tmp_path), coco_images=recs, refs=refs, hardblink=hb, mcq=mcq, mme=mme)
     return src, tmp_path
 
 
@@ -115,9 +121,12 @@ class FakePerceptio:
             refer_prompt("left cube"): dict(mask=np.ones((H // 2, W // 2), bool), raw=_block(True), depth=True),
             refer_prompt("a cube"): dict(mask=_gt(src, 5)[::2, ::2], raw=_block(True, codes=(1, 2, 3)),
                                          depth=False),  # 3 codes: wrong count
-            vqa_prompt(src.vqa[0]): dict(raw="B"),
-            vqa_prompt(src.vqa[1]): dict(raw="It is a fish."),
-            vqa_prompt(src.vqa[2]): dict(raw="(A) or (C)"),
+            mcq_prompt(src.mcq[0]): dict(raw="B"),
+            mcq_prompt(src.mcq[1]): dict(raw="It is a fish."),
+            mcq_prompt(src.mcq[2]): dict(raw="(A) or (C)"),
+            # MME: image 0 answers Yes twice (one wrong), image 1 both right
+            **{(str(r.image_path), mme_prompt(r)): dict(raw="Yes" if r.image_key.endswith("/0") else f"{r.answer}.")
+               for r in src.mme},
         }
 
     def __call__(self, image, prompt):
@@ -129,7 +138,7 @@ class FakePerceptio:
             depth = self.teacher if img != "im1.png" else None
             return SimpleNamespace(text=ans, raw_text=raw, mask=None, depth_map=depth,
                                    depth_indices=[1, 2, 3, 4] if depth is not None else None)
-        e = self.table[prompt]
+        e = self.table.get((str(image), prompt)) or self.table[prompt]
         from perceptio_core.format.target import parse_generation
 
         p = parse_generation(e["raw"], N, K)
@@ -185,9 +194,15 @@ def test_all_benchmarks_hand_computed(world):
     # HardBLINK: 3 points 1/2 (two labels = wrong), 4 points 1/1; mean over counts
     assert m["hardblink.3.accuracy"] == 0.5 and m["hardblink.4.accuracy"] == 1.0
     assert m["hardblink.mean.accuracy"] == 0.75
-    # VQA: test 2/2 (a letter, an option text), dev 0/1 (two letters)
-    assert m["vqa.test.accuracy"] == 1.0 and m["vqa.dev.accuracy"] == 0.0 and m["vqa.test.n"] == 2
-    assert not any(k.startswith("vqa.train") for k in m)
+    # multiple choice: mmbench 2/2 (a letter, an option text; its train row left out), seedbench 0/1
+    # (two letters); per category
+    assert m["mcq.mmbench.accuracy"] == 1.0 and m["mcq.mmbench.n"] == 2
+    assert m["mcq.seedbench.accuracy"] == 0.0 and m["mcq.seedbench.n"] == 1
+    assert m["mcq.mmbench.category.animal_recognition.accuracy"] == 1.0
+    assert m["mcq.mmbench.category.water_life.n"] == 1 and m["mcq.seedbench.category.sounds.accuracy"] == 0.0
+    # MME existence: 3 of 4 questions right, 1 of 2 images both right -> 100 * (0.75 + 0.5)
+    assert m["mme.existence.acc"] == 0.75 and m["mme.existence.acc_plus"] == 0.5
+    assert m["mme.existence.score"] == 125.0 and m["mme.perception.score"] == 125.0 and m["mme.existence.n"] == 4
     # perception block: refer ok, no_block, ok, wrong_count; HardBLINK depth-only blocks are ok
     assert ev.block_status["constrained"] == {"ok": 5, "no_block": 1, "wrong_count": 1}
     assert m["perception_block.wellformed"] == pytest.approx(5 / 7) and m["perception_block.n"] == 7
@@ -203,11 +218,12 @@ def test_all_benchmarks_hand_computed(world):
     # base: text only -> empty masks, cIoU 0; its answers parsed the same way
     assert m["base.refcoco.val.ciou"] == 0.0 and m["base.refcocog.val.giou"] == 0.0
     assert m["base.hardblink.3.accuracy"] == 0.5 and m["base.hardblink.4.accuracy"] == 0.0
-    assert m["base.vqa.test.accuracy"] == 0.5 and m["base.vqa.dev.accuracy"] == 0.0
+    assert m["base.mcq.mmbench.accuracy"] == 0.5 and m["base.mcq.seedbench.accuracy"] == 0.0
+    assert m["base.mme.existence.acc"] == 0.5 and m["base.mme.existence.acc_plus"] == 0.0  # "no idea" -> "No"
     assert not any(k.startswith("base.perception_block") or k.startswith("base.depth") for k in m)
-    # progress: every generation once, totals known up front (7 + 3 VQA) x 2 models + 2 unconstrained
-    assert [d for d, _, _ in seen] == list(range(1, 23)) and {t for _, t, _ in seen} == {22}
-    assert [x for _, _, x in seen].count("base") == 10
+    # progress: every generation once, totals known up front (7 + 3 MCQ + 4 MME) x 2 models + 2 unconstrained
+    assert [d for d, _, _ in seen] == list(range(1, 31)) and {t for _, t, _ in seen} == {30}
+    assert [x for _, _, x in seen].count("base") == 14
     # prompts: the refer/hardblink/VQA prompts, never the train split
     assert not any("never evaluated" in p.lower() for _, p in fake.calls)
     # kept samples: at most one right and one wrong per benchmark, with the base's answer filled in
@@ -257,16 +273,18 @@ def test_unreadable_image_scores_wrong_not_dropped(world):
 
     cfg = EvaluateConfig(refer=False, hardblink=False)
     ev = run_evaluation(broken, src, cfg, depth_spec=SPEC)
-    assert ev.metrics["vqa.test.accuracy"] == 0.0 and ev.metrics["vqa.test.n"] == 2
-    assert len(ev.errors) == 3 and "missing image" in ev.errors[0]
+    assert ev.metrics["mcq.mmbench.accuracy"] == 0.0 and ev.metrics["mcq.mmbench.n"] == 2
+    assert ev.metrics["mme.existence.score"] == 0.0 and ev.metrics["mme.existence.n"] == 4
+    assert len(ev.errors) == 7 and "missing image" in ev.errors[0]
 
 
 def test_limits_apply_per_split(world):
     src, _ = world
-    cfg = EvaluateConfig(refer_limit=1, hardblink_limit=1, vqa_limit=1, refer_datasets=["refcoco"])
+    cfg = EvaluateConfig(refer_limit=1, hardblink_limit=1, mcq_limit=1, mme_limit=1, refer_datasets=["refcoco"])
     m = run_evaluation(FakePerceptio(src), src, cfg, depth_spec=SPEC).metrics
     assert m["refcoco.val.n"] == 1 and m["refcoco.testA.n"] == 1 and "refcocog.val.n" not in m
-    assert m["hardblink.3.n"] == 1 and m["vqa.test.n"] == 1 and m["vqa.dev.n"] == 1
+    assert m["hardblink.3.n"] == 1 and m["mcq.mmbench.n"] == 1 and m["mcq.seedbench.n"] == 1
+    assert m["mme.existence.n"] == 2  # one image, both its questions
 
 
 def test_report_tables_and_pictures(world):
@@ -295,7 +313,8 @@ def test_tiny_world_perfect_predictor_scores_one(tiny_world, tmp_path):
     src = read_sources(tiny_world, DataConfig(), cache_dir=tmp_path / "cache")
     truth = {(src.coco_images[r.image_id].path, refer_prompt(r.sentence)): r for r in src.refs if r.split != "train"}
     hb = {r.image_path: r.answer for r in src.hardblink}
-    vqa = {vqa_prompt(r): r.answer for r in src.vqa}
+    mcq = {mcq_prompt(r): r.answer for r in src.mcq}
+    mme = {(r.image_path, mme_prompt(r)): r.answer for r in src.mme}
 
     def oracle(image, prompt):
         if (str(image), prompt) in truth:
@@ -303,17 +322,19 @@ def test_tiny_world_perfect_predictor_scores_one(tiny_world, tmp_path):
             im = src.coco_images[r.image_id]
             return SimpleNamespace(text="x", mask=ann_to_mask(r.segmentation, im.height, im.width), depth_map=None,
                                    depth_indices=None)  # fmt: skip
-        text = hb.get(str(image)) or vqa[prompt]
+        text = hb.get(str(image)) or mme.get((str(image), prompt)) or mcq[prompt]
         return SimpleNamespace(text=text, mask=None, depth_map=None, depth_indices=None)
 
-    m = run_evaluation(oracle, src, EvaluateConfig(refer_limit=5, vqa_limit=0), depth_spec=SPEC).metrics
+    m = run_evaluation(oracle, src, EvaluateConfig(refer_limit=5, mcq_limit=0), depth_spec=SPEC).metrics
     refer_keys = [k for k in m if k.endswith(".giou")]
     assert {k.split(".")[0] for k in refer_keys} == {"refcoco", "refcoco+", "refcocog"}
     assert {k.split(".")[1] for k in refer_keys} == {"val", "testA", "testB", "test"}
     # an expression repeated on one image (ambiguous: curation filters those) may name another object
     assert all(m[k] >= 0.9 for k in refer_keys), {k: m[k] for k in refer_keys}
     assert m["hardblink.mean.accuracy"] == 1.0 and {m[f"hardblink.{n}.n"] for n in (3, 4, 5)} == {2.0}
-    assert all(m[k] == 1.0 for k in m if k.startswith("vqa.") and k.endswith(".accuracy"))
+    assert all(m[k] == 1.0 for k in m if k.startswith("mcq.") and k.endswith(".accuracy"))
+    assert m["mcq.mmbench.n"] == 6  # the world's dev rows
+    assert m["mme.perception.score"] == 800.0 and m["mme.count.n"] == 4  # 4 subtasks x 200
     assert not math.isnan(m["perception_block.wellformed"])
 
 
@@ -346,7 +367,7 @@ def test_public_hardblink_scores_text_and_skips_the_depth_token_diagnostic(publi
 def test_world_hardblink_runs_the_depth_token_diagnostic(tiny_world, tmp_path):
     """With the world's points file the diagnostic runs: a map that is the true disparity names the
     nearest point every time, whatever the text says; records without points are left out of it."""
-    cfg = DataConfig(refer_datasets=[], ade20k="", vqa_tsv="", captions="", llava_json=None, glamm_json=None)
+    cfg = DataConfig(refer_datasets=[], ade20k="", mcq={}, mme="", captions="", llava_json=None, glamm_json=None)
     src = read_sources(tiny_world, cfg, cache_dir=tmp_path / "cache")
     assert len(src.hardblink) == 6 and all(r.points for r in src.hardblink)
 

@@ -109,7 +109,7 @@ def test_real_model_through_the_evaluators(model, tiny_world, tmp_path):
 
     src = read_sources(tiny_world, DataConfig(), cache_dir=tmp_path / "cache")
     cfg = EvaluateConfig(refer_datasets=["refcoco"], refer_splits=["val"], refer_limit=1, hardblink_limit=1,
-                         vqa_limit=1, unconstrained_limit=1, max_new_tokens=model.num_depth_tokens + 4)
+                         mcq_limit=1, mme_limit=1, unconstrained_limit=1, max_new_tokens=model.num_depth_tokens + 4)
     tok = model.tokenizer
     base = build_tiny_internvl(TinyVLMConfig(), tok, seed=1).eval()
     preds = make_predictors(model, cfg, base_model=base, base_tokenizer=tok)
@@ -120,9 +120,10 @@ def test_real_model_through_the_evaluators(model, tiny_world, tmp_path):
     assert m["refcoco.val.n"] == 1 and 0.0 <= m["refcoco.val.ciou"] <= 1.0
     assert m["base.refcoco.val.ciou"] == 0.0  # text only: empty masks
     assert {m[f"hardblink.{n}.n"] for n in (3, 4, 5)} == {1.0} and 0 <= m["hardblink.mean.accuracy"] <= 1
-    assert "vqa.dev.accuracy" in m and "base.vqa.dev.accuracy" in m
+    assert "mcq.mmbench.accuracy" in m and "base.mcq.mmbench.accuracy" in m
+    assert m["mme.count.n"] == 2 and "base.mme.perception.score" in m
     assert 0 <= m["perception_block.wellformed"] <= 1 and m["perception_block.n_unconstrained"] == 1
-    p = base_predictor(base, tok, model.depth_spec, max_new_tokens=3)(src.vqa[0].image_path, "What is it?")
+    p = base_predictor(base, tok, model.depth_spec, max_new_tokens=3)(src.mcq[0].image_path, "What is it?")
     assert p.mask is None and p.depth_map is None and len(p.token_ids) <= 3
 
 

@@ -96,3 +96,18 @@ def test_agrees_with_pycocotools_on_random_masks():
             warnings.simplefilter("ignore", DeprecationWarning)
             ref = float(np.asarray(mask_utils.iou([rp], [rg], [0]))[0, 0])
         assert mask_iou(p, g) == pytest.approx(ref, abs=1e-12), i
+
+
+def test_mme_scores_by_hand():
+    from perceptio_core.evaluation.metrics import mme_scores
+
+    rows = [("existence", "e/1", True), ("existence", "e/1", True),  # image 1: both right
+            ("existence", "e/2", True), ("existence", "e/2", False),  # image 2: one right
+            ("count", "c/1", False), ("count", "c/1", True),
+            ("code_reasoning", "r/1", False), ("code_reasoning", "r/1", False)]
+    groups = {"existence": "perception", "count": "perception", "code_reasoning": "cognition"}
+    m = mme_scores(rows, groups)
+    # existence: acc 3/4, acc+ 1/2 -> 100 * 1.25 = 125; count: acc 1/2, acc+ 0 -> 50; code: 0
+    assert m["existence.acc"] == 0.75 and m["existence.acc_plus"] == 0.5 and m["existence.score"] == 125.0
+    assert m["existence.n"] == 4 and m["count.score"] == 50.0 and m["code_reasoning.score"] == 0.0
+    assert m["perception.score"] == 175.0 and m["cognition.score"] == 0.0

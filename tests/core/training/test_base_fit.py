@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from perceptio_core.data.records import ImageRecord, RefRecord, Sources, VqaRecord
+from perceptio_core.data.records import ImageRecord, McqRecord, RefRecord, Sources
 from perceptio_core.format.prompts import TEMPLATES, format_mc_prompt
 from perceptio_core.training.base_fit import CAPTION_PROMPT, GROUNDING_PROMPT, base_examples, grounding_examples
 
@@ -50,9 +50,9 @@ def _png(path, colour) -> str:
 
 def test_base_examples_are_captions_train_vqa_and_descriptions_and_texts_cover_the_prompts():
     images = {i: ImageRecord(i, f"{i}.jpg", f"/w/{i}.jpg", 90, 30, "coco", digest=f"{i:064x}") for i in (1, 2)}
-    vqa = [VqaRecord("q1", "/w/v1.jpg", "Which colour?", {"A": "red", "B": "blue"}, "A", split="train"),
-           VqaRecord("q2", "/w/v2.jpg", "Which shape?", {"A": "ball", "B": "cone"}, "B", split="dev")]
-    src = Sources(root="/w", coco_images=images, refs=[_ref(1, 11, "train", "left ball", 5.0)], vqa=vqa,
+    mcq = [McqRecord("q1", "/w/v1.jpg", "Which colour?", {"A": "red", "B": "blue"}, "A", split="train"),
+           McqRecord("q2", "/w/v2.jpg", "Which shape?", {"A": "ball", "B": "cone"}, "B", split="dev")]
+    src = Sources(root="/w", coco_images=images, refs=[_ref(1, 11, "train", "left ball", 5.0)], mcq=mcq,
                   captions=[(1, "A red ball."), (2, "Two cones."), (9, "no such image")])
     ex, texts = base_examples(src, grounding=True)
     assert ex == [

@@ -335,21 +335,36 @@ def test_mmbench_tsv_parses(tiny_world):
     assert {r["split"] for r in rows} == {"train", "dev"}
 
 
-def test_llava_json_holds_the_train_questions_as_evaluation_prompts(tiny_world):
+def test_llava_json_holds_the_train_questions_as_multi_turn_conversations(tiny_world):
+    """One conversation per train scene: its TSV questions as the first turns (``<image>`` in the
+    first only, the evaluation prompt each), then a yes/no turn; a text-only conversation after
+    every third image one, as LLaVA-665K mixes text-only samples in."""
     from perceptio_core.format.prompts import format_mc_prompt
 
     csv.field_size_limit(sys.maxsize)
     with open(tiny_world / "vqa" / "mmbench_world.tsv", newline="") as f:
         train = [r for r in csv.DictReader(f, delimiter="\t") if r["split"] == "train"]
     entries = json.loads((tiny_world / "llava" / "llava_world.json").read_text())
-    assert len(entries) == len(train) > 0  # every train question, no dev question
-    for e, row in zip(entries, train):
-        options = {k: row[k] for k in "ABCD" if row[k]}
-        human, gpt = e["conversations"]
-        assert human == {"from": "human", "value": "<image>\n" + format_mc_prompt(row["question"], options)}
-        assert gpt == {"from": "gpt", "value": row["answer"]}
+    with_image = [e for e in entries if "image" in e]
+    text_only = [e for e in entries if "image" not in e]
+    assert len(with_image) == 3 and len(text_only) == 1 and entries[3] is text_only[0]
+    assert [t["from"] for t in text_only[0]["conversations"]] == ["human", "gpt"] * 2
+    assert "<image>" not in json.dumps(text_only)
+    rows = iter(train)
+    for e in with_image:
+        turns = e["conversations"]
+        assert len(turns) % 2 == 0 and len(turns) >= 4  # at least one question and the yes/no turn
+        assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2)
+        assert turns[0]["value"].startswith("<image>\n") and sum("<image>" in t["value"] for t in turns) == 1
         image = (tiny_world / "llava" / e["image"]).read_bytes()
-        assert image == base64.b64decode(row["image"])  # the very JPEG the TSV carries
+        for human, gpt in zip(turns[:-2:2], turns[1:-2:2]):
+            row = next(rows)
+            options = {k: row[k] for k in "ABCD" if row[k]}
+            assert human["value"].removeprefix("<image>\n") == format_mc_prompt(row["question"], options)
+            assert gpt["value"] == row["answer"]
+            assert image == base64.b64decode(row["image"])  # the very JPEG the TSV carries
+        assert turns[-2]["value"].endswith("Please answer yes or no.") and turns[-1]["value"] in ("Yes", "No")
+    assert next(rows, None) is None  # every train question, no dev question
 
 
 def test_captions_and_ade_layout(tiny_world):

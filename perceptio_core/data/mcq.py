@@ -1,18 +1,22 @@
-"""Multiple-choice VQA in MMBench's TSV format (SPEC §6: MMBench-style accuracy).
+"""Multiple-choice benchmarks in the TSV layout VLMEvalKit distributes (SPEC §6: MMBench-style
+accuracy): MMBench, SEED-Bench, AI2D, MMStar, ScienceQA and any other of its MCQ TSVs.
 
-Any MMBench-format TSV reads: a header row then one question per row, tab-separated, fields quoted
-as pandas writes them; columns ``index, question, hint, A, B, C, D, answer, category, image`` and
-optionally ``source, l2-category, comment, split`` (and further single-letter option columns).
+A header row then one question per row, tab-separated, fields quoted as pandas writes them; columns
+``index, question, A, B, answer, image`` at least, usually ``hint``, ``C``, ``D`` (``E`` and further
+single-letter option columns where a benchmark has them), ``category`` and extra columns
+(``source, l2-category, comment, split``) that are ignored apart from ``split`` (default ``test``).
 ``image`` is the picture as base64 inline, or, as in MMBench's circular copies, the ``index`` of
 another row whose image it shares (a value of 64 characters or fewer).
 
 Images: each distinct image is decoded once and written to ``image_dir`` as
 ``<sha256 of its bytes>.<ext>`` (content-addressed, so concurrent readers and repeated reads agree,
 and the file is written atomically); records point at those files, so every reader downstream deals
-with image paths only. Empty or ``nan`` cells are absent; at least two options must remain.
+with image paths only. Empty or ``nan`` cells are absent (an option column may be empty: SEED-Bench's and MMStar's
+questions have 4 options in a 4-column file, ScienceQA's 2 to 5 in a 5-column one); at least two
+options must remain. Quarantine entries have source ``mcq.<benchmark>`` and record ``index=<index>``.
 Quarantined rows: ``corrupt image: ...`` (not base64, not an image), ``missing image`` (a reference
 to an index without an image), ``malformed record: ...`` (no question, fewer than two options, no
-answer, an answer that is not an option letter).
+answer, an answer that is not an option letter, bytes that are not UTF-8).
 """
 
 from __future__ import annotations
@@ -33,23 +37,30 @@ from perceptio_core.data.records import (
     REASON_MISSING_IMAGE,
     DatasetNotFoundError,
     QuarantineEntry,
-    VqaRecord,
+    McqRecord,
 )
 
-SOURCE = "vqa"
 _EXT = {"JPEG": ".jpg", "PNG": ".png", "GIF": ".gif", "BMP": ".bmp", "WEBP": ".webp"}
 
 
-class VqaResult(NamedTuple):
-    """What :func:`read_mmbench_tsv` returns."""
+class McqResult(NamedTuple):
+    """What :func:`read_mcq_tsv` returns."""
 
-    records: list[VqaRecord]
+    records: list[McqRecord]
     quarantine: list[QuarantineEntry]
 
 
 def _cell(row: dict[str, str], key: str) -> str:
     v = (row.get(key) or "").strip()
     return "" if v.lower() == "nan" else v
+
+
+def _utf8(row: dict[str, str]) -> bool:
+    try:
+        "".join(v for v in row.values() if isinstance(v, str)).encode("utf-8")
+    except UnicodeEncodeError:  # a byte that is not UTF-8, kept as a lone surrogate
+        return False
+    return True
 
 
 def _store_image(data: bytes, image_dir: Path) -> str:
@@ -64,28 +75,30 @@ def _store_image(data: bytes, image_dir: Path) -> str:
     return str(path.resolve())
 
 
-def read_mmbench_tsv(
+def read_mcq_tsv(
     tsv_path: str | os.PathLike[str],
     image_dir: str | os.PathLike[str],
-    source: str = SOURCE,
-) -> VqaResult:
-    """Read an MMBench-format TSV (module docstring); images are written under ``image_dir``.
-    Raises :class:`DatasetNotFoundError` for a missing file, ``ValueError`` without the columns."""
+    benchmark: str = "mmbench",
+) -> McqResult:
+    """Read one benchmark's TSV (module docstring) as ``benchmark``; images are written under
+    ``image_dir``. Raises :class:`DatasetNotFoundError` for a missing file, ``ValueError`` (naming
+    the file) without the columns."""
     p = Path(tsv_path)
+    source = f"mcq.{benchmark}"
     if not p.is_file():
-        raise DatasetNotFoundError(f"MMBench TSV not found: {p}")
+        raise DatasetNotFoundError(f"multiple-choice TSV ({benchmark}) not found: {p}")
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    with open(p, newline="", encoding="utf-8") as f:
+    with open(p, newline="", encoding="utf-8", errors="surrogateescape") as f:  # bad bytes: per row
         rows = list(csv.DictReader(f, delimiter="\t"))
     cols = set(rows[0].keys()) if rows else set()
-    need = {"index", "question", "A", "B", "image"}
+    need = {"index", "question", "A", "B", "answer", "image"}
     if rows and not need <= cols:
-        raise ValueError(f"{p}: not an MMBench TSV (missing columns {sorted(need - cols)})")
+        raise ValueError(f"{p}: not a VLMEvalKit multiple-choice TSV (missing columns {sorted(need - cols)})")
     letters = sorted(c for c in cols if len(c) == 1 and c.isupper())
     images_by_index = {_cell(r, "index"): _cell(r, "image") for r in rows}
     out_dir = Path(image_dir)
     stored: dict[str, str] = {}  # base64 text -> path
-    records: list[VqaRecord] = []
+    records: list[McqRecord] = []
     quarantine: list[QuarantineEntry] = []
     for n, row in enumerate(rows):
         qid = _cell(row, "index") or f"row{n + 1}"
@@ -94,7 +107,9 @@ def read_mmbench_tsv(
         options = {k: _cell(row, k) for k in letters if _cell(row, k)}
         answer = _cell(row, "answer").upper()
         why = None
-        if not question:
+        if not _utf8(row):
+            why = "not UTF-8 text"
+        elif not question:
             why = "empty question"
         elif len(options) < 2:
             why = f"{len(options)} option(s), at least 2 needed"
@@ -122,7 +137,7 @@ def read_mmbench_tsv(
         if path.startswith("!"):
             quarantine.append(QuarantineEntry(source, rec, path[1:]))
             continue
-        records.append(VqaRecord(
+        records.append(McqRecord(
             qid=qid,
             image_path=path,
             question=question,
@@ -131,11 +146,12 @@ def read_mmbench_tsv(
             hint=_cell(row, "hint"),
             category=_cell(row, "category"),
             split=_cell(row, "split") or "test",
+            benchmark=benchmark,
         ))
-    return VqaResult(records, quarantine)
+    return McqResult(records, quarantine)
 
 
-def options_text(record: VqaRecord) -> str:
+def options_text(record: McqRecord) -> str:
     """The options as MMBench prompts list them, one ``"A. text"`` per line."""
     return "\n".join(f"{k}. {v}" for k, v in sorted(record.options.items()))
 
