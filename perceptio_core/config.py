@@ -425,7 +425,7 @@ class EvaluateConfig:
     hardblink: bool = True
     mcq: bool = True  # the multiple-choice benchmarks of data.mcq (MMBench-style accuracy)
     mme: bool = True  # MME (acc / acc+ per subtask, perception and cognition scores)
-    refer_datasets: list[str] = field(default_factory=lambda: ["refcoco", "refcoco+", "refcocog"])
+    refer_datasets: list[str] | None = None  # None: every REFER dataset read (data.refer_datasets)
     refer_splits: list[str] = field(default_factory=lambda: ["val", "testA", "testB", "test"])  # those present
     refer_limit: int = 25  # expressions per dataset and split, 0: all
     hardblink_limit: int = 0  # questions per point count, 0: all (the public set: 124; the world: 24)

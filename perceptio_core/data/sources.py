@@ -324,8 +324,17 @@ def _read_training(paths: SourcePaths, validator: ImageValidator, progress: bool
     out = Sources(root=str(paths.root))
     for ds, (folder, split_by) in paths.refer.items():
         res = read_refer(folder, paths.coco_images, ds, split_by, validator, paths.depth, progress)
-        out.refs += res.refs
-        out.coco_images.update(res.images)
+        # REFER datasets share COCO's image ids: an id another dataset gave another file is a clash
+        clash = {i: out.coco_images[i] for i, rec in res.images.items()
+                 if i in out.coco_images and out.coco_images[i].path != rec.path}
+        for r in res.refs:
+            if r.image_id in clash:
+                out.quarantine.append(QuarantineEntry(ds, f"ref_id={r.ref_id} sent_id={r.sent_id}", (
+                    f"{REASON_MALFORMED}: image_id {r.image_id} is {res.images[r.image_id].file_name} here but "
+                    f"{clash[r.image_id].file_name} in an earlier dataset (image ids are shared across REFER "
+                    "datasets)")))
+        out.refs += [r for r in res.refs if r.image_id not in clash]
+        out.coco_images.update({i: rec for i, rec in res.images.items() if i not in clash})
         out.quarantine += res.quarantine
     if paths.captions is not None:
         cap = read_captions(paths.captions, paths.coco_images, validator, paths.depth)

@@ -352,10 +352,14 @@ class _ReferItem:
 
 
 def refer_plan(sources: Sources, cfg: EvaluateConfig) -> dict[tuple[str, str], list[_ReferItem]]:
-    """(dataset, split) -> the refer items evaluated, for the datasets of ``cfg.refer_datasets`` and
-    the splits of ``cfg.refer_splits`` present in the records (never ``train``), in that order."""
+    """(dataset, split) -> the refer items evaluated, for the datasets of ``cfg.refer_datasets`` (None:
+    every dataset of the records, in their order) and the splits of ``cfg.refer_splits`` present in
+    the records (never ``train``), in that order."""
     out: dict[tuple[str, str], list[_ReferItem]] = {}
-    for ds in cfg.refer_datasets:
+    datasets = cfg.refer_datasets
+    if datasets is None:
+        datasets = list(dict.fromkeys(r.dataset for r in sources.refs))
+    for ds in datasets:
         for split in cfg.refer_splits:
             if split == "train":
                 continue

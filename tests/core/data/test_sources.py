@@ -198,3 +198,82 @@ def test_fingerprint_reads_the_hardblink_jsonl(tiny_world, tmp_path):
     assert len(flipped) == len(text) and flipped != text
     answers.write_text(flipped)
     assert data_fingerprint(root, cfg) != fp
+
+
+def _py2_pickle(obj) -> bytes:
+    """``obj`` as Python 2's ``pickle.dump(obj, f)`` writes it (protocol 0, the default REFER's refs
+    files were written with): dicts and lists built item by item, ints as ``I``, Python 2 ``str``
+    (bytes, here UTF-8) as quoted ``S`` strings, ``unicode`` as ``V`` raw-unicode-escape lines."""
+    out: list[bytes] = []
+
+    def w(o):
+        if isinstance(o, dict):
+            out.append(b"(d")
+            for k, v in o.items():
+                w(k)
+                w(v)
+                out.append(b"s")
+        elif isinstance(o, list):
+            out.append(b"(l")
+            for v in o:
+                w(v)
+                out.append(b"a")
+        elif isinstance(o, bool) or o is None:
+            raise TypeError(o)
+        elif isinstance(o, int):
+            out.append(b"I%d\n" % o)
+        elif isinstance(o, bytes):  # a Python 2 str: repr with single quotes, bytes >= 0x80 as \\xNN
+            body = "".join(chr(b) if 32 <= b < 127 and b not in (39, 92) else f"\\x{b:02x}" for b in o)
+            out.append(b"S'" + body.encode("ascii") + b"'\n")
+        elif isinstance(o, str):  # unicode
+            out.append(b"V" + o.encode("raw-unicode-escape") + b"\n")
+        else:
+            raise TypeError(o)
+
+    w(obj)
+    return b"".join(out) + b"."
+
+
+def test_refs_written_by_python2_read_with_their_text(broken_tree):
+    """REFER's refs(unc).p as released: a Python 2 protocol-0 pickle whose strings are byte strings
+    (UTF-8 where not ASCII) and sometimes unicode; ``file_name`` carries the annotation suffix, and the
+    image is found through ``image_id`` in instances.json."""
+    sent = {b"tokens": [b"the", b"caf\xc3\xa9", b"ball"], b"raw": b"the caf\xc3\xa9 ball", b"sent_id": 0,
+            b"sent": "the café ball"}
+    ref = {b"sent_ids": [0], b"file_name": b"COCO_train2014_000000000001_10.jpg", b"ann_id": 10, b"ref_id": 0,
+           b"image_id": 1, b"split": b"train", b"sentences": [sent], b"category_id": 1}
+    data = _py2_pickle([ref])
+    assert data.startswith(b"(l(dS'sent_ids'\n(lI0\na") and b"S'caf\\xc3\\xa9'" in data
+    with pytest.raises(UnicodeDecodeError):
+        pickle.loads(data)  # what a plain Python 3 load (ASCII) does with it
+    (broken_tree / "refcoco" / "refs(unc).p").write_bytes(data)
+    s = read_sources(broken_tree, DataConfig(**ONLY_REFCOCO))
+    assert s.quarantine == []
+    (r,) = s.refs
+    assert (r.ref_id, r.sent_id, r.sentence, r.split, r.ann_id) == (0, 0, "the café ball", "train", 10)
+    assert s.coco_images[1].file_name == "COCO_train2014_000000000001.jpg"  # through image_id, not file_name
+
+
+def test_an_image_id_two_datasets_give_different_files_is_quarantined(broken_tree):
+    """A dataset of one's own that reuses a COCO image id for another picture: its refs on that id
+    are quarantined naming the clash; the first dataset's and its other refs stay."""
+    import shutil as sh
+
+    other = broken_tree / "mine"
+    sh.copytree(broken_tree / "refcoco", other)
+    inst = json.loads((other / "instances.json").read_text())
+    for im in inst["images"]:
+        if im["id"] == 1:
+            im["file_name"] = "mine_1.jpg"  # the same id, another file
+    sh.copy(broken_tree / "images" / "train2014" / "COCO_train2014_000000000005.jpg",
+            broken_tree / "images" / "train2014" / "mine_1.jpg")
+    (other / "instances.json").write_text(json.dumps(inst))
+    cfg = DataConfig(**{**ONLY_REFCOCO, "refer_datasets": ["refcoco", "mine"], "refer_split_by": {"mine": "unc"}})
+    s = read_sources(broken_tree, cfg)
+    mine = [(r.ref_id, r.sent_id) for r in s.refs if r.dataset == "mine"]
+    assert mine == [(6, 7)]  # image 5's ref; those on image 1 quarantined
+    clash = [q for q in s.quarantine if q.source == "mine" and "image ids are shared" in q.reason]
+    assert [q.record for q in clash] == ["ref_id=0 sent_id=0", "ref_id=0 sent_id=1"]
+    assert clash[0].reason.startswith("malformed record: image_id 1 is mine_1.jpg here but "
+                                      "COCO_train2014_000000000001.jpg in an earlier dataset")
+    assert s.coco_images[1].file_name == "COCO_train2014_000000000001.jpg"
