@@ -435,6 +435,7 @@ class EvaluateConfig:
     constrained: bool = True  # constrained perception decoding (SPEC §1) for the main run
     max_new_tokens: int = 160  # N + 3 + the answer
     num_beams: int = 1  # 1: greedy
+    batch_size: int = 16  # prompts decoded at once (greedy; left-padded, same answers as one at a time)
     max_tiles: int = 0  # dynamic tiling at evaluation (InternVL evaluates with 12); 0: model.max_tiles
     compare_base: bool = True  # run the same benchmarks with the base model (text only)
     report_samples: int = 2  # pictures of right and of wrong samples per benchmark
@@ -447,8 +448,8 @@ class EvaluateConfig:
                 raise ConfigError(f"evaluate.{name} must be >= 0 (0: all), got {getattr(self, name)}")
         if "train" in self.refer_splits:
             raise ConfigError("evaluate.refer_splits must not contain 'train'")
-        if self.max_new_tokens < 1 or self.num_beams < 1 or self.depth_pairs < 1:
-            raise ConfigError("evaluate.max_new_tokens, num_beams and depth_pairs must be >= 1")
+        if min(self.max_new_tokens, self.num_beams, self.depth_pairs, self.batch_size) < 1:
+            raise ConfigError("evaluate.max_new_tokens, num_beams, depth_pairs and batch_size must be >= 1")
         if not 0 <= self.max_tiles <= 40:
             raise ConfigError(f"evaluate.max_tiles must be in 0..40 (0: model.max_tiles), got {self.max_tiles}")
 

@@ -152,14 +152,22 @@ def model_predictor(
     """``predict(image path or PIL, prompt) -> GenerationResult`` for a loaded
     :class:`~perceptio_core.model.perceptio_model.PerceptioModel` (its own tokenizer), through
     :func:`perceptio_core.model.generation.generate`; images tiled up to ``max_tiles`` (None or 0:
-    the model's ``model.max_tiles``)."""
-    from perceptio_core.model.generation import generate
+    the model's ``model.max_tiles``). With greedy decoding it has ``predict.batch(images, prompts)``
+    (:func:`~perceptio_core.model.generation.generate_batch`: the same results, several at once)."""
+    from perceptio_core.model.generation import generate, generate_batch
 
     def predict(image: Any, prompt: str) -> Any:
         return generate(model, model.tokenizer, _image_arg(image), prompt, max_new_tokens, constrained,
                         num_beams, want_mask=want_mask, want_depth=want_depth,
                         max_tiles=max_tiles or None)  # fmt: skip
 
+    def batch(images: Sequence[Any], prompts: Sequence[str]) -> list[Any]:
+        return generate_batch(model, model.tokenizer, [_image_arg(im) for im in images], prompts, max_new_tokens,
+                              constrained, want_mask=want_mask, want_depth=want_depth,
+                              max_tiles=max_tiles or None)  # fmt: skip
+
+    if num_beams == 1:
+        predict.batch = batch  # type: ignore[attr-defined]
     return predict
 
 
@@ -171,11 +179,12 @@ class TextOnlyLM:
         self.vlm = vlm
 
     def lm_forward(self, input_ids: Any, attention_mask: Any = None, pixel_values: Any = None,
-                   past_key_values: Any = None, use_cache: bool = False, logits_from: int | None = -1) -> Any:
+                   past_key_values: Any = None, use_cache: bool = False, logits_from: int | None = -1,
+                   position_ids: Any = None) -> Any:
         from perceptio_core.model.internvl import lm_pass
 
         hidden, logits, cache = lm_pass(self.vlm, input_ids, attention_mask, pixel_values, past_key_values,
-                                        use_cache, logits_from)  # fmt: skip
+                                        use_cache, logits_from, position_ids)  # fmt: skip
         return SimpleNamespace(hidden=hidden, logits=logits, past_key_values=cache)
 
 
@@ -185,11 +194,12 @@ def base_predictor(base_model: Any, tokenizer: Any, depth_spec: DepthCodecSpec, 
     training (:func:`perceptio_core.model.batching.encode_prompt`), greedy (or beam) decoding with the KV
     cache, no constraint. Its text is read by the parser the Perceptio model's is, with the K and N
     of ``depth_spec`` (the compared model's codec), so both answers are cut out the same way. The
-    prediction has ``mask``, ``depth_map`` and ``depth_indices`` None."""
+    prediction has ``mask``, ``depth_map`` and ``depth_indices`` None. Greedy, it has
+    ``predict.batch(images, prompts)`` too (one left-padded batch, the same answers)."""
     import torch
 
     from perceptio_core.model.batching import encode_image, encode_prompt
-    from perceptio_core.model.generation import generate_ids
+    from perceptio_core.model.generation import generate_ids, generate_ids_batch
     from perceptio_core.model.internvl import stop_token_ids
     from perceptio_core.model.processor import TileProcessor
 
@@ -205,12 +215,28 @@ def base_predictor(base_model: Any, tokenizer: Any, depth_spec: DepthCodecSpec, 
         px = tiles.to(device=param.device, dtype=param.dtype)
         prompt_ids = encode_prompt(tokenizer, prompt, processor.tokens_per_tile * len(tiles))
         ids, _ = generate_ids(lm, prompt_ids, px, max_new_tokens, stops, num_beams=num_beams)
+        return answer(ids)
+
+    def answer(ids: list[int]) -> Any:
         ids = [t for t in ids if t not in stops]
         raw = tokenizer.decode(ids, skip_special_tokens=False)
         parsed = parse_generation(raw, depth_spec.num_tokens, depth_spec.codebook_size)
         return SimpleNamespace(text=parsed.answer, raw_text=raw, token_ids=ids, status=parsed.status,
                                mask=None, depth_map=None, depth_indices=None)  # fmt: skip
 
+    @torch.no_grad()
+    def batch(images: Sequence[Any], prompts: Sequence[str]) -> list[Any]:
+        base_model.eval()
+        param = next(base_model.parameters())
+        tiles = [encode_image(processor, _image_arg(im))[1] for im in images]
+        prompt_ids = [encode_prompt(tokenizer, pr, processor.tokens_per_tile * len(t)) for pr, t in zip(prompts, tiles)]
+        px = torch.cat(tiles).to(device=param.device, dtype=param.dtype)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stops)
+        decoded = generate_ids_batch(lm, prompt_ids, px, max_new_tokens, stops, int(pad))
+        return [answer(ids) for ids, _ in decoded]
+
+    if num_beams == 1:
+        predict.batch = batch  # type: ignore[attr-defined]
     return predict
 
 
@@ -307,12 +333,39 @@ _EMPTY = SimpleNamespace(text="", raw_text="", mask=None, depth_map=None, depth_
 
 
 class _Runner:
-    """Calls a predictor, counts progress, turns an unreadable image into an empty prediction."""
+    """Calls a predictor, counts progress, turns an unreadable image into an empty prediction.
+    :meth:`many` hands ``batch_size`` pairs at a time to a predictor's ``batch`` when it has one."""
 
-    def __init__(self, total: int, progress: ProgressFn | None, errors: list[str]) -> None:
+    def __init__(self, total: int, progress: ProgressFn | None, errors: list[str], batch_size: int = 1) -> None:
         self.total, self.done, self.progress, self.errors = total, 0, progress, errors
+        self.batch_size = max(1, int(batch_size))
         self.calls: Counter[str] = Counter()
         self.seconds: Counter[str] = Counter()
+
+    def many(self, predict: Predict, model: str, pairs: Sequence[tuple[str, str]], **info: Any) -> list[Any]:
+        """The predictions of ``(image, prompt)`` pairs, in order: through ``predict.batch`` in
+        chunks of ``batch_size`` when the predictor has one (a chunk with an unreadable image falls
+        back to one call per pair, so only that pair is scored empty), else one call per pair."""
+        batch = getattr(predict, "batch", None)
+        if batch is None or self.batch_size == 1:
+            return [self(predict, model, image, prompt, **info) for image, prompt in pairs]
+        out: list[Any] = []
+        for start in range(0, len(pairs), self.batch_size):
+            chunk = pairs[start:start + self.batch_size]
+            t0 = time.perf_counter()
+            try:
+                preds = batch([image for image, _ in chunk], [prompt for _, prompt in chunk])
+            except ImageError:
+                out += [self(predict, model, image, prompt, **info) for image, prompt in chunk]
+                continue
+            self.seconds[model] += time.perf_counter() - t0
+            self.calls[model] += len(chunk)
+            for _ in chunk:
+                self.done += 1
+                if self.progress is not None:
+                    self.progress(self.done, self.total, {"model": model, **info})
+            out += preds
+        return out
 
     def __call__(self, predict: Predict, model: str, image: str, prompt: str, **info: Any) -> Any:
         t0 = time.perf_counter()
@@ -580,7 +633,7 @@ def run_evaluation(
     total = n_main * (2 if base_predict is not None else 1) + len(unconstrained)
 
     ev = Evaluation()
-    run = _Runner(total, progress, ev.errors)
+    run = _Runner(total, progress, ev.errors, cfg.batch_size)
     keeper = _Keeper(cfg.report_samples)
     depth = DepthQuality(cfg.depth_pairs)
     depth_cache: dict[str, np.ndarray] = {}
@@ -610,10 +663,11 @@ def run_evaluation(
         # ---- referring segmentation
         for (ds, split), items in refer.items():
             acc = IoUAccumulator()
-            for it in items:
+            prompts = [refer_prompt(it.record.sentence) for it in items]
+            preds = run.many(pred_fn, model, [(it.image.path, pr) for it, pr in zip(items, prompts)],
+                             benchmark=ds, split=split)
+            for it, prompt, p in zip(items, prompts, preds):
                 r, im = it.record, it.image
-                prompt = refer_prompt(r.sentence)
-                p = run(pred_fn, model, im.path, prompt, benchmark=ds, split=split)
                 gt = ann_to_mask(r.segmentation, im.height, im.width).astype(bool)
                 mask = getattr(p, "mask", None)
                 pm = resize_mask(mask, gt.shape) if mask is not None else None
@@ -639,9 +693,10 @@ def run_evaluation(
         tok_n: dict[int, float] = {}
         for n, recs in hardblink.items():
             right_n = tok_right = with_points = 0
-            for r in recs:
-                prompt = hardblink_prompt(r.question)
-                p = run(pred_fn, model, r.image_path, prompt, benchmark="hardblink", split=str(n))
+            prompts = [hardblink_prompt(r.question) for r in recs]
+            preds = run.many(pred_fn, model, [(r.image_path, pr) for r, pr in zip(recs, prompts)],
+                             benchmark="hardblink", split=str(n))
+            for r, prompt, p in zip(recs, prompts, preds):
                 truth = label_of(r.answer)
                 got = parse_choice(p.text, r.labels)
                 right = got == truth
@@ -685,9 +740,10 @@ def run_evaluation(
         # ---- multiple-choice benchmarks
         for name, recs in mcq.items():
             by_cat: dict[str, list[bool]] = {}
-            for r in recs:
-                prompt = mcq_prompt(r)
-                p = run(pred_fn, model, r.image_path, prompt, benchmark=f"mcq.{name}", split=r.category)
+            prompts = [mcq_prompt(r) for r in recs]
+            preds = run.many(pred_fn, model, [(r.image_path, pr) for r, pr in zip(recs, prompts)],
+                             benchmark=f"mcq.{name}")
+            for r, prompt, p in zip(recs, prompts, preds):
                 right = parse_mc_answer(p.text, r.options) == r.answer
                 by_cat.setdefault(category_key(r.category), []).append(right)
                 key = f"mcq/{name}/{r.qid}"
@@ -708,8 +764,9 @@ def run_evaluation(
         # ---- MME
         rows: list[tuple[str, str, bool]] = []
         for task, recs in mme.items():
-            for r in recs:
-                p = run(pred_fn, model, r.image_path, mme_prompt(r), benchmark="mme", split=task)
+            preds = run.many(pred_fn, model, [(r.image_path, mme_prompt(r)) for r in recs], benchmark="mme",
+                             split=task)
+            for r, p in zip(recs, preds):
                 right = parse_yes_no(p.text) == r.answer
                 rows.append((task, r.image_key, right))
                 key = f"mme/{r.qid}"
@@ -736,15 +793,11 @@ def run_evaluation(
     if unconstrained:
         loose: Counter[str] = Counter()
         t0 = time.perf_counter()
-        for kind, it in unconstrained:
-            if kind == "refer":
-                p = run(predict_unconstrained, PERCEPTIO + "-unconstrained", it.image.path,
-                        refer_prompt(it.record.sentence), benchmark=it.dataset, split=it.split)
-                loose[block_status(p, True, depth_spec)] += 1
-            else:
-                p = run(predict_unconstrained, PERCEPTIO + "-unconstrained", it.image_path,
-                        hardblink_prompt(it.question), benchmark="hardblink", split=str(it.n_points))
-                loose[block_status(p, False, depth_spec)] += 1
+        pairs = [(it.image.path, refer_prompt(it.record.sentence)) if kind == "refer"
+                 else (it.image_path, hardblink_prompt(it.question)) for kind, it in unconstrained]
+        preds = run.many(predict_unconstrained, PERCEPTIO + "-unconstrained", pairs, benchmark="perception_block")
+        for (kind, _), p in zip(unconstrained, preds):
+            loose[block_status(p, kind == "refer", depth_spec)] += 1
         ev.metrics["perception_block.wellformed_unconstrained"] = loose[ParseStatus.OK.value] / len(unconstrained)
         ev.metrics["perception_block.n_unconstrained"] = float(len(unconstrained))
         ev.block_status["unconstrained"] = dict(loose)

@@ -321,6 +321,14 @@ def generate(
         response_prefix=prefix_ids,
         length_penalty=length_penalty,
     )
+    return _finish(model, tokenizer, pil, prompt_ids, pixel_values, tokens, score, stops, want_mask, want_depth)
+
+
+def _finish(model: Any, tokenizer: Any, pil: Any, prompt_ids: list[int], pixel_values: torch.Tensor,
+            tokens: list[int], score: float, stops: set[int], want_mask: bool, want_depth: bool) -> GenerationResult:
+    """The :class:`GenerationResult` of one decoded response: parsed, and the masks and the depth
+    map decoded when asked (module docstring)."""
+    device = pixel_values.device
     response = [t for t in tokens if t not in stops]
     raw_text = tokenizer.decode(response, skip_special_tokens=False)
     parsed = parse_generation(raw_text, model.num_depth_tokens, model.codebook_size)
@@ -358,4 +366,110 @@ def generate(
     return result
 
 
-__all__ = ["GenerationResult", "PerceptionConstraint", "generate", "generate_ids"]
+@torch.no_grad()
+def generate_ids_batch(
+    model: Any,
+    prompt_ids: Sequence[Sequence[int]],
+    pixel_values: torch.Tensor,  # every row's tiles, in row order
+    max_new_tokens: int,
+    stop_ids: set[int],
+    pad_id: int,
+    constraint: PerceptionConstraint | None = None,
+    response_prefix: Sequence[int] = (),
+) -> list[tuple[list[int], float]]:
+    """Greedy :func:`generate_ids` of several prompts at once (``model.lm_forward`` with
+    ``attention_mask`` and ``position_ids``): the contexts left-padded with ``pad_id``, each row's
+    positions counted from its first real token, one KV cache; per row the constraint, its own stop
+    (a finished row is fed ``pad_id`` and its further tokens dropped). Returns per row what
+    :func:`generate_ids` returns: (response ids with the prefix and the stop token if one was
+    emitted, summed log-probability of the generated tokens)."""
+    device = pixel_values.device
+    prefix = [int(t) for t in response_prefix]
+    contexts = [[int(t) for t in ids] + prefix for ids in prompt_ids]
+    b, width = len(contexts), max(len(c) for c in contexts)
+    ids = torch.full((b, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((b, width), dtype=torch.long)
+    for i, c in enumerate(contexts):
+        ids[i, width - len(c):] = torch.tensor(c, dtype=torch.long)
+        mask[i, width - len(c):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model.lm_forward(ids, attention_mask=mask, pixel_values=pixel_values, use_cache=True,
+                           position_ids=positions)
+    logits, cache = out.logits[:, -1].float(), out.past_key_values
+    tokens = [list(prefix) for _ in range(b)]
+    scores = [0.0] * b
+    done = [False] * b
+    last = positions[:, -1:]
+    for step in range(max_new_tokens):
+        live = [i for i in range(b) if not done[i]]
+        logp = _process(torch.log_softmax(logits[live], dim=-1), [tokens[i] for i in live], constraint)
+        picked = logp.argmax(-1).tolist()
+        step_ids = torch.full((b, 1), pad_id, dtype=torch.long)
+        for row, i in enumerate(live):
+            tok = int(picked[row])
+            tokens[i].append(tok)
+            scores[i] += float(logp[row, tok])
+            step_ids[i, 0] = tok
+            done[i] = tok in stop_ids
+        if all(done) or step == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, torch.ones((b, 1), dtype=mask.dtype, device=device)], dim=1)
+        last = last + 1
+        out = model.lm_forward(step_ids.to(device), attention_mask=mask, past_key_values=cache, use_cache=True,
+                               position_ids=last)
+        logits, cache = out.logits[:, -1].float(), out.past_key_values
+    return list(zip(tokens, scores))
+
+
+@torch.no_grad()
+def generate_batch(
+    model: Any,
+    tokenizer: Any,
+    images: Sequence[Any],
+    prompts: Sequence[str],
+    max_new_tokens: int = 160,
+    constrained: bool = True,
+    *,
+    want_mask: bool = True,
+    want_depth: bool = True,
+    response_prefix: str = "",
+    extra_stop_ids: Sequence[int] = (),
+    max_tiles: int | None = None,
+) -> list[GenerationResult]:
+    """Greedy :func:`generate` of several (image, prompt) pairs at once: one left-padded batch with
+    the KV cache (every row's positions counted from its first real token, padding masked out),
+    the perception constraint applied per row (a row inside its depth block is held to the codes,
+    the others are not), and each row stopping on its own stop token (a finished row's later
+    tokens are discarded). Each result equals ``generate(...)`` of its pair alone, token for token
+    (tested); the masks and the depth map are decoded per row exactly as :func:`generate` does."""
+    if len(images) != len(prompts):
+        raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
+    if not prompts:
+        return []
+    model.eval()
+    device = next(model.parameters()).device
+    processor = model.image_processor.with_max_tiles(max_tiles)
+    dtype = model.base_model.dtype
+    encoded = [encode_image(processor, im) for im in images]
+    prompt_ids = [encode_prompt(tokenizer, pr, processor.tokens_per_tile * len(t))
+                  for pr, (_, t) in zip(prompts, encoded)]
+    prefix = tokenizer(response_prefix, add_special_tokens=False).input_ids if response_prefix else []
+    stops = stop_token_ids(model.base_model, tokenizer, extra_stop_ids)
+    constraint = PerceptionConstraint(model.token_ids, model.num_depth_tokens) if constrained else None
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stops)
+    pixel_values = torch.cat([t for _, t in encoded]).to(device=device, dtype=dtype)
+    decoded = generate_ids_batch(model, prompt_ids, pixel_values, max_new_tokens, stops, int(pad),
+                                 constraint=constraint, response_prefix=prefix)
+    tokens = [t for t, _ in decoded]
+    scores = [sc for _, sc in decoded]
+    results = []
+    offsets = np.cumsum([0] + [len(t) for _, t in encoded])
+    for i, (pil, _) in enumerate(encoded):
+        px = pixel_values[offsets[i]:offsets[i + 1]]
+        results.append(_finish(model, tokenizer, pil, prompt_ids[i], px, tokens[i], scores[i], stops,
+                               want_mask, want_depth))
+    return results
+
+
+__all__ = ["GenerationResult", "PerceptionConstraint", "generate", "generate_batch", "generate_ids", "generate_ids_batch"]

@@ -351,14 +351,17 @@ def lm_pass(
     cache: object = None,
     use_cache: bool = False,
     logits_from: int | None = -1,
+    position_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, object]:
     """One pass of an InternVL (``vlm.model`` + ``vlm.lm_head``; a PEFT-wrapped one's inner model
     works alike) over ``input_ids`` [B, T] with an optional KV cache. ``pixel_values`` fill the
     ``<IMG_CONTEXT>`` places (prefill only). The LM head runs on ``hidden[:, logits_from:]`` (-1:
-    the last position; None: no logits). Returns ``(hidden [B, T, d], logits, cache or None)``."""
+    the last position; None: no logits). ``position_ids`` [B, T] (None: the cache's next places)
+    let left-padded rows count their positions from their first real token.
+    Returns ``(hidden [B, T, d], logits, cache or None)``."""
     kw = _cache_kwarg()
     out = vlm.model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
-                    use_cache=use_cache, **{kw: cache})  # fmt: skip
+                    position_ids=position_ids, use_cache=use_cache, **{kw: cache})  # fmt: skip
     hidden = out.last_hidden_state
     logits = vlm.lm_head(hidden[:, logits_from:]) if logits_from is not None else None
     new_cache = getattr(out, kw, None) if use_cache else None

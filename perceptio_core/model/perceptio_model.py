@@ -278,16 +278,17 @@ class PerceptioModel(nn.Module):
         past_key_values: Any = None,
         use_cache: bool = False,
         logits_from: int | None = -1,
+        position_ids: torch.Tensor | None = None,
     ) -> LMOutput:
         """One pass of InternVL (with LoRA) over ``input_ids`` [B, T].
 
         ``pixel_values`` [tiles, 3, S, S] (every image's tiles, in batch order) fill the
         ``<IMG_CONTEXT>`` places (prefill only; None when decoding with a cache).
         ``logits_from``: the LM head runs on ``hidden[:, logits_from:]``
-        (-1: the last position; None: no logits).
+        (-1: the last position; None: no logits); ``position_ids`` [B, T] for left-padded batches.
         """
         hidden, logits, cache = lm_pass(self.base_model, input_ids, attention_mask, pixel_values,
-                                        past_key_values, use_cache, logits_from)  # fmt: skip
+                                        past_key_values, use_cache, logits_from, position_ids)  # fmt: skip
         return LMOutput(hidden=hidden, logits=logits, past_key_values=cache)
 
     # ---------------------------------------------------------------- heads

@@ -163,3 +163,28 @@ def test_evaluation_tiles_images_up_to_evaluate_max_tiles(model, monkeypatch, tm
         preds["predict"](wide, "What is it?")
         preds["base_predict"](wide, "What is it?")
         assert seen == [(per_tile * expected, expected)] * 2
+
+
+def test_batched_evaluation_equals_one_at_a_time(model, tiny_world, tmp_path):
+    """evaluate.batch_size decodes several prompts at once (left-padded, greedy): every metric, the
+    Perceptio model's and the base's, equals the one-at-a-time evaluation's."""
+    from perceptio_core.model.internvl import build_tiny_internvl
+    from perceptio_core.config import TinyVLMConfig
+
+    src = read_sources(tiny_world, DataConfig(), cache_dir=tmp_path / "cache")
+    tok = model.tokenizer
+    base = build_tiny_internvl(TinyVLMConfig(), tok, seed=1).eval()
+    metrics = []
+    for batch_size in (1, 5):
+        cfg = EvaluateConfig(refer_datasets=["refcoco"], refer_splits=["val"], refer_limit=3, hardblink_limit=1,
+                             mcq_limit=3, mme_limit=1, unconstrained_limit=2, batch_size=batch_size,
+                             max_new_tokens=model.num_depth_tokens + 4)
+        preds = make_predictors(model, cfg, base_model=base, base_tokenizer=tok)
+        assert hasattr(preds["predict"], "batch") and hasattr(preds["base_predict"], "batch")
+        ev = run_evaluation(preds["predict"], src, cfg, base_predict=preds["base_predict"],
+                            predict_unconstrained=preds["predict_unconstrained"], depth_spec=model.depth_spec)
+        metrics.append(ev.metrics)
+    one, batched = metrics
+    assert one.keys() == batched.keys() and len(one) > 30
+    for k in one:
+        assert one[k] == pytest.approx(batched[k], abs=1e-6, nan_ok=True), k

@@ -224,3 +224,38 @@ def test_every_seg_of_the_response_gives_its_own_mask(model):
     # no [SEG]: no masks
     none = generate(model, model.tokenizer, img, "What is it?", max_new_tokens=0, response_prefix="(A)")
     assert none.masks == [] and none.mask is None and none.seg_hiddens is None
+
+
+@pytest.mark.parametrize("prefix", ["", "[SEG]<d_start>"])
+@pytest.mark.parametrize("constrained", [True, False])
+def test_a_left_padded_batch_equals_each_pair_alone(model, prefix, constrained):
+    """generate_batch: prompts of different lengths (left padding), images of different sizes and
+    tile counts, rows stopping at different steps: every row's tokens equal generate() alone, and
+    so do its text, block status, depth codes, depth map and masks."""
+    from perceptio_core.model.generation import generate_batch
+
+    n = model.num_depth_tokens
+    images = [png_bytes(40, 48, seed=1), png_bytes(96, 30, seed=2), png_bytes(33, 33, seed=3), png_bytes(60, 20, seed=4)]
+    prompts = [PROMPT, "What is it?", "Which point is closer to the camera, A or B? Think about depth first.",
+               "Segment: the small cube on the left next to the ball."]
+    kw = dict(max_new_tokens=n + 8, constrained=constrained, response_prefix=prefix)
+    # a stop token that ends some rows early and others not (the perturbed model emits no eos)
+    first = [generate(model, model.tokenizer, im, pr, want_mask=False, want_depth=False, **kw).token_ids
+             for im, pr in zip(images, prompts)]
+    late = [t for ids in first for t in ids[len(ids) // 2:] if t not in model.token_ids.codes]
+    kw["extra_stop_ids"] = [max(set(late), key=late.count)] if late else []
+    batch = generate_batch(model, model.tokenizer, images, prompts, **kw)
+    alone = [generate(model, model.tokenizer, im, pr, **kw) for im, pr in zip(images, prompts)]
+    assert len({len(r.token_ids) for r in alone}) > 1  # rows of different lengths
+    for got, want in zip(batch, alone):
+        assert got.token_ids == want.token_ids
+        assert (got.text, got.raw_text, got.status, got.depth_indices) == (want.text, want.raw_text, want.status,
+                                                                           want.depth_indices)
+        assert got.score == pytest.approx(want.score, abs=1e-3)
+        assert (got.depth_map is None) == (want.depth_map is None)
+        if want.depth_map is not None:
+            assert np.allclose(got.depth_map, want.depth_map, atol=1e-5)
+        assert len(got.masks) == len(want.masks)
+        for a, b in zip(got.masks_logits, want.masks_logits):
+            assert np.allclose(a, b, atol=1e-4)
+    assert generate_batch(model, model.tokenizer, [], []) == []
