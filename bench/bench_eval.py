@@ -12,19 +12,23 @@ Prints a summary and writes ``bench/results/eval.json``:
   A random model rarely emits eos, so each run generates about ``--max-new-tokens`` tokens; the
   per-100-token figure divides by the tokens actually generated.
 - ``evaluation``: samples/s of :func:`perceptio_core.evaluation.evaluate.run_evaluation` on a small synthetic
-  world (real readers) with the real tiny model (``model_samples_per_s``) and with an instant fake
-  predictor (``overhead_samples_per_s``: ground-truth decoding, metrics, parsing, depth metrics).
+  world (real readers) with the real tiny model at each ``--batch-sizes`` (``by_batch_size``: the
+  same samples, one after the other in this process; ``batched_metrics_equal``: every metric the
+  same at every batch size; ``model_samples_per_s`` is the first batch size's) and with an instant
+  fake predictor (``overhead_samples_per_s``: ground-truth decoding, metrics, parsing, depth metrics).
 
 The model is the tiny random one of the tests (the default ``TinyVLMConfig``, tiny-128 SAM2) with a
 stand-in depth codec of the real block size (``--grid 10``: N = 100 codes, ``--codebook-size 128``),
 so the block costs what it costs at N = 100. Usage:
-``python bench/bench_eval.py [--reps 3] [--max-new-tokens 120] [--device cpu] [--grid 10] [--codebook-size 128]``.
+``python bench/bench_eval.py [--reps 3] [--max-new-tokens 120] [--device cpu] [--grid 10] [--codebook-size 128]
+[--batch-sizes 1,16]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -86,7 +90,9 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--codebook-size", type=int, default=128)
     ap.add_argument("--grid", type=int, default=10, help="the stand-in codec's grid side: N = grid^2")
-    ap.add_argument("--eval-refer-limit", type=int, default=2)
+    ap.add_argument("--eval-refer-limit", type=int, default=4)
+    ap.add_argument("--batch-sizes", type=lambda t: [int(x) for x in t.split(",")], default=[1, 16],
+                    help="evaluation batch sizes compared side by side (comma-separated)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "eval.json"))
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -115,14 +121,22 @@ def main() -> None:
         generate_world(root, SynthConfig(images=24, ade_images=4, hardblink_per_count=2, vqa_questions=8,
                                          width=128, height=96, seed=0))  # fmt: skip
         src = read_sources(root, DataConfig(), cache_dir=Path(tmp) / "cache")
-        cfg = EvaluateConfig(refer_limit=args.eval_refer_limit, hardblink_limit=1, mcq_limit=2, mme_limit=1,
-                             unconstrained_limit=0, max_new_tokens=mx)  # fmt: skip
         predict = model_predictor(model, max_new_tokens=mx)
-        t0 = time.perf_counter()
-        ev = run_evaluation(predict, src, cfg, depth_spec=model.depth_spec)
-        model_s = time.perf_counter() - t0
-        n_model = int(sum(v for k, v in ev.metrics.items() if k.endswith(".n") and ".category." not in k
-                          and not k.startswith(("depth.", "perception"))))
+        runs = {}
+        for bs in args.batch_sizes:  # side by side in one process: the same samples at each batch size
+            cfg = EvaluateConfig(refer_limit=args.eval_refer_limit, hardblink_limit=2, mcq_limit=4, mme_limit=1,
+                                 unconstrained_limit=0, max_new_tokens=mx, batch_size=bs)  # fmt: skip
+            t0 = time.perf_counter()
+            ev = run_evaluation(predict, src, cfg, depth_spec=model.depth_spec)
+            secs = time.perf_counter() - t0
+            n = int(sum(v for k, v in ev.metrics.items() if k.endswith(".n") and ".category." not in k
+                        and not k.startswith(("depth.", "perception"))))
+            runs[bs] = {"samples": n, "seconds": secs, "samples_per_s": n / secs, "metrics": ev.metrics}
+        first = runs[args.batch_sizes[0]]["metrics"]
+        same = all(r["metrics"].keys() == first.keys() and all(
+            (math.isnan(first[k]) and math.isnan(v)) or abs(first[k] - v) < 1e-6 for k, v in r["metrics"].items())
+            for r in runs.values())
+        n_model, model_s = runs[args.batch_sizes[0]]["samples"], runs[args.batch_sizes[0]]["seconds"]
         fake = lambda image, prompt: SimpleNamespace(text="(A)", mask=None, depth_map=None, depth_indices=None)
         full = EvaluateConfig(refer_limit=0, hardblink_limit=0, mcq_limit=0, mme_limit=0, unconstrained_limit=0)
         t0 = time.perf_counter()
@@ -147,7 +161,10 @@ def main() -> None:
         "constraint_overhead_ratio": (gen["block_constrained"]["s_per_100_tokens"]
                                       / gen["block_unconstrained"]["s_per_100_tokens"]),
         "evaluation": {"model_samples": n_model, "model_samples_per_s": n_model / model_s,
-                       "overhead_samples": n_fake, "overhead_samples_per_s": n_fake / fake_s},
+                       "overhead_samples": n_fake, "overhead_samples_per_s": n_fake / fake_s,
+                       "by_batch_size": {str(bs): {k: v for k, v in r.items() if k != "metrics"}
+                                         for bs, r in runs.items()},
+                       "batched_metrics_equal": same},
     }  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -162,6 +179,14 @@ def main() -> None:
     e = result["evaluation"]
     print(f"  evaluation: {e['model_samples_per_s']:.2f} samples/s with the model ({e['model_samples']} samples); "
           f"{e['overhead_samples_per_s']:.0f} samples/s evaluator overhead ({e['overhead_samples']} samples)")
+    for bs, r in e["by_batch_size"].items():
+        print(f"  evaluation at batch size {bs:>2}: {r['samples_per_s']:.2f} samples/s ({r['samples']} samples, "
+              f"{r['seconds']:.1f} s)")
+    sizes = list(e["by_batch_size"])
+    if len(sizes) > 1:
+        a, b = e["by_batch_size"][sizes[0]], e["by_batch_size"][sizes[-1]]
+        print(f"  batch {sizes[-1]} / batch {sizes[0]}: {b['samples_per_s'] / a['samples_per_s']:.2f}x; "
+              f"metrics equal: {e['batched_metrics_equal']}")
     print(f"wrote {out}")
 
 

@@ -440,6 +440,7 @@ class EvaluateConfig:
     compare_base: bool = True  # run the same benchmarks with the base model (text only)
     report_samples: int = 2  # pictures of right and of wrong samples per benchmark
     depth_pairs: int = 2000  # random pixel pairs per map for the pair-order accuracy
+    bootstrap: int = 1000  # bootstrap resamples for the cIoU/gIoU intervals and the differences to the base
 
     def __post_init__(self) -> None:
         for name in ("refer_limit", "hardblink_limit", "mcq_limit", "mme_limit", "unconstrained_limit",
@@ -448,8 +449,8 @@ class EvaluateConfig:
                 raise ConfigError(f"evaluate.{name} must be >= 0 (0: all), got {getattr(self, name)}")
         if "train" in self.refer_splits:
             raise ConfigError("evaluate.refer_splits must not contain 'train'")
-        if min(self.max_new_tokens, self.num_beams, self.depth_pairs, self.batch_size) < 1:
-            raise ConfigError("evaluate.max_new_tokens, num_beams, depth_pairs and batch_size must be >= 1")
+        if min(self.max_new_tokens, self.num_beams, self.depth_pairs, self.batch_size, self.bootstrap) < 1:
+            raise ConfigError("evaluate.max_new_tokens, num_beams, depth_pairs, batch_size and bootstrap must be >= 1")
         if not 0 <= self.max_tiles <= 40:
             raise ConfigError(f"evaluate.max_tiles must be in 0..40 (0: model.max_tiles), got {self.max_tiles}")
 

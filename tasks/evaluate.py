@@ -13,6 +13,7 @@ import shutil
 from perceptio_core.depth.maps import DepthMaps
 from perceptio_core.evaluation.evaluate import make_predictors, run_evaluation
 from perceptio_core.evaluation.report import write_report
+from perceptio_core.evaluation.stats import within_noise
 from perceptio_core.evaluation.infer import load_model
 from perceptio_core.model.internvl import load_internvl, load_tokenizer
 from tasks.common import load_benchmarks, load_sources
@@ -28,7 +29,8 @@ def evaluate(ctx: StageContext) -> StageOutput:
     base_model = base_tok = None
     if cfg.evaluate.compare_base:
         base_dir = ctx.upstream_dir("base") / "model" if "base" in ctx.upstream else cfg.model.base
-        base_model = load_internvl(str(base_dir))
+        # on the run's device in the Perceptio model's dtype: the comparison costs what the model's does
+        base_model = load_internvl(str(base_dir)).to(device=device, dtype=model.base_model.dtype)
         base_tok = load_tokenizer(str(base_dir) if cfg.model.tokenizer is None else cfg.model.tokenizer)
     preds = make_predictors(model, cfg.evaluate, base_model=base_model, base_tokenizer=base_tok)
     prog = Progress("evaluate", ctx.log)
@@ -43,6 +45,9 @@ def evaluate(ctx: StageContext) -> StageOutput:
     write_report(ev, report_dir)
     ctx.writer.add_tree(report_dir, "report")
     ctx.writer.write_json("metrics.json", ev.metrics)
+    ctx.writer.write_json("intervals.json", {k: e.to_dict() for k, e in ev.intervals.items()})
+    ctx.writer.write_json("differences.json", {k: {**e.to_dict(), "within_noise": within_noise(e)}
+                                               for k, e in ev.differences.items()})
     figures = {
         f"sample: {p.stem}": f"report/{p.relative_to(report_dir).as_posix()}"
         for p in sorted(report_dir.rglob("*.png"))[:8]
@@ -57,5 +62,6 @@ EVALUATE = StageSpec(
     upstream=("sources", "benchmarks", "teacher_depth", "finetune", "base"),
     sections=("evaluate",),
     body=evaluate,
-    description="RefCOCO/+/g cIoU & gIoU, HardBLINK 3/4/5, MC VQA, perception-block and depth quality",
+    description="RefCOCO/+/g cIoU & gIoU, HardBLINK 3/4/5, multiple-choice benchmarks, MME, perception-block and "
+                "depth quality, each with its 95% interval and its difference to the base",
 )

@@ -88,7 +88,16 @@ from perceptio_core.device import ProgressFn
 from perceptio_core.depth.codec import DepthCodecSpec
 from perceptio_core.depth.metrics import MAP_EPS, map_metrics, pair_order_accuracy, resize_map, teacher_vs_true_metrics
 from perceptio_core.data.image_io import ImageError, image_digest, load_image
-from perceptio_core.evaluation.metrics import IoUAccumulator, mme_scores, resize_mask
+from perceptio_core.evaluation.metrics import IoUAccumulator, intersection_union, mme_scores, resize_mask
+from perceptio_core.evaluation.stats import (
+    Estimate,
+    bootstrap_iou,
+    chance_baseline,
+    majority_baseline,
+    paired_difference,
+    paired_iou_difference,
+    proportion,
+)
 from perceptio_core.format.target import ParseStatus, parse_generation
 from perceptio_core.format.prompts import clean_expression, format_mc_prompt, render_prompt
 from perceptio_core.data.mme import group_of
@@ -314,6 +323,12 @@ class Evaluation:
     """What :func:`run_evaluation` returns.
 
     metrics: flat ``<benchmark>.<split>.<metric>`` -> value (``base.`` for the base model).
+    samples: metric name -> its per-sample scores (0/1 for an accuracy; ``(intersection, union)``
+    pixel counts for a split's ``iou``), the base's under ``base.``, in the same sample order.
+    intervals: metric name -> its 95% interval (:class:`~perceptio_core.evaluation.stats.Estimate`:
+    Wilson for accuracies, the bootstrap over expressions for cIoU and gIoU).
+    differences: metric name -> Perceptio minus the base on the same samples, with its paired
+    bootstrap interval (:func:`~perceptio_core.evaluation.stats.within_noise` when it holds 0).
     notes: metric name -> why it is missing or partial (``hardblink.depth_tokens.skipped``).
     shown: the samples kept for pictures. block_status: per "constrained"/"unconstrained", counts of
     each :class:`ParseStatus`. timings: seconds and samples per second per model. errors: samples
@@ -321,6 +336,9 @@ class Evaluation:
     """
 
     metrics: dict[str, float] = field(default_factory=dict)
+    samples: dict[str, list[Any]] = field(default_factory=dict)
+    intervals: dict[str, Estimate] = field(default_factory=dict)
+    differences: dict[str, Estimate] = field(default_factory=dict)
     notes: dict[str, str] = field(default_factory=dict)
     shown: list[Shown] = field(default_factory=list)
     block_status: dict[str, dict[str, int]] = field(default_factory=dict)
@@ -663,6 +681,8 @@ def run_evaluation(
         # ---- referring segmentation
         for (ds, split), items in refer.items():
             acc = IoUAccumulator()
+            pairs: list[tuple[int, int]] = []
+            no_mask = 0
             prompts = [refer_prompt(it.record.sentence) for it in items]
             preds = run.many(pred_fn, model, [(it.image.path, pr) for it, pr in zip(items, prompts)],
                              benchmark=ds, split=split)
@@ -672,6 +692,8 @@ def run_evaluation(
                 mask = getattr(p, "mask", None)
                 pm = resize_mask(mask, gt.shape) if mask is not None else None
                 iou = acc.add(pm, gt)
+                pairs.append(intersection_union(pm, gt))
+                no_mask += mask is None
                 key = f"{ds}/{split}/r{r.ref_id}/s{r.sent_id}"
                 if is_main:
                     st = block_status(p, True, depth_spec)
@@ -687,12 +709,15 @@ def run_evaluation(
                     keeper.kept[key].base_correct = iou >= 0.5
             for k, v in acc.result().items():
                 ev.metrics[f"{prefix}{ds}.{split}.{k}"] = v
+            ev.metrics[f"{prefix}{ds}.{split}.no_mask"] = no_mask / len(items)
+            ev.samples[f"{prefix}{ds}.{split}.iou"] = pairs
 
         # ---- HardBLINK
         per_n: dict[int, float] = {}
         tok_n: dict[int, float] = {}
         for n, recs in hardblink.items():
-            right_n = tok_right = with_points = 0
+            right_n = tok_right = with_points = invalid = 0
+            oks: list[int] = []
             prompts = [hardblink_prompt(r.question) for r in recs]
             preds = run.many(pred_fn, model, [(r.image_path, pr) for r, pr in zip(recs, prompts)],
                              benchmark="hardblink", split=str(n))
@@ -701,6 +726,8 @@ def run_evaluation(
                 got = parse_choice(p.text, r.labels)
                 right = got == truth
                 right_n += right
+                oks.append(int(right))
+                invalid += got is None
                 key = f"hardblink/{r.qid}"
                 if is_main:
                     st = block_status(p, False, depth_spec)
@@ -722,6 +749,11 @@ def run_evaluation(
             per_n[n] = right_n / len(recs)
             ev.metrics[f"{prefix}hardblink.{n}.accuracy"] = per_n[n]
             ev.metrics[f"{prefix}hardblink.{n}.n"] = float(len(recs))
+            ev.metrics[f"{prefix}hardblink.{n}.invalid"] = invalid / len(recs)
+            ev.samples[f"{prefix}hardblink.{n}.accuracy"] = oks
+            if is_main:
+                ev.metrics[f"hardblink.{n}.chance"] = chance_baseline([len(r.labels) for r in recs])
+                ev.metrics[f"hardblink.{n}.majority"] = majority_baseline([label_of(r.answer) or "" for r in recs])
             if is_main and with_points:
                 tok_n[n] = tok_right / with_points
                 ev.metrics[f"hardblink.{n}.token_depth"] = tok_n[n]
@@ -730,6 +762,12 @@ def run_evaluation(
                         f"over the {with_points} of {len(recs)} questions that have point coordinates")
         if per_n:
             ev.metrics[f"{prefix}hardblink.mean.accuracy"] = float(np.mean(list(per_n.values())))
+            ev.samples[f"{prefix}hardblink.mean.accuracy"] = [
+                ok for n in per_n for ok in ev.samples[f"{prefix}hardblink.{n}.accuracy"]]  # pooled
+            if is_main:
+                for base_line in ("chance", "majority"):
+                    ev.metrics[f"hardblink.mean.{base_line}"] = float(np.mean(
+                        [ev.metrics[f"hardblink.{n}.{base_line}"] for n in per_n]))
             if is_main and tok_n:
                 ev.metrics["hardblink.mean.token_depth"] = float(np.mean(list(tok_n.values())))
             if is_main and len(tok_n) < len(per_n):
@@ -739,13 +777,16 @@ def run_evaluation(
 
         # ---- multiple-choice benchmarks
         for name, recs in mcq.items():
-            by_cat: dict[str, list[bool]] = {}
+            oks: list[bool] = []
+            invalid = 0
             prompts = [mcq_prompt(r) for r in recs]
             preds = run.many(pred_fn, model, [(r.image_path, pr) for r, pr in zip(recs, prompts)],
                              benchmark=f"mcq.{name}")
             for r, prompt, p in zip(recs, prompts, preds):
-                right = parse_mc_answer(p.text, r.options) == r.answer
-                by_cat.setdefault(category_key(r.category), []).append(right)
+                got = parse_mc_answer(p.text, r.options)
+                right = got == r.answer
+                invalid += got is None
+                oks.append(right)
                 key = f"mcq/{name}/{r.qid}"
                 if is_main and keeper.wants(f"mcq.{name}", right):
                     keeper.keep(f"mcq.{name}", Shown("mcq", f"mcq {name}", key, r.image_path, r.question, prompt,
@@ -754,20 +795,31 @@ def run_evaluation(
                 elif not is_main and key in keeper.kept:
                     keeper.kept[key].base_answer = p.text
                     keeper.kept[key].base_correct = right
-            oks = [ok for v in by_cat.values() for ok in v]
             ev.metrics[f"{prefix}mcq.{name}.accuracy"] = sum(oks) / len(oks)
             ev.metrics[f"{prefix}mcq.{name}.n"] = float(len(oks))
+            ev.metrics[f"{prefix}mcq.{name}.invalid"] = invalid / len(oks)
+            ev.samples[f"{prefix}mcq.{name}.accuracy"] = [int(ok) for ok in oks]
+            by_cat: dict[str, list[int]] = {}
+            for r, ok in zip(recs, oks):
+                by_cat.setdefault(category_key(r.category), []).append(int(ok))
             for cat, v in sorted(by_cat.items()):
                 ev.metrics[f"{prefix}mcq.{name}.category.{cat}.accuracy"] = sum(v) / len(v)
                 ev.metrics[f"{prefix}mcq.{name}.category.{cat}.n"] = float(len(v))
+                ev.samples[f"{prefix}mcq.{name}.category.{cat}.accuracy"] = v
+            if is_main:
+                ev.metrics[f"mcq.{name}.chance"] = chance_baseline([len(r.options) for r in recs])
+                ev.metrics[f"mcq.{name}.majority"] = majority_baseline([r.answer for r in recs])
 
         # ---- MME
         rows: list[tuple[str, str, bool]] = []
+        mme_invalid: Counter[str] = Counter()
         for task, recs in mme.items():
             preds = run.many(pred_fn, model, [(r.image_path, mme_prompt(r)) for r in recs], benchmark="mme",
                              split=task)
             for r, p in zip(recs, preds):
-                right = parse_yes_no(p.text) == r.answer
+                got = parse_yes_no(p.text)
+                right = got == r.answer
+                mme_invalid[task] += got is None
                 rows.append((task, r.image_key, right))
                 key = f"mme/{r.qid}"
                 if is_main and keeper.wants("mme", right):
@@ -779,6 +831,9 @@ def run_evaluation(
         if rows:
             for k, v in mme_scores(rows, {t: group_of(t) for t in mme}).items():
                 ev.metrics[f"{prefix}mme.{k}"] = v
+            for task in mme:
+                ev.metrics[f"{prefix}mme.{task}.invalid"] = mme_invalid[task] / len(mme[task])
+                ev.samples[f"{prefix}mme.{task}.acc"] = [int(ok) for t, _, ok in rows if t == task]
 
         seconds = time.perf_counter() - t_start
         ev.timings[f"{model}.seconds"] = seconds
@@ -805,7 +860,31 @@ def run_evaluation(
 
     ev.metrics.update(depth.result())
     ev.shown = list(keeper.kept.values())
+    add_intervals(ev, n_boot=cfg.bootstrap, seed=0)
     return ev
+
+
+def add_intervals(ev: Evaluation, n_boot: int = 1000, seed: int = 0) -> None:
+    """Fill ``ev.intervals`` and ``ev.differences`` from ``ev.samples`` (:class:`Evaluation`): an
+    accuracy's Wilson interval (``hardblink.mean.accuracy``: over the pooled questions), a split's
+    cIoU and gIoU by the bootstrap over its expressions, and for every metric the base has too the
+    paired difference Perceptio minus base on the same samples."""
+    for key, vals in ev.samples.items():
+        if key.endswith(".iou"):
+            stem = key[: -len(".iou")]
+            i, u = [p[0] for p in vals], [p[1] for p in vals]
+            for metric, est in bootstrap_iou(i, u, n_boot=n_boot, seed=seed).items():
+                ev.intervals[f"{stem}.{metric}"] = est
+            if not key.startswith("base.") and f"base.{key}" in ev.samples:
+                other = ev.samples[f"base.{key}"]
+                diff = paired_iou_difference(i, u, [p[0] for p in other], [p[1] for p in other], n_boot=n_boot,
+                                             seed=seed)  # fmt: skip
+                for metric, est in diff.items():
+                    ev.differences[f"{stem}.{metric}"] = est
+        else:
+            ev.intervals[key] = proportion(int(sum(vals)), len(vals))
+            if not key.startswith("base.") and f"base.{key}" in ev.samples:
+                ev.differences[key] = paired_difference(vals, ev.samples[f"base.{key}"], n_boot=n_boot, seed=seed)
 
 
 def _image_hw(path: str) -> tuple[int, int] | None:
@@ -827,6 +906,7 @@ __all__ = [
     "Shown",
     "TextOnlyLM",
     "base_predictor",
+    "add_intervals",
     "block_status",
     "category_key",
     "clean_expression",

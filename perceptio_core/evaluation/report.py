@@ -16,6 +16,7 @@ import numpy as np
 from perceptio_core.data.image_io import ImageError, load_image
 from perceptio_core.depth.metrics import resize_map
 from perceptio_core.evaluation.evaluate import Evaluation, Shown
+from perceptio_core.evaluation.stats import Estimate, within_noise
 from perceptio_core.format.target import ParseStatus
 
 REPORT = "report.md"
@@ -39,10 +40,21 @@ def _fmt(v: float | None, integer: bool = False) -> str:
     return f"{v:.0f}" if integer or abs(v) >= 1000 else f"{v:.3f}"
 
 
-def metrics_table(metrics: Mapping[str, float]) -> str:
-    """Markdown table ``benchmark | split | metric | perceptio | base | Δ`` (Δ = perceptio - base
-    where both exist); counts (``n``) are shown without Δ."""
-    rows = ["| benchmark | split | metric | perceptio | base | Δ |", "|---|---|---|---:|---:|---:|"]
+def _ci(e: Estimate | None) -> str:
+    if e is None or math.isnan(e.lo) or math.isnan(e.hi):
+        return ""
+    return f"{e.lo:.2f}-{e.hi:.2f}" if e.lo >= 0 else f"{e.lo:+.2f} to {e.hi:+.2f}"
+
+
+def metrics_table(metrics: Mapping[str, float], intervals: Mapping[str, Estimate] | None = None,
+                  differences: Mapping[str, Estimate] | None = None) -> str:
+    """Markdown table ``benchmark | split | metric | perceptio | 95% CI | base | 95% CI | Δ | Δ 95% CI |
+    noise``: Δ = perceptio - base where both exist; with ``differences`` (the paired bootstrap on
+    the same samples) its interval and whether it is ``within noise`` (the interval holds 0) or
+    ``beyond noise``. Counts (``n``) are shown without Δ."""
+    intervals, differences = intervals or {}, differences or {}
+    rows = ["| benchmark | split | metric | perceptio | 95% CI | base | 95% CI | Δ | Δ 95% CI | noise |",
+            "|---|---|---|---:|---|---:|---|---:|---|---|"]
     for name, v in metrics.items():
         if name.startswith("base."):
             continue
@@ -50,7 +62,10 @@ def metrics_table(metrics: Mapping[str, float]) -> str:
         bench, split, metric = split_metric_name(name)
         n = metric == "n" or metric.startswith("n_")  # counts: n, n_unconstrained
         delta = "" if b is None or n or math.isnan(v) or math.isnan(b) else f"{v - b:+.3f}"
-        rows.append(f"| {bench} | {split} | {metric} | {_fmt(v, n)} | {_fmt(b, n)} | {delta} |")
+        d = differences.get(name)
+        noise = "" if d is None else ("within noise" if within_noise(d) else "beyond noise")
+        rows.append(f"| {bench} | {split} | {metric} | {_fmt(v, n)} | {_ci(intervals.get(name))} | {_fmt(b, n)} | "
+                    f"{_ci(intervals.get(f'base.{name}'))} | {delta} | {_ci(d)} | {noise} |")
     return "\n".join(rows)
 
 
@@ -132,7 +147,13 @@ def write_report(ev: Evaluation, out_dir: str | os.PathLike[str], title: str = "
               "empty mask and an unreadable answer as wrong (never dropped).")
     if has_base:
         md.append("The base model gets the same prompts; it has no `[SEG]`, so its masks are empty.")
-    md += ["", "## Metrics", "", metrics_table(ev.metrics), ""]
+    md.append("Intervals are 95%: Wilson for accuracies, the bootstrap over expressions for cIoU and gIoU; "
+              "Δ's interval is the paired bootstrap over the same samples, and a Δ whose interval holds 0 is "
+              "within noise. `invalid` is the share of answers no option could be read from (scored wrong); "
+              "`no_mask` the share of referring prompts answered without `[SEG]` (an empty mask); `chance` and "
+              "`majority` are the baselines of a multiple-choice set; `hardblink.mean.accuracy`'s interval "
+              "pools the questions of every point count.")
+    md += ["", "## Metrics", "", metrics_table(ev.metrics, ev.intervals, ev.differences), ""]
     if ev.notes:  # metrics left out or partial, and why
         md += ["## Notes", ""] + [f"- `{k}`: {v}" for k, v in ev.notes.items()] + [""]
     if ev.block_status:

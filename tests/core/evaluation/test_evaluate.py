@@ -295,7 +295,7 @@ def test_report_tables_and_pictures(world):
     write_report(ev, out)
     metrics = ev.metrics
     md = (out / "report.md").read_text()
-    assert "| refcoco | val | ciou | " in md and "| refcoco | val | n | 2 | 2 |  |" in md
+    assert "| refcoco | val | ciou | " in md and "| refcoco | val | n | 2 |  | 2 |  |  |  |  |" in md
     assert "| hardblink | mean | accuracy | 0.750 |" in md
     assert "| perception_block |  | wellformed |" in md
     pngs = sorted((out / "figures").glob("*.png"))
@@ -305,7 +305,11 @@ def test_report_tables_and_pictures(world):
         assert im.width > 400
     table = metrics_table(metrics)
     row = next(line for line in table.splitlines() if line.startswith("| refcoco | val | ciou"))
-    assert row.endswith(f"| {metrics['refcoco.val.ciou']:.3f} | 0.000 | +{metrics['refcoco.val.ciou']:.3f} |")
+    assert row.endswith(f"| {metrics['refcoco.val.ciou']:.3f} |  | 0.000 |  | +{metrics['refcoco.val.ciou']:.3f} |  |  |")
+    with_ci = metrics_table(metrics, ev.intervals, ev.differences)
+    row = next(line for line in with_ci.splitlines() if line.startswith("| hardblink | 4 | accuracy"))
+    assert row == "| hardblink | 4 | accuracy | 1.000 | 0.21-1.00 | 0.000 | 0.00-0.79 | +1.000 | 1.00-1.00 | beyond noise |"
+    assert "| mcq | mmbench | accuracy | 1.000 | 0.34-1.00 | 0.500 | 0.09-0.91 | +0.500 | 0.00-1.00 | within noise |" in md
 
 
 def test_tiny_world_perfect_predictor_scores_one(tiny_world, tmp_path):
@@ -386,3 +390,30 @@ def test_world_hardblink_runs_the_depth_token_diagnostic(tiny_world, tmp_path):
     assert ev.metrics["hardblink.3.token_depth"] == 1.0 and "hardblink.5.token_depth" not in ev.metrics
     assert ev.notes == {"hardblink.3.token_depth": "over the 1 of 2 questions that have point coordinates",
                         "hardblink.depth_tokens.skipped": f"{NO_POINTS} (point counts 5)"}
+
+
+def test_intervals_invalid_rates_baselines_and_differences(world):
+    """Every accuracy gets its Wilson interval, cIoU/gIoU their bootstrap ones, the differences to
+    the base their paired intervals; unreadable answers are counted (and scored wrong)."""
+    from perceptio_core.evaluation.stats import proportion, wilson_interval
+
+    src, _ = world
+    ev = run_evaluation(FakePerceptio(src), src, EvaluateConfig(bootstrap=200), base_predict=fake_base,
+                        depth_spec=SPEC)  # fmt: skip
+    m, ci, d = ev.metrics, ev.intervals, ev.differences
+    assert ci["hardblink.3.accuracy"] == proportion(1, 2)
+    assert (ci["hardblink.3.accuracy"].lo, ci["hardblink.3.accuracy"].hi) == wilson_interval(1, 2)
+    assert ci["hardblink.mean.accuracy"] == proportion(2, 3)  # pooled over the 3 questions
+    assert ev.samples["hardblink.3.accuracy"] == [1, 0] and ev.samples["base.hardblink.3.accuracy"] == [0, 1]
+    # "(A) or (B)" and "(A) or (C)" name two letters: unreadable, counted, scored wrong
+    assert m["hardblink.3.invalid"] == 0.5 and m["hardblink.4.invalid"] == 0.0 and m["mcq.seedbench.invalid"] == 1.0
+    assert m["refcoco.val.no_mask"] == 0.5 and m["base.refcoco.val.no_mask"] == 1.0
+    assert m["hardblink.3.chance"] == pytest.approx(1 / 3) and m["hardblink.3.majority"] == 0.5
+    assert m["hardblink.mean.chance"] == pytest.approx((1 / 3 + 1 / 4) / 2)
+    assert m["mcq.mmbench.chance"] == 0.25 and m["mcq.mmbench.majority"] == 0.5
+    # refcoco val: 2 expressions; its cIoU interval holds the value; base has empty masks
+    assert ci["refcoco.val.ciou"].n == 2 and ci["refcoco.val.ciou"].lo <= m["refcoco.val.ciou"] <= ci["refcoco.val.ciou"].hi
+    assert d["refcoco.val.ciou"].value == pytest.approx(m["refcoco.val.ciou"])
+    assert d["mcq.mmbench.accuracy"].value == 0.5 and d["hardblink.4.accuracy"].value == 1.0
+    assert d["mme.existence.acc"].value == pytest.approx(0.75 - 0.5)
+    assert "base.mcq.mmbench.accuracy" not in d and "mcq.mmbench.n" not in ci
