@@ -436,6 +436,7 @@ class EvaluateConfig:
     max_new_tokens: int = 160  # N + 3 + the answer
     num_beams: int = 1  # 1: greedy
     batch_size: int = 16  # prompts decoded at once (greedy; left-padded, same answers as one at a time)
+    processes: int = 1  # > 1: generate in that many processes (torchrun; one GPU each on CUDA), then score
     max_tiles: int = 0  # dynamic tiling at evaluation (InternVL evaluates with 12); 0: model.max_tiles
     compare_base: bool = True  # run the same benchmarks with the base model (text only)
     report_samples: int = 2  # pictures of right and of wrong samples per benchmark
@@ -449,8 +450,10 @@ class EvaluateConfig:
                 raise ConfigError(f"evaluate.{name} must be >= 0 (0: all), got {getattr(self, name)}")
         if "train" in self.refer_splits:
             raise ConfigError("evaluate.refer_splits must not contain 'train'")
-        if min(self.max_new_tokens, self.num_beams, self.depth_pairs, self.batch_size, self.bootstrap) < 1:
-            raise ConfigError("evaluate.max_new_tokens, num_beams, depth_pairs, batch_size and bootstrap must be >= 1")
+        if min(self.max_new_tokens, self.num_beams, self.depth_pairs, self.batch_size, self.bootstrap,
+               self.processes) < 1:
+            raise ConfigError("evaluate.max_new_tokens, num_beams, depth_pairs, batch_size, bootstrap and processes "
+                              "must be >= 1")
         if not 0 <= self.max_tiles <= 40:
             raise ConfigError(f"evaluate.max_tiles must be in 0..40 (0: model.max_tiles), got {self.max_tiles}")
 

@@ -4,40 +4,84 @@ It reads the REFER val/test splits from the ``sources`` artifact (the same REFER
 reads) and HardBLINK, the multiple-choice benchmarks and MME from the ``benchmarks`` artifact,
 joined into one :class:`~perceptio_core.data.records.Sources` for
 :func:`~perceptio_core.evaluation.evaluate.run_evaluation`; it is the only stage downstream of
-``benchmarks``."""
+``benchmarks``.
+
+Predictions are kept in ``<workdir>/cache/predictions`` (:mod:`perceptio_core.evaluation.predictions`),
+keyed by each model's tag (:func:`model_tags`), the image and the prompt: a cut evaluation resumes,
+a metric or benchmark change generates only what is new, and with ``evaluate.processes > 1`` the
+generation runs in that many processes first (``flows/eval_script.py`` under ``torchrun``), the stage
+then scoring everything from the cache."""
 
 from __future__ import annotations
 
+import hashlib
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
 
 from perceptio_core.depth.maps import DepthMaps
-from perceptio_core.evaluation.evaluate import make_predictors, run_evaluation
+from perceptio_core.atomic_io import write_json, write_text
+from perceptio_core.config import dump_config
+from perceptio_core.evaluation.evaluate import BASE, PERCEPTIO, make_predictors, run_evaluation
+from perceptio_core.evaluation.predictions import PredictionCache
 from perceptio_core.evaluation.report import write_report
 from perceptio_core.evaluation.stats import within_noise
 from perceptio_core.evaluation.infer import load_model
 from perceptio_core.model.internvl import load_internvl, load_tokenizer
-from tasks.common import load_benchmarks, load_sources
+from tasks.common import load_benchmarks, load_sources, scratch_dir
 from tasks.progress import Progress
 from tasks.runner import StageContext, StageOutput, StageSpec
+
+
+GENERATION_CODE = ("perceptio_core/model/generation.py", "perceptio_core/model/batching.py",
+                   "perceptio_core/model/processor.py", "perceptio_core/evaluation/predictions.py")
+
+
+def model_tags(ctx: StageContext) -> dict[str, str]:
+    """The prediction-cache tag of each evaluated model (:mod:`perceptio_core.evaluation.predictions`):
+    what its answers depend on, and nothing a metric does: the weights' key (the fine-tuned model's;
+    the offline base's, or with a released base the fine-tuning key, which covers its content), the
+    decoding settings and the generation code. A change to a metric or a benchmark leaves the tags
+    alone, so only new (image, prompt) pairs are generated."""
+    e = ctx.cfg.evaluate
+    root = Path(__file__).resolve().parent.parent
+    code = hashlib.sha256(b"".join((root / f).read_bytes() for f in GENERATION_CODE)).hexdigest()
+    decode = f"{e.max_new_tokens}/{e.num_beams}/{e.max_tiles}/{code}"
+    model = f"{ctx.upstream['finetune'].key}/{decode}"
+    base = ctx.upstream["base"].key if "base" in ctx.upstream else ctx.upstream["finetune"].key
+    return {PERCEPTIO: f"{model}/constrained={e.constrained}", f"{PERCEPTIO}-unconstrained": f"{model}/free",
+            BASE: f"base:{base}/{decode}"}
 
 
 def evaluate(ctx: StageContext) -> StageOutput:
     cfg = ctx.cfg
     sources = load_sources(ctx).with_benchmarks(load_benchmarks(ctx))
     device = cfg.run.device if cfg.run.device != "auto" else "cpu"
-    model = load_model(ctx.upstream_dir("finetune") / "model", device=device)
-    base_model = base_tok = None
+    model_dir = ctx.upstream_dir("finetune") / "model"
+    base_dir = None
     if cfg.evaluate.compare_base:
         base_dir = ctx.upstream_dir("base") / "model" if "base" in ctx.upstream else cfg.model.base
+    tags = model_tags(ctx)
+    cache_dir = ctx.run.workdir / "cache" / "predictions"
+    if cfg.evaluate.processes > 1:
+        _generate_in_processes(ctx, model_dir, base_dir, cache_dir, tags, device)
+    model = load_model(model_dir, device=device)
+    base_model = base_tok = None
+    if base_dir is not None:
         # on the run's device in the Perceptio model's dtype: the comparison costs what the model's does
         base_model = load_internvl(str(base_dir)).to(device=device, dtype=model.base_model.dtype)
         base_tok = load_tokenizer(str(base_dir) if cfg.model.tokenizer is None else cfg.model.tokenizer)
     preds = make_predictors(model, cfg.evaluate, base_model=base_model, base_tokenizer=base_tok)
     prog = Progress("evaluate", ctx.log)
+    cache = PredictionCache(cache_dir)
+    ctx.log.info("evaluate: %d predictions already in %s", len(cache), cache_dir)
     ev = run_evaluation(
         sources=sources, cfg=cfg.evaluate, **preds,
         teacher_maps=DepthMaps(ctx.upstream_dir("teacher_depth")),
-        depth_spec=model.depth_spec, progress=prog,
+        depth_spec=model.depth_spec, progress=prog, cache=cache, model_tags=tags,
     )
     prog.close()
     report_dir = ctx.run.workdir / "cache" / f"evaluate-{ctx.key}"
@@ -55,6 +99,32 @@ def evaluate(ctx: StageContext) -> StageOutput:
     for name, why in ev.notes.items():  # a metric left out or partial, and why (in the log and manifest)
         ctx.log.info("evaluate: %s: %s", name, why)
     return StageOutput(metrics=dict(ev.metrics), figures=figures, notes=[f"{k}: {v}" for k, v in ev.notes.items()])
+
+
+def _generate_in_processes(ctx: StageContext, model_dir: Path, base_dir: Any, cache_dir: Path,
+                           tags: dict[str, str], device: str) -> None:
+    """``torchrun --nproc_per_node <evaluate.processes> -m flows.eval_script JOB``: every process
+    generates its share of the missing predictions into ``cache_dir`` (flows/eval_script.py)."""
+    work = scratch_dir(ctx)
+    cfg_path = work / "config.yaml"
+    write_text(cfg_path, dump_config(ctx.cfg))
+    job = work / "job.json"
+    write_json(job, dict(config=str(cfg_path), sources=str(ctx.upstream_dir("sources") / "sources.json"),
+                         benchmarks=str(ctx.upstream_dir("benchmarks") / "benchmarks.json"), model=str(model_dir),
+                         base=str(base_dir) if base_dir is not None else None,
+                         base_tokenizer=ctx.cfg.model.tokenizer, cache=str(cache_dir), tags=tags,
+                         device=device))  # fmt: skip
+    n = ctx.cfg.evaluate.processes
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+           "-m", "flows.eval_script", str(job)]
+    ctx.log.info("evaluate: generating in %d processes: %s", n, " ".join(cmd))
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"data-parallel evaluation failed (exit {done.returncode}); its last output:\n"
+                           f"{(done.stdout + done.stderr)[-4000:]}")
+    ctx.log.info("evaluate: %s", done.stdout.strip().splitlines()[-1] if done.stdout.strip() else "done")
 
 
 EVALUATE = StageSpec(

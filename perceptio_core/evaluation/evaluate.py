@@ -88,6 +88,7 @@ from perceptio_core.device import ProgressFn
 from perceptio_core.depth.codec import DepthCodecSpec
 from perceptio_core.depth.metrics import MAP_EPS, map_metrics, pair_order_accuracy, resize_map, teacher_vs_true_metrics
 from perceptio_core.data.image_io import ImageError, image_digest, load_image
+from perceptio_core.evaluation.predictions import PredictionCache, prediction_key, shard
 from perceptio_core.evaluation.metrics import IoUAccumulator, intersection_union, mme_scores, resize_mask
 from perceptio_core.evaluation.stats import (
     Estimate,
@@ -352,37 +353,76 @@ _EMPTY = SimpleNamespace(text="", raw_text="", mask=None, depth_map=None, depth_
 
 class _Runner:
     """Calls a predictor, counts progress, turns an unreadable image into an empty prediction.
-    :meth:`many` hands ``batch_size`` pairs at a time to a predictor's ``batch`` when it has one."""
 
-    def __init__(self, total: int, progress: ProgressFn | None, errors: list[str], batch_size: int = 1) -> None:
+    :meth:`many` hands ``batch_size`` pairs at a time to a predictor's ``batch`` when it has one.
+    With a :class:`~perceptio_core.evaluation.predictions.PredictionCache` it generates only the
+    pairs the cache lacks (of those, process ``rank``'s share of ``world``), writes each batch to
+    it as it is done, waits for the other processes (``barrier``) and returns every prediction
+    from the cache: a cut evaluation resumes, and one process or several give the same answers."""
+
+    def __init__(self, total: int, progress: ProgressFn | None, errors: list[str], batch_size: int = 1,
+                 cache: PredictionCache | None = None, tags: dict[str, str] | None = None,
+                 world: tuple[int, int] = (0, 1), barrier: Callable[[], None] | None = None) -> None:
         self.total, self.done, self.progress, self.errors = total, 0, progress, errors
         self.batch_size = max(1, int(batch_size))
+        self.cache, self.tags = cache, dict(tags or {})
+        self.rank, self.world = world
+        self.barrier = barrier
         self.calls: Counter[str] = Counter()
         self.seconds: Counter[str] = Counter()
+        self.cached: Counter[str] = Counter()
+
+    def _tick(self, model: str, n: int, info: dict[str, Any]) -> None:
+        for _ in range(n):
+            self.done += 1
+            if self.progress is not None:
+                self.progress(self.done, self.total, {"model": model, **info})
+
+    def _generate(self, predict: Predict, model: str, pairs: Sequence[tuple[str, str]],
+                  info: dict[str, Any]) -> list[Any]:
+        batch = getattr(predict, "batch", None)
+        if batch is None or self.batch_size == 1 or len(pairs) == 1:
+            return [self(predict, model, image, prompt, **info) for image, prompt in pairs]
+        t0 = time.perf_counter()
+        try:
+            preds = batch([image for image, _ in pairs], [prompt for _, prompt in pairs])
+        except ImageError:  # only the unreadable pair is scored empty
+            return [self(predict, model, image, prompt, **info) for image, prompt in pairs]
+        self.seconds[model] += time.perf_counter() - t0
+        self.calls[model] += len(pairs)
+        self._tick(model, len(pairs), info)
+        return list(preds)
 
     def many(self, predict: Predict, model: str, pairs: Sequence[tuple[str, str]], **info: Any) -> list[Any]:
-        """The predictions of ``(image, prompt)`` pairs, in order: through ``predict.batch`` in
-        chunks of ``batch_size`` when the predictor has one (a chunk with an unreadable image falls
-        back to one call per pair, so only that pair is scored empty), else one call per pair."""
-        batch = getattr(predict, "batch", None)
-        if batch is None or self.batch_size == 1:
-            return [self(predict, model, image, prompt, **info) for image, prompt in pairs]
-        out: list[Any] = []
-        for start in range(0, len(pairs), self.batch_size):
-            chunk = pairs[start:start + self.batch_size]
-            t0 = time.perf_counter()
-            try:
-                preds = batch([image for image, _ in chunk], [prompt for _, prompt in chunk])
-            except ImageError:
-                out += [self(predict, model, image, prompt, **info) for image, prompt in chunk]
-                continue
-            self.seconds[model] += time.perf_counter() - t0
-            self.calls[model] += len(chunk)
-            for _ in chunk:
-                self.done += 1
-                if self.progress is not None:
-                    self.progress(self.done, self.total, {"model": model, **info})
-            out += preds
+        """The predictions of ``(image, prompt)`` pairs, in order (class docstring)."""
+        if self.cache is None:
+            out: list[Any] = []
+            for start in range(0, len(pairs), self.batch_size):
+                out += self._generate(predict, model, pairs[start:start + self.batch_size], info)
+            return out
+        tag = self.tags.get(model, model)
+        keys = [prediction_key(tag, image, prompt) for image, prompt in pairs]
+        first: dict[str, int] = {}
+        for i, k in enumerate(keys):
+            first.setdefault(k, i)
+        todo = [i for k, i in first.items() if k not in self.cache]
+        # each process owns a fixed share of the pairs (not of what it sees missing: another may
+        # already have written part of the next benchmark), and generates the part it lacks
+        mine = [i for i in shard(list(first.values()), self.rank, self.world) if keys[i] not in self.cache]
+        self.cached[model] += len(pairs) - len(todo)
+        self._tick(model, len(pairs) - len(todo), info)
+        mine_set = set(mine)
+        for start in range(0, len(mine), self.batch_size):
+            idx = mine[start:start + self.batch_size]
+            preds = self._generate(predict, model, [pairs[i] for i in idx], info)
+            self.cache.put([(keys[i], p) for i, p in zip(idx, preds)])
+        if self.world > 1:
+            if self.barrier is not None:
+                self.barrier()
+            self.cache.refresh()
+        out = [self.cache.get(k) for k in keys]
+        self._tick(model, max(len(todo) - len(mine), 0), info)  # what the other processes generated
+        self.errors += [f"{model}: {p.error}" for i, p in enumerate(out) if p.error and i not in mine_set]
         return out
 
     def __call__(self, predict: Predict, model: str, image: str, prompt: str, **info: Any) -> Any:
@@ -391,12 +431,10 @@ class _Runner:
             pred = predict(image, prompt)
         except ImageError as e:
             self.errors.append(f"{model}: {e}")
-            pred = _EMPTY
+            pred = SimpleNamespace(**vars(_EMPTY), error=str(e))
         self.seconds[model] += time.perf_counter() - t0
         self.calls[model] += 1
-        self.done += 1
-        if self.progress is not None:
-            self.progress(self.done, self.total, {"model": model, **info})
+        self._tick(model, 1, info)
         return pred
 
 
@@ -623,6 +661,10 @@ def run_evaluation(
     teacher_maps: Any = None,
     depth_spec: DepthCodecSpec,
     progress: ProgressFn | None = None,
+    cache: PredictionCache | None = None,
+    model_tags: dict[str, str] | None = None,
+    world: tuple[int, int] = (0, 1),
+    barrier: Callable[[], None] | None = None,
 ) -> Evaluation:
     """Run every benchmark of SPEC §6 on ``sources`` (module docstring).
 
@@ -638,7 +680,17 @@ def run_evaluation(
         depth_spec: the evaluated model's depth codec numbers (``model.depth_spec``): the N and K
             its generations are parsed with for the block status (:func:`block_status`).
         progress: ``progress(done, total, info)`` after every generation.
+        cache: where predictions are kept (:class:`~perceptio_core.evaluation.predictions.PredictionCache`):
+            those it holds are not generated again, and every metric is computed from it.
+        model_tags: model name (``"perceptio"``, ``"base"``, ``"perceptio-unconstrained"``) -> the
+            tag its cache keys start from (its weights' key and decoding settings); default the name.
+        world: ``(rank, size)``: with a cache, this process generates every ``size``-th missing
+            prediction from ``rank`` and reads the others' from the cache after ``barrier()``
+            (data-parallel evaluation; every process computes the same metrics).
+        barrier: waits for every process (``torch.distributed.barrier``); needed when ``size > 1``.
     """
+    if world[1] > 1 and (cache is None or barrier is None):
+        raise ValueError("data-parallel evaluation (world size > 1) needs a prediction cache and a barrier")
     cfg = cfg or EvaluateConfig()
     refer = refer_plan(sources, cfg) if cfg.refer else {}
     hardblink = hardblink_plan(sources.hardblink, cfg) if cfg.hardblink else {}
@@ -651,7 +703,8 @@ def run_evaluation(
     total = n_main * (2 if base_predict is not None else 1) + len(unconstrained)
 
     ev = Evaluation()
-    run = _Runner(total, progress, ev.errors, cfg.batch_size)
+    run = _Runner(total, progress, ev.errors, cfg.batch_size, cache=cache, tags=model_tags, world=world,
+                  barrier=barrier)
     keeper = _Keeper(cfg.report_samples)
     depth = DepthQuality(cfg.depth_pairs)
     depth_cache: dict[str, np.ndarray] = {}
@@ -838,6 +891,8 @@ def run_evaluation(
         seconds = time.perf_counter() - t_start
         ev.timings[f"{model}.seconds"] = seconds
         ev.timings[f"{model}.samples_per_s"] = (run.calls[model] - n_done) / seconds if seconds > 0 else math.nan
+        if cache is not None:
+            ev.timings[f"{model}.from_cache"] = float(run.cached[model])
 
     # ---- the perception block, constrained and not
     n_block = sum(statuses.values())

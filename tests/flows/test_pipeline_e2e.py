@@ -314,3 +314,29 @@ def test_missing_benchmarks_are_demanded_only_by_runs_that_reach_them(first_run,
     assert skipped["stages"]["benchmarks"]["metrics"]["hardblink"] == 0
     assert skipped["stages"]["evaluate"]["status"] == "computed" and skipped["stages"]["finetune"]["status"] == "cached"
     assert not any(k.startswith(("evaluate.hardblink", "evaluate.mcq", "evaluate.mme")) for k in skipped["metrics"])
+
+
+@pytest.mark.slow
+def test_evaluation_in_two_processes_gives_the_single_process_metrics(first_run):
+    """``evaluate.processes=2``: two torchrun CPU processes (gloo) generate disjoint shares of the
+    predictions (the cache emptied first), the stage scores them: the metrics of the first run's
+    one-process evaluation. Then a metric-only rerun: nothing is generated again."""
+    import shutil
+
+    wd, summary = first_run
+    shutil.rmtree(wd / "cache" / "predictions")
+    two = _run(wd, "--only", "evaluate", "--set", "evaluate.processes=2")
+    assert two["stages"]["evaluate"]["status"] == "computed"
+    chunks = sorted((wd / "cache" / "predictions").glob("chunk-*.json"))
+    assert {p.name.split("-")[1] for p in chunks} == {"0000", "0001"}  # both ranks wrote their shares
+    one = {k: v for k, v in summary["metrics"].items() if k.startswith("evaluate.")}
+    got = {k: v for k, v in two["metrics"].items() if k.startswith("evaluate.")}
+    assert got.keys() == one.keys()
+    for k, v in one.items():
+        assert got[k] == pytest.approx(v, abs=1e-3, nan_ok=True), k
+    # every prediction is cached now: a bootstrap change re-scores without generating
+    store = ArtifactStore(wd / "store")
+    again = _run(wd, "--only", "evaluate", "--set", "evaluate.bootstrap=500")
+    ev_dir = store.dir("evaluate", again["stages"]["evaluate"]["key"])
+    report = (ev_dir / "report" / "report.md").read_text()
+    assert "- perceptio.from_cache: " in report and "- perceptio.samples_per_s: 0.000" in report

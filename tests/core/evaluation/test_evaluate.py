@@ -417,3 +417,84 @@ def test_intervals_invalid_rates_baselines_and_differences(world):
     assert d["mcq.mmbench.accuracy"].value == 0.5 and d["hardblink.4.accuracy"].value == 1.0
     assert d["mme.existence.acc"].value == pytest.approx(0.75 - 0.5)
     assert "base.mcq.mmbench.accuracy" not in d and "mcq.mmbench.n" not in ci
+
+
+class _Killed(Exception):
+    """The process "dies" (the predictor stops the evaluation where it is)."""
+
+
+class _Counting:
+    """A predictor that counts its calls and can be told to die after ``die_after`` of them."""
+
+    def __init__(self, inner, die_after=None):
+        self.inner, self.die_after, self.calls = inner, die_after, 0
+
+    def __call__(self, image, prompt):
+        if self.die_after is not None and self.calls >= self.die_after:
+            raise _Killed("killed")
+        self.calls += 1
+        return self.inner(image, prompt)
+
+
+def test_a_killed_evaluation_resumes_from_its_cache_with_the_same_metrics(world, tmp_path):
+    from perceptio_core.evaluation.predictions import PredictionCache
+
+    src, _ = world
+    cfg = EvaluateConfig(unconstrained_limit=0)
+    plain = run_evaluation(FakePerceptio(src), src, cfg, base_predict=fake_base, depth_spec=SPEC)
+    cache_dir = tmp_path / "predictions"
+    killed = _Counting(FakePerceptio(src), die_after=9)
+    with pytest.raises(_Killed):
+        run_evaluation(killed, src, cfg, base_predict=fake_base, depth_spec=SPEC, cache=PredictionCache(cache_dir))
+    assert len(PredictionCache(cache_dir)) == 9  # what was done before the kill is on disk
+    again = _Counting(FakePerceptio(src))
+    base = _Counting(fake_base)
+    ev = run_evaluation(again, src, cfg, base_predict=base, depth_spec=SPEC, cache=PredictionCache(cache_dir))
+    assert again.calls == 14 - 9 and base.calls == 14  # 7 refer/HardBLINK + 3 MCQ + 4 MME each
+    assert ev.metrics.keys() == plain.metrics.keys()
+    for k, v in plain.metrics.items():
+        assert ev.metrics[k] == pytest.approx(v, abs=2e-3, nan_ok=True), k  # depth maps kept as float16
+    # everything cached: a re-score generates nothing and gives the same metrics
+    idle = _Counting(FakePerceptio(src), die_after=0)
+    rescored = run_evaluation(idle, src, cfg, base_predict=_Counting(fake_base, die_after=0), depth_spec=SPEC,
+                              cache=PredictionCache(cache_dir))
+    assert rescored.metrics == ev.metrics and rescored.timings["perceptio.from_cache"] == 14
+
+
+def test_data_parallel_shares_split_the_work_and_agree(world, tmp_path):
+    """Two ranks (threads here, meeting at a barrier as torch.distributed processes do) generate
+    disjoint shares through one shared cache and both compute the single-process metrics."""
+    import threading
+
+    from perceptio_core.evaluation.predictions import PredictionCache
+
+    src, _ = world
+    cfg = EvaluateConfig(unconstrained_limit=0, batch_size=2)
+    single = run_evaluation(FakePerceptio(src), src, cfg, base_predict=fake_base, depth_spec=SPEC,
+                            cache=PredictionCache(tmp_path / "one"))
+    meet = threading.Barrier(2, timeout=60)
+    preds = [_Counting(FakePerceptio(src)), _Counting(FakePerceptio(src))]
+    bases = [_Counting(fake_base), _Counting(fake_base)]
+    results: list = [None, None]
+    errors: list = []
+
+    def rank(r):
+        try:
+            results[r] = run_evaluation(preds[r], src, cfg, base_predict=bases[r], depth_spec=SPEC, world=(r, 2),
+                                        cache=PredictionCache(tmp_path / "two", rank=r), barrier=meet.wait)
+        except Exception as e:  # noqa: BLE001 - reported by the assert below
+            errors.append(repr(e))
+            meet.abort()
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and results[0] is not None and results[1] is not None
+    assert results[0].metrics == results[1].metrics == single.metrics
+    # split, not repeated: each benchmark split in turn (rank 0 takes the odd one out of each)
+    assert sorted([preds[0].calls, preds[1].calls]) == [5, 9]
+    assert bases[0].calls + bases[1].calls == 14
+    with pytest.raises(ValueError, match="needs a prediction cache and a barrier"):
+        run_evaluation(FakePerceptio(src), src, cfg, depth_spec=SPEC, world=(0, 2))
