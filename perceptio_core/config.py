@@ -439,6 +439,7 @@ class EvaluateConfig:
     processes: int = 1  # > 1: generate in that many processes (torchrun; one GPU each on CUDA), then score
     max_tiles: int = 0  # dynamic tiling at evaluation (InternVL evaluates with 12); 0: model.max_tiles
     compare_base: bool = True  # run the same benchmarks with the base model (text only)
+    base_refer: bool = False  # ask the base the referring prompts too (no [SEG]: its masks are empty anyway)
     report_samples: int = 2  # pictures of right and of wrong samples per benchmark
     depth_pairs: int = 2000  # random pixel pairs per map for the pair-order accuracy
     bootstrap: int = 1000  # bootstrap resamples for the cIoU/gIoU intervals and the differences to the base

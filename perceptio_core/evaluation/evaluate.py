@@ -700,7 +700,8 @@ def run_evaluation(
         ("hardblink", r) for rs in hardblink.values() for r in rs]
     unconstrained = spread(block_items, cfg.unconstrained_limit) if predict_unconstrained is not None else []
     n_main = len(block_items) + sum(len(v) for v in mcq.values()) + sum(len(v) for v in mme.values())
-    total = n_main * (2 if base_predict is not None else 1) + len(unconstrained)
+    n_base = n_main - (0 if cfg.base_refer else sum(len(v) for v in refer.values()))
+    total = n_main + (n_base if base_predict is not None else 0) + len(unconstrained)
 
     ev = Evaluation()
     run = _Runner(total, progress, ev.errors, cfg.batch_size, cache=cache, tags=model_tags, world=world,
@@ -737,8 +738,13 @@ def run_evaluation(
             pairs: list[tuple[int, int]] = []
             no_mask = 0
             prompts = [refer_prompt(it.record.sentence) for it in items]
-            preds = run.many(pred_fn, model, [(it.image.path, pr) for it, pr in zip(items, prompts)],
-                             benchmark=ds, split=split)
+            if is_main or cfg.base_refer:
+                preds = run.many(pred_fn, model, [(it.image.path, pr) for it, pr in zip(items, prompts)],
+                                 benchmark=ds, split=split)
+            else:  # the base has no [SEG]: its masks are empty whatever it says
+                preds = [_EMPTY] * len(items)
+                ev.notes["base.refer"] = ("not generated: the base has no [SEG], so its masks are empty and its "
+                                          "cIoU 0 (evaluate.base_refer asks it anyway)")
             for it, prompt, p in zip(items, prompts, preds):
                 r, im = it.record, it.image
                 gt = ann_to_mask(r.segmentation, im.height, im.width).astype(bool)

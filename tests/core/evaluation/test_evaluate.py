@@ -221,9 +221,11 @@ def test_all_benchmarks_hand_computed(world):
     assert m["base.mcq.mmbench.accuracy"] == 0.5 and m["base.mcq.seedbench.accuracy"] == 0.0
     assert m["base.mme.existence.acc"] == 0.5 and m["base.mme.existence.acc_plus"] == 0.0  # "no idea" -> "No"
     assert not any(k.startswith("base.perception_block") or k.startswith("base.depth") for k in m)
-    # progress: every generation once, totals known up front (7 + 3 MCQ + 4 MME) x 2 models + 2 unconstrained
-    assert [d for d, _, _ in seen] == list(range(1, 31)) and {t for _, t, _ in seen} == {30}
-    assert [x for _, _, x in seen].count("base") == 14
+    # progress: every generation once, totals known up front: (7 + 3 MCQ + 4 MME) for the model, the
+    # same but the 4 referring prompts for the base (no [SEG]: not asked), 2 unconstrained
+    assert [d for d, _, _ in seen] == list(range(1, 27)) and {t for _, t, _ in seen} == {26}
+    assert [x for _, _, x in seen].count("base") == 10
+    assert ev.notes["base.refer"].startswith("not generated: the base has no [SEG]")
     # prompts: the refer/hardblink/VQA prompts, never the train split
     assert not any("never evaluated" in p.lower() for _, p in fake.calls)
     # kept samples: at most one right and one wrong per benchmark, with the base's answer filled in
@@ -450,7 +452,7 @@ def test_a_killed_evaluation_resumes_from_its_cache_with_the_same_metrics(world,
     again = _Counting(FakePerceptio(src))
     base = _Counting(fake_base)
     ev = run_evaluation(again, src, cfg, base_predict=base, depth_spec=SPEC, cache=PredictionCache(cache_dir))
-    assert again.calls == 14 - 9 and base.calls == 14  # 7 refer/HardBLINK + 3 MCQ + 4 MME each
+    assert again.calls == 14 - 9 and base.calls == 10  # 7 refer/HardBLINK + 3 MCQ + 4 MME; the base no refer
     assert ev.metrics.keys() == plain.metrics.keys()
     for k, v in plain.metrics.items():
         assert ev.metrics[k] == pytest.approx(v, abs=2e-3, nan_ok=True), k  # depth maps kept as float16
@@ -495,6 +497,14 @@ def test_data_parallel_shares_split_the_work_and_agree(world, tmp_path):
     assert results[0].metrics == results[1].metrics == single.metrics
     # split, not repeated: each benchmark split in turn (rank 0 takes the odd one out of each)
     assert sorted([preds[0].calls, preds[1].calls]) == [5, 9]
-    assert bases[0].calls + bases[1].calls == 14
+    assert bases[0].calls + bases[1].calls == 10
     with pytest.raises(ValueError, match="needs a prediction cache and a barrier"):
         run_evaluation(FakePerceptio(src), src, cfg, depth_spec=SPEC, world=(0, 2))
+
+
+def test_the_base_is_asked_the_referring_prompts_only_when_told(world):
+    src, _ = world
+    asked = _Counting(fake_base)
+    m = run_evaluation(FakePerceptio(src), src, EvaluateConfig(base_refer=True, hardblink=False, mcq=False, mme=False),
+                       base_predict=asked, depth_spec=SPEC).metrics
+    assert asked.calls == 4 and m["base.refcoco.val.ciou"] == 0.0 and m["base.refcoco.val.no_mask"] == 1.0
