@@ -90,7 +90,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--codebook-size", type=int, default=128)
     ap.add_argument("--grid", type=int, default=10, help="the stand-in codec's grid side: N = grid^2")
-    ap.add_argument("--eval-refer-limit", type=int, default=4)
+    ap.add_argument("--eval-refer-limit", type=int, default=16, help="expressions per RefCOCO split (val, testA)")
     ap.add_argument("--batch-sizes", type=lambda t: [int(x) for x in t.split(",")], default=[1, 16],
                     help="evaluation batch sizes compared side by side (comma-separated)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "eval.json"))
@@ -118,13 +118,15 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "world"
-        generate_world(root, SynthConfig(images=24, ade_images=4, hardblink_per_count=2, vqa_questions=8,
-                                         width=128, height=96, seed=0))  # fmt: skip
+        # large enough that every benchmark split fills batches of 16, as the default world's do
+        generate_world(root, SynthConfig(images=96, ade_images=4, hardblink_per_count=16, vqa_questions=32,
+                                         mme_images=4, width=128, height=96, seed=0))  # fmt: skip
         src = read_sources(root, DataConfig(), cache_dir=Path(tmp) / "cache")
         predict = model_predictor(model, max_new_tokens=mx)
         runs = {}
         for bs in args.batch_sizes:  # side by side in one process: the same samples at each batch size
-            cfg = EvaluateConfig(refer_limit=args.eval_refer_limit, hardblink_limit=2, mcq_limit=4, mme_limit=1,
+            cfg = EvaluateConfig(refer_datasets=["refcoco"], refer_splits=["val", "testA"],
+                                 refer_limit=args.eval_refer_limit, hardblink_limit=0, mcq_limit=0, mme_limit=0,
                                  unconstrained_limit=0, max_new_tokens=mx, batch_size=bs)  # fmt: skip
             t0 = time.perf_counter()
             ev = run_evaluation(predict, src, cfg, depth_spec=model.depth_spec)

@@ -80,7 +80,7 @@ class SynthConfig:
 
     images: int = 240  # COCO-style images carrying the RefCOCO/+/g trees
     ade_images: int = 120
-    hardblink_per_count: int = 24  # HardBLINK-style questions for each of 3, 4, 5 points
+    hardblink_per_count: int = 124  # HardBLINK-style questions for each of 3, 4, 5 points (as the public set)
     vqa_questions: int = 240  # half train (also the LLaVA-format instruction file), half dev
     mme_images: int = 12  # MME images per subtask (existence, count, position, color), 2 questions each
     width: int = 128
@@ -418,8 +418,9 @@ class Sam2FitConfig(TrainLoopConfig):
 class EvaluateConfig:
     """The ``evaluate`` stage (SPEC §6; :mod:`perceptio_core.evaluation.evaluate`): which benchmarks, how many
     samples each (0: all; a limited subset is spread evenly over the sorted records, the same on
-    every run), decoding, and the report. The limits keep the default run within minutes on a CPU;
-    set them to 0 for the full benchmarks."""
+    every run), decoding, and the report. By default every sample is evaluated (the world is sized
+    so that the intervals tell: 124 HardBLINK questions per point count, every val/test
+    expression); set limits for a quicker look (the smoke profile does)."""
 
     refer: bool = True  # RefCOCO / RefCOCO+ / RefCOCOg referring segmentation
     hardblink: bool = True
@@ -427,9 +428,9 @@ class EvaluateConfig:
     mme: bool = True  # MME (acc / acc+ per subtask, perception and cognition scores)
     refer_datasets: list[str] | None = None  # None: every REFER dataset read (data.refer_datasets)
     refer_splits: list[str] = field(default_factory=lambda: ["val", "testA", "testB", "test"])  # those present
-    refer_limit: int = 25  # expressions per dataset and split, 0: all
-    hardblink_limit: int = 0  # questions per point count, 0: all (the public set: 124; the world: 24)
-    mcq_limit: int = 60  # questions per benchmark (train splits are never evaluated)
+    refer_limit: int = 0  # expressions per dataset and split, 0: all (the world's: 1407 val/test in all)
+    hardblink_limit: int = 0  # questions per point count, 0: all (the public set and the world: 124)
+    mcq_limit: int = 0  # questions per benchmark, 0: all (train splits are never evaluated; the world's: 120)
     mme_limit: int = 0  # images per MME subtask (two questions each), 0: all
     unconstrained_limit: int = 12  # refer + HardBLINK prompts decoded again without the constraint
     constrained: bool = True  # constrained perception decoding (SPEC §1) for the main run
