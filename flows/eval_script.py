@@ -28,7 +28,6 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv

@@ -9,7 +9,7 @@ those it touches is named in one error before any stage runs. Every run writes
 ``<workdir>/runs/<run-id>/summary.json`` and the resolved ``config.yaml``.
 
 The DAG has two roots: ``sources`` (the training datasets), which every training stage hangs
-from, and ``benchmarks`` (HardBLINK, the multiple-choice VQA), which only ``evaluate`` reads.
+from, and ``benchmarks`` (HardBLINK, the multiple-choice TSVs, MME), which only ``evaluate`` reads.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from prefect.states import State
 
 from perceptio_core.config import ConfigError, PerceptioConfig, dump_config, load_config
 from perceptio_core.atomic_io import write_json, write_text
-from tasks.runner import ArtifactRef, PipelineError, RunContext, compute_keys, flatten
+from tasks.runner import ArtifactRef, PipelineError, RunContext, compute_keys, flatten, workdir_lock
 from tasks.stage_task import StageResult, stage_task
 from tasks.stages import BY_NAME, STAGES, downstream_of, upstream_of
 
@@ -182,19 +182,20 @@ def perceptio_pipeline(
 ) -> dict[str, Any]:
     """The whole pipeline; ``only``/``from_stage`` restrict which stages run in this run."""
     run = start_run(profile, overrides, workdir, run_id)
-    plan = Plan(run, only=only, from_stage=from_stage)
-    world = plan.step("sources")
-    benchmarks = plan.step("benchmarks")
-    fitted = plan.step("fit_teacher", world)
-    depth = plan.step("teacher_depth", world, fitted)
-    codebook = plan.step("train_vqvae", world, depth)
-    tokens = plan.step("tokenize_depth", depth, codebook)
-    samples = plan.step("curate", world, depth, codebook, tokens)
-    base = plan.step("base", world)
-    segmenter = plan.step("fit_sam2", world)
-    model = plan.step("finetune", base, segmenter, samples, depth, codebook)
-    plan.step("evaluate", world, benchmarks, depth, model, base)
-    return plan.finish()
+    with workdir_lock(run.workdir):  # one run per workdir at a time
+        plan = Plan(run, only=only, from_stage=from_stage)
+        world = plan.step("sources")
+        benchmarks = plan.step("benchmarks")
+        fitted = plan.step("fit_teacher", world)
+        depth = plan.step("teacher_depth", world, fitted)
+        codebook = plan.step("train_vqvae", world, depth)
+        tokens = plan.step("tokenize_depth", depth, codebook)
+        samples = plan.step("curate", world, depth, codebook, tokens)
+        base = plan.step("base", world)
+        segmenter = plan.step("fit_sam2", world)
+        model = plan.step("finetune", base, segmenter, samples, depth, codebook)
+        plan.step("evaluate", world, benchmarks, depth, model, base)
+        return plan.finish()
 
 
 def summary_table(summary: dict[str, Any]) -> str:

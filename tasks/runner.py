@@ -11,17 +11,19 @@ folder survives a kill, so a long stage resumes from the files it already finish
 from __future__ import annotations
 
 import ast
+import contextlib
 
 import logging
 import os
 import platform
 import socket
+import threading
 import time
 import traceback
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from perceptio_core.config import PerceptioConfig, canonical_json, to_dict
 from perceptio_core.data.records import MissingDataError, QuarantineEntry
@@ -34,6 +36,41 @@ QUARANTINE_SAMPLE = 200  # entries kept verbatim in a manifest; the full list is
 
 class PipelineError(RuntimeError):
     """A run cannot go on as asked (a needed upstream artifact is missing, ...): a user error."""
+
+
+LOCK_FILE = ".perceptio-run.lock"
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: Path) -> Iterator[Path]:
+    """Hold ``<workdir>/.perceptio-run.lock`` for a run: a second run on the same workdir stops at
+    once with a :class:`PipelineError` naming the holder (pid, host, start), instead of computing the
+    same stages through the same staging folders. The lock is the operating system's (``flock``), so
+    a run that dies, even by ``kill -9``, releases it and the next run takes it over; the file's
+    text only says who holds it. (``flock`` is per machine: runs on several nodes sharing a workdir
+    over NFS are not kept apart by it.)"""
+    import fcntl
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / LOCK_FILE
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise PipelineError(f"workdir {workdir} is in use by another perceptio run ({holder}); wait for it to "
+                            "finish, or give this run another --workdir") from None
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
+        yield path
+    finally:
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()
 
 
 @dataclass(frozen=True)
@@ -125,18 +162,40 @@ def _is_package_init(module: str) -> bool:
     return path is not None and path.name == "__init__.py"
 
 
+_PARSE_LOCK = threading.Lock()  # CPython 3.11's ast.parse races when threads parse at once
+_IMPORTS: dict[tuple[str, int, int], frozenset[str]] = {}  # (file, mtime, size) -> its project imports
+
+
 def _direct_project_imports(module: str) -> set[str]:
-    """Project modules named by ``module``'s import statements (``from pkg import mod`` counts as
-    ``pkg.mod`` when that is a module)."""
+    """Project modules named by ``module``'s import statements, absolute and relative (``from pkg
+    import mod`` and ``from . import mod`` count as ``pkg.mod`` when that is a module). Each file is
+    parsed once per process (per modification), under a lock."""
     path = _module_file(module)
     if path is None:
         return set()
+    st = path.stat()
+    key = (str(path), st.st_mtime_ns, st.st_size)
+    with _PARSE_LOCK:
+        if key not in _IMPORTS:
+            _IMPORTS[key] = frozenset(_parse_imports(module, path))
+        return set(_IMPORTS[key])
+
+
+def _parse_imports(module: str, path: Path) -> set[str]:
+    package = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
     out: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: from the module's package, one level up per extra dot
+                parts = package[: len(package) - (node.level - 1)] if node.level - 1 <= len(package) else []
+                base = ".".join(parts + ([node.module] if node.module else []))
+            else:
+                base = node.module or ""
+            if not base:
+                continue
+            names = [base] + [f"{base}.{a.name}" for a in node.names]
         else:
             continue
         out |= {n for n in names if n.split(".")[0] in PROJECT_PACKAGES and _module_file(n) is not None}

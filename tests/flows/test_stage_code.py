@@ -54,3 +54,26 @@ def test_the_world_is_versioned_by_every_module_its_generator_reaches(tmp_path, 
     monkeypatch.setattr(sources, "module_files",
                         lambda mods: [edited if f == marker else f for f in module_files(mods)])
     assert sources.world_dir(cfg, tmp_path) != before
+
+
+def test_relative_imports_are_followed(tmp_path, monkeypatch):
+    """A module reached only by a relative import (``from . import x``, ``from .. import y``,
+    ``from .z import w``) is in the closure, so editing it re-keys the stage."""
+    from tasks import runner
+
+    pkg = tmp_path / "perceptio_core" / "fake"
+    (pkg / "sub").mkdir(parents=True)
+    for f in ("__init__.py", "sub/__init__.py"):
+        (pkg / f).write_text("")
+    (tmp_path / "perceptio_core" / "__init__.py").write_text("")
+    (pkg / "top.py").write_text("from . import sibling\nfrom .sub.deep import thing\n")
+    (pkg / "sibling.py").write_text("X = 1\n")
+    (pkg / "sub" / "deep.py").write_text("from .. import cousin\nthing = 2\n")
+    (pkg / "cousin.py").write_text("Y = 3\n")
+    monkeypatch.setattr(runner, "REPO_ROOT", tmp_path)
+    found = runner.project_imports_closure(["perceptio_core.fake.top"])
+    assert {"perceptio_core.fake.sibling", "perceptio_core.fake.sub.deep", "perceptio_core.fake.cousin"} <= found
+    before = [p.read_text() for p in runner.module_files(sorted(found))]
+    (pkg / "cousin.py").write_text("Y = 4\n")  # an edit is seen: the cached parse is per file version
+    again = runner.project_imports_closure(["perceptio_core.fake.top"])
+    assert again == found and [p.read_text() for p in runner.module_files(sorted(again))] != before
