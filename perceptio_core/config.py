@@ -41,6 +41,13 @@ class RunConfig:
     seed: int = 0
     torch_threads: int = 0  # 0: leave torch's default
 
+    def __post_init__(self) -> None:
+        dev = self.device
+        if dev not in ("auto", "cpu", "cuda") and not (dev.startswith("cuda:") and dev[5:].isdigit()):
+            raise ConfigError(f"run.device must be auto, cpu, cuda or cuda:N, got {dev!r}")
+        if self.torch_threads < 0:
+            raise ConfigError(f"run.torch_threads must be >= 0 (0: torch's default), got {self.torch_threads}")
+
 
 @dataclass
 class DataConfig:
@@ -186,6 +193,9 @@ class VQVAEConfig:
             raise ConfigError(f"vqvae.ema_decay must be in (0, 1), got {self.ema_decay}")
         if not 0.0 <= self.holdout_fraction < 1.0:
             raise ConfigError(f"vqvae.holdout_fraction must be in [0, 1), got {self.holdout_fraction}")
+        if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ConfigError(f"vqvae.steps and batch_size must be >= 1 and lr > 0 (got steps={self.steps}, "
+                              f"batch_size={self.batch_size}, lr={self.lr})")
         self.downsample = self.input_size // self.grid
 
     @property
@@ -362,6 +372,27 @@ class TrainLoopConfig:
     find_unused_parameters: bool = True  # DDP: some trainable heads see no gradient in some
     # batches (e.g. the mask decoder on a batch without masks)
 
+    def __post_init__(self) -> None:
+        name = {"FinetuneConfig": "finetune", "BaseFitConfig": "base", "Sam2FitConfig": "sam2_fit"}.get(
+            type(self).__name__, "train")
+        checks = [
+            (self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
+            (self.epochs >= 0, f"epochs must be >= 0 (0: use steps), got {self.epochs}"),
+            (self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be >= 1"),
+            (self.lr > 0 and self.eps > 0, f"lr and eps must be > 0, got lr={self.lr}"),
+            (0.0 <= self.warmup_frac < 1.0, f"warmup_frac must be in [0, 1), got {self.warmup_frac}"),
+            (self.max_grad_norm > 0, f"max_grad_norm must be > 0, got {self.max_grad_norm}"),
+            (self.precision in ("auto", "no", "bf16", "fp16"),
+             f"precision must be auto, no, bf16 or fp16, got {self.precision!r}"),
+            (self.num_workers >= 0 and self.prefetch_factor >= 1, "num_workers >= 0 and prefetch_factor >= 1"),
+            (self.checkpoint_every >= 1 and self.keep_checkpoints >= 1, "checkpoint_every and keep_checkpoints >= 1"),
+            (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"betas must be two values in [0, 1), "
+                                                                          f"got {self.betas}"),
+        ]
+        for ok, why in checks:
+            if not ok:
+                raise ConfigError(f"{name}.{why}")
+
 
 @dataclass
 class FinetuneConfig(TrainLoopConfig):
@@ -408,6 +439,7 @@ class Sam2FitConfig(TrainLoopConfig):
     eval_examples: int = 200  # examples scored for the point-prompt mIoU (train and holdout)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.refine_steps < 0:
             raise ConfigError("sam2_fit: refine_steps >= 0")
         if self.max_points < 1 or not 0.0 <= self.box_prob <= 1.0 or not 0.0 <= self.holdout_fraction < 1.0:
@@ -582,8 +614,10 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
         tp = hints[name]
         key = f"{prefix}.{name}" if prefix else name
         if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key} is a section: give its fields ({key}.<field>=...), not {value!r}")
             base = to_dict(tp())
-            merged = _deep_merge(base, value, key) if isinstance(value, dict) else value
+            merged = _deep_merge(base, value, key)
             kwargs[name] = _build(tp, _strip_derived(tp, merged), key)
         else:
             kwargs[name] = _check_value(value, tp, key)
