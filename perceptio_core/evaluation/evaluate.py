@@ -736,6 +736,7 @@ def run_evaluation(
         for (ds, split), items in refer.items():
             acc = IoUAccumulator()
             pairs: list[tuple[int, int]] = []
+            hits: list[int] = []
             no_mask = 0
             prompts = [refer_prompt(it.record.sentence) for it in items]
             if is_main or cfg.base_refer:
@@ -752,6 +753,7 @@ def run_evaluation(
                 pm = resize_mask(mask, gt.shape) if mask is not None else None
                 iou = acc.add(pm, gt)
                 pairs.append(intersection_union(pm, gt))
+                hits.append(int(iou >= 0.5))
                 no_mask += mask is None
                 key = f"{ds}/{split}/r{r.ref_id}/s{r.sent_id}"
                 if is_main:
@@ -770,6 +772,7 @@ def run_evaluation(
                 ev.metrics[f"{prefix}{ds}.{split}.{k}"] = v
             ev.metrics[f"{prefix}{ds}.{split}.no_mask"] = no_mask / len(items)
             ev.samples[f"{prefix}{ds}.{split}.iou"] = pairs
+            ev.samples[f"{prefix}{ds}.{split}.p50"] = hits
 
         # ---- HardBLINK
         per_n: dict[int, float] = {}
@@ -777,6 +780,7 @@ def run_evaluation(
         for n, recs in hardblink.items():
             right_n = tok_right = with_points = invalid = 0
             oks: list[int] = []
+            tok_oks: list[int] = []
             prompts = [hardblink_prompt(r.question) for r in recs]
             preds = run.many(pred_fn, model, [(r.image_path, pr) for r, pr in zip(recs, prompts)],
                              benchmark="hardblink", split=str(n))
@@ -795,7 +799,9 @@ def run_evaluation(
                     if r.points:  # the public release has none: the diagnostic needs them
                         with_points += 1
                         size = _image_hw(r.image_path)
-                        tok_right += size is not None and token_depth_choice(dmap, r.points, r.labels, size) == truth
+                        tok_ok = size is not None and token_depth_choice(dmap, r.points, r.labels, size) == truth
+                        tok_right += tok_ok
+                        tok_oks.append(int(tok_ok))
                     depth.add(dmap, _lookup(teacher_maps, digest_of(r.image_path)),
                               _true_depth(r.depth_path, depth_cache))  # fmt: skip
                     if keeper.wants("hardblink", right):
@@ -816,6 +822,7 @@ def run_evaluation(
             if is_main and with_points:
                 tok_n[n] = tok_right / with_points
                 ev.metrics[f"hardblink.{n}.token_depth"] = tok_n[n]
+                ev.samples[f"hardblink.{n}.token_depth"] = tok_oks
                 if with_points < len(recs):
                     ev.notes[f"hardblink.{n}.token_depth"] = (
                         f"over the {with_points} of {len(recs)} questions that have point coordinates")
@@ -829,6 +836,8 @@ def run_evaluation(
                         [ev.metrics[f"hardblink.{n}.{base_line}"] for n in per_n]))
             if is_main and tok_n:
                 ev.metrics["hardblink.mean.token_depth"] = float(np.mean(list(tok_n.values())))
+                ev.samples["hardblink.mean.token_depth"] = [ok for n in tok_n for ok in ev.samples[
+                    f"hardblink.{n}.token_depth"]]  # pooled
             if is_main and len(tok_n) < len(per_n):
                 skipped = [str(n) for n in per_n if n not in tok_n]
                 ev.notes["hardblink.depth_tokens.skipped"] = (

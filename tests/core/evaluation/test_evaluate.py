@@ -419,6 +419,8 @@ def test_intervals_invalid_rates_baselines_and_differences(world):
     assert d["mcq.mmbench.accuracy"].value == 0.5 and d["hardblink.4.accuracy"].value == 1.0
     assert d["mme.existence.acc"].value == pytest.approx(0.75 - 0.5)
     assert "base.mcq.mmbench.accuracy" not in d and "mcq.mmbench.n" not in ci
+    assert ci["refcoco.val.p50"] == proportion(1, 2) and d["refcoco.val.p50"].value == 0.5
+    assert ci["hardblink.3.token_depth"].n == 2 and ci["hardblink.mean.token_depth"].n == 3
 
 
 class _Killed(Exception):
