@@ -355,10 +355,11 @@ class _Runner:
     """Calls a predictor, counts progress, turns an unreadable image into an empty prediction.
 
     :meth:`many` hands ``batch_size`` pairs at a time to a predictor's ``batch`` when it has one.
-    With a :class:`~perceptio_core.evaluation.predictions.PredictionCache` it generates only the
-    pairs the cache lacks (of those, process ``rank``'s share of ``world``), writes each batch to
-    it as it is done, waits for the other processes (``barrier``) and returns every prediction
-    from the cache: a cut evaluation resumes, and one process or several give the same answers."""
+    With a :class:`~perceptio_core.evaluation.predictions.PredictionCache` process ``rank`` of
+    ``world`` owns a fixed share of the distinct pairs (every ``world``-th, from ``rank``) and
+    generates the part of it the cache lacks, writes each batch to the cache as it is done, waits
+    for the other processes (``barrier``) and returns every prediction from the cache: a cut
+    evaluation resumes, and one process or several give the same answers."""
 
     def __init__(self, total: int, progress: ProgressFn | None, errors: list[str], batch_size: int = 1,
                  cache: PredictionCache | None = None, tags: dict[str, str] | None = None,
