@@ -65,8 +65,22 @@ and split, ``hardblink_limit`` questions per point count, ``mcq_limit`` question
 ``unconstrained_limit`` prompts; 0 = all. A limited subset is spread evenly over the records in
 their (sorted) order, so it is the same on every run.
 
-:func:`run_evaluation` returns an :class:`Evaluation` (metrics, the samples kept for pictures,
-block status counts, timings); :func:`~perceptio_core.evaluation.report.write_report` writes ``report.md`` and its PNGs.
+Honest counting and statistics: an unreadable answer is wrong and counted (``<...>.invalid``: the
+share no option / yes / no could be read from; ``<dataset>.<split>.no_mask``: referring answers
+without ``[SEG]``); HardBLINK and each multiple-choice set carry their ``chance`` and ``majority``
+baselines; :attr:`Evaluation.intervals` holds every accuracy's Wilson interval and cIoU / gIoU's
+bootstrap ones, :attr:`Evaluation.differences` the paired difference to the base
+(:mod:`perceptio_core.evaluation.stats`). The base is not asked the referring prompts unless
+``base_refer``: it has no ``[SEG]``, so its masks are empty (scored so, with a note).
+
+Throughput and resumption: predictors with a ``batch`` method (:func:`model_predictor`,
+:func:`base_predictor` when greedy) decode ``batch_size`` prompts at once, with the answers of one
+at a time; with a prediction cache every batch is kept as it is done, what the cache holds is not
+generated again, and several processes share the work (``world``, ``barrier``).
+
+:func:`run_evaluation` returns an :class:`Evaluation` (metrics, per-sample scores, intervals,
+differences, the samples kept for pictures, block status counts, timings);
+:func:`~perceptio_core.evaluation.report.write_report` writes ``report.md`` and its PNGs.
 """
 
 from __future__ import annotations
