@@ -20,7 +20,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from prefect import flow
+from prefect import flow, get_run_logger
 from prefect.runtime import flow_run as runtime_flow_run
 from prefect.states import State
 
@@ -182,7 +182,8 @@ def perceptio_pipeline(
 ) -> dict[str, Any]:
     """The whole pipeline; ``only``/``from_stage`` restrict which stages run in this run."""
     run = start_run(profile, overrides, workdir, run_id)
-    with workdir_lock(run.workdir):  # one run per workdir at a time
+    log = get_run_logger()
+    with workdir_lock(run.workdir, run.cfg.run.lock_wait_s, log.warning):  # one run per workdir at a time
         plan = Plan(run, only=only, from_stage=from_stage)
         world = plan.step("sources")
         benchmarks = plan.step("benchmarks")

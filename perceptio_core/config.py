@@ -40,11 +40,14 @@ class RunConfig:
     device: str = "auto"  # "auto" (cuda when present), "cpu", "cuda"
     seed: int = 0
     torch_threads: int = 0  # 0: leave torch's default
+    lock_wait_s: float = 3600.0  # a run finding its workdir in use waits this long for it, then stops
 
     def __post_init__(self) -> None:
         dev = self.device
         if dev not in ("auto", "cpu", "cuda") and not (dev.startswith("cuda:") and dev[5:].isdigit()):
             raise ConfigError(f"run.device must be auto, cpu, cuda or cuda:N, got {dev!r}")
+        if self.lock_wait_s < 0:
+            raise ConfigError(f"run.lock_wait_s must be >= 0 (0: stop at once), got {self.lock_wait_s}")
         if self.torch_threads < 0:
             raise ConfigError(f"run.torch_threads must be >= 0 (0: torch's default), got {self.torch_threads}")
 

@@ -42,26 +42,39 @@ LOCK_FILE = ".perceptio-run.lock"
 
 
 @contextlib.contextmanager
-def workdir_lock(workdir: Path) -> Iterator[Path]:
-    """Hold ``<workdir>/.perceptio-run.lock`` for a run: a second run on the same workdir stops at
-    once with a :class:`PipelineError` naming the holder (pid, host, start), instead of computing the
-    same stages through the same staging folders. The lock is the operating system's (``flock``), so
-    a run that dies, even by ``kill -9``, releases it and the next run takes it over; the file's
-    text only says who holds it. (``flock`` is per machine: runs on several nodes sharing a workdir
-    over NFS are not kept apart by it.)"""
+def workdir_lock(workdir: Path, wait_s: float = 0.0,
+                 log: Callable[[str], None] | None = None) -> Iterator[Path]:
+    """Hold ``<workdir>/.perceptio-run.lock`` for a run, so that two runs never compute the same
+    stages through the same staging folders. A run that finds the lock held waits up to ``wait_s``
+    seconds for it (saying so through ``log``: which run holds it, pid, host and start), then goes
+    on (what the first run made is then cached); past that, or with ``wait_s`` 0, it stops with a
+    :class:`PipelineError` naming the holder. The lock is the operating system's (``flock``), so a
+    run that dies, even by ``kill -9``, releases it and the next run takes it over; the file's text
+    only says who holds it. (``flock`` is per machine: runs on several nodes sharing a workdir over
+    NFS are not kept apart by it.)"""
     import fcntl
 
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / LOCK_FILE
     f = open(path, "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "another process"
-        f.close()
-        raise PipelineError(f"workdir {workdir} is in use by another perceptio run ({holder}); wait for it to "
-                            "finish, or give this run another --workdir") from None
+    deadline = time.monotonic() + max(0.0, wait_s)
+    told = False
+    while True:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            if time.monotonic() >= deadline:
+                f.close()
+                raise PipelineError(f"workdir {workdir} is in use by another perceptio run ({holder}); wait for it "
+                                    "to finish, or give this run another --workdir") from None
+            if not told and log is not None:
+                log(f"workdir {workdir} is in use by another perceptio run ({holder}); waiting for it "
+                    f"(up to {wait_s:.0f} s, run.lock_wait_s)")
+                told = True
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
     try:
         f.seek(0)
         f.truncate()

@@ -1,4 +1,5 @@
-"""One run per workdir: a second run stops with the holder named; a killed holder's lock is taken over."""
+"""One run per workdir: a second run waits for the first (saying so), or stops with the holder named;
+a killed holder's lock is taken over."""
 
 from __future__ import annotations
 
@@ -50,7 +51,32 @@ def test_perceptio_run_on_a_held_workdir_exits_with_the_message(tmp_path):
     with workdir_lock(wd):
         code = "import sys; from flows.cli import main; sys.exit(main(sys.argv[1:]))"
         r = subprocess.run([sys.executable, "-c", code, "run", "--config", "smoke", "--workdir", str(wd), "--only",
-                            "sources"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                            "sources", "--set", "run.lock_wait_s=0"], cwd=ROOT, capture_output=True, text=True,
+                           timeout=600)
     assert r.returncode == 2, r.stderr[-2000:]
     assert f"perceptio: error: workdir {wd.resolve()} is in use by another perceptio run (pid {os.getpid()} " in r.stderr
     assert not (wd / "store").exists() or not any((wd / "store").rglob("manifest.json"))  # nothing computed
+
+
+def test_a_second_run_waits_for_the_first_and_says_so(tmp_path):
+    import threading
+
+    wd = tmp_path / "w"
+    said: list[str] = []
+    order: list[str] = []
+    first = workdir_lock(wd)
+    first.__enter__()
+
+    def release_later():
+        threading.Event().wait(1.5)
+        order.append("first done")
+        first.__exit__(None, None, None)
+
+    t = threading.Thread(target=release_later)
+    t.start()
+    with workdir_lock(wd, wait_s=120, log=said.append):
+        order.append("second in")
+    t.join()
+    assert order == ["first done", "second in"]
+    assert len(said) == 1 and said[0].startswith(f"workdir {wd} is in use by another perceptio run (pid {os.getpid()} ")
+    assert said[0].endswith("waiting for it (up to 120 s, run.lock_wait_s)")
