@@ -29,7 +29,9 @@ from perceptio_core.curation.inputs import (
     REASON_BAD_RECORD,
     REASON_NO_CONVERSATION,
     REASON_NO_GROUNDINGS,
+    REASON_OUTSIDE_ROOT,
     CurateStats,
+    confined,
     image_size,
     image_tokens,
     read_bytes,
@@ -89,7 +91,11 @@ def llava_samples(
             continue
         data, digest = b"", ""
         if entry.get("image"):
-            got = read_bytes(root / entry["image"])
+            where = confined(root, str(entry["image"]))
+            if where is None:
+                stats.drop("llava", rid, REASON_OUTSIDE_ROOT)
+                continue
+            got = read_bytes(where)
             if got is None:
                 stats.drop("llava", rid, REASON_MISSING_IMAGE)
                 continue
@@ -145,7 +151,11 @@ def glamm_samples(
         if not isinstance(groundings, dict) or not groundings:
             stats.drop("glamm", rid, REASON_NO_GROUNDINGS)
             continue
-        data = read_bytes(root / name)
+        where = confined(root, str(name))
+        if where is None:
+            stats.drop("glamm", rid, REASON_OUTSIDE_ROOT)
+            continue
+        data = read_bytes(where)
         if data is None:
             stats.drop("glamm", rid, REASON_MISSING_IMAGE)
             continue

@@ -366,3 +366,32 @@ def test_world_gcg_and_text_only_llava_through_the_shards(world, tmp_path):
         for m, g in zip(s.masks_rle, e["groundings"].values()):
             assert m == g["rle_masks"][0]
     assert res.stats["paper_counts"]["glamm"] == {"train": counts["gcg"], "paper": 214_000}
+
+
+def test_llava_and_glamm_images_stay_under_their_root_and_are_regular_files(tmp_path):
+    """An image named outside the image root (``../``, absolute) is dropped without being read;
+    a FIFO or a device is never opened (it would hang or read forever): dropped as missing."""
+    import os
+
+    root = tmp_path / "root"
+    root.mkdir()
+    _, d1 = _png(root / "a.png", seed=1)
+    _png(tmp_path / "outside.png", seed=2)
+    os.mkfifo(root / "fifo.png")
+    turns = [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]
+    llava = [{"id": i, "image": img, "conversations": turns}
+             for i, img in (("ok", "a.png"), ("up", "../outside.png"), ("abs", str(tmp_path / "outside.png")),
+                            ("fifo", "fifo.png"), ("dev", "../../../../../../dev/zero"), ("sub", "x/../a.png"))]
+    (root / "llava.json").write_text(json.dumps(llava))
+    m = np.zeros((48, 64), bool)
+    m[5:20, 5:20] = True
+    glamm = [{"file_name": name, "caption": "A square.",
+              "groundings": {"A square": {"token_positives": [0, 8], "rle_masks": [encode_mask(m)]}}}
+             for name in ("a.png", "../outside.png")]
+    (root / "glamm.json").write_text(json.dumps(glamm))
+    samples, stats = _run(Sources(root=str(root)), {d1: np.zeros(N, int)}, None, CurateConfig(),
+                          llava_json=str(root / "llava.json"), glamm_json=str(root / "glamm.json"))
+    assert [s.meta.get("id") or s.meta.get("file_name") for s in samples] == ["ok", "sub", "a.png"]
+    assert all(s.image_digest == d1 for s in samples)
+    assert stats.dropped["image path outside the image root"] == 4  # up, abs, dev, and GLaMM's ../
+    assert stats.dropped["missing image"] == 1  # the FIFO
