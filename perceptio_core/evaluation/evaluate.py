@@ -223,7 +223,7 @@ def base_predictor(base_model: Any, tokenizer: Any, depth_spec: DepthCodecSpec, 
     import torch
 
     from perceptio_core.model.batching import encode_image, encode_prompt
-    from perceptio_core.model.generation import generate_ids, generate_ids_batch
+    from perceptio_core.model.generation import generate_ids, generate_ids_batch, pad_token_id
     from perceptio_core.model.internvl import stop_token_ids
     from perceptio_core.model.processor import TileProcessor
 
@@ -253,10 +253,10 @@ def base_predictor(base_model: Any, tokenizer: Any, depth_spec: DepthCodecSpec, 
         base_model.eval()
         param = next(base_model.parameters())
         tiles = [encode_image(processor, _image_arg(im))[1] for im in images]
-        prompt_ids = [encode_prompt(tokenizer, pr, processor.tokens_per_tile * len(t)) for pr, t in zip(prompts, tiles)]
+        prompt_ids = [encode_prompt(tokenizer, pr, processor.tokens_per_tile * len(t))
+                      for pr, t in zip(prompts, tiles)]
         px = torch.cat(tiles).to(device=param.device, dtype=param.dtype)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stops)
-        decoded = generate_ids_batch(lm, prompt_ids, px, max_new_tokens, stops, int(pad))
+        decoded = generate_ids_batch(lm, prompt_ids, px, max_new_tokens, stops, pad_token_id(tokenizer, stops))
         return [answer(ids) for ids, _ in decoded]
 
     if num_beams == 1:
@@ -665,6 +665,12 @@ class _Keeper:
         self.count[(group, s.correct)] += 1
         self.kept[s.key] = s
 
+    def base_answer(self, key: str, text: str, correct: bool) -> None:
+        """The base's answer to a kept sample's prompt, shown beside the Perceptio model's."""
+        if key in self.kept:
+            self.kept[key].base_answer = text
+            self.kept[key].base_correct = correct
+
 
 def run_evaluation(
     predict: Predict,
@@ -766,8 +772,8 @@ def run_evaluation(
                 gt = ann_to_mask(r.segmentation, im.height, im.width).astype(bool)
                 mask = getattr(p, "mask", None)
                 pm = resize_mask(mask, gt.shape) if mask is not None else None
-                iou = acc.add(pm, gt)
                 pairs.append(intersection_union(pm, gt))
+                iou = acc.add_counts(*pairs[-1])
                 hits.append(int(iou >= 0.5))
                 no_mask += mask is None
                 key = f"{ds}/{split}/r{r.ref_id}/s{r.sent_id}"
@@ -780,9 +786,8 @@ def run_evaluation(
                     if keeper.wants("refer", right):
                         keeper.keep("refer", Shown("refer", f"{ds} {split}", key, im.path, r.sentence, prompt,
                                                    p.text, r.category, right, iou, pm, gt, dmap, st))  # fmt: skip
-                elif key in keeper.kept:
-                    keeper.kept[key].base_answer = p.text
-                    keeper.kept[key].base_correct = iou >= 0.5
+                else:
+                    keeper.base_answer(key, p.text, iou >= 0.5)
             for k, v in acc.result().items():
                 ev.metrics[f"{prefix}{ds}.{split}.{k}"] = v
             ev.metrics[f"{prefix}{ds}.{split}.no_mask"] = no_mask / len(items)
@@ -793,9 +798,9 @@ def run_evaluation(
         per_n: dict[int, float] = {}
         tok_n: dict[int, float] = {}
         for n, recs in hardblink.items():
-            right_n = tok_right = with_points = invalid = 0
-            oks: list[int] = []
-            tok_oks: list[int] = []
+            oks: list[bool] = []
+            invalid = 0
+            tok_oks: list[int] = []  # the depth-token diagnostic, over the questions with points
             prompts = [hardblink_prompt(r.question) for r in recs]
             preds = run.many(pred_fn, model, [(r.image_path, pr) for r, pr in zip(recs, prompts)],
                              benchmark="hardblink", split=str(n))
@@ -803,8 +808,7 @@ def run_evaluation(
                 truth = label_of(r.answer)
                 got = parse_choice(p.text, r.labels)
                 right = got == truth
-                right_n += right
-                oks.append(int(right))
+                oks.append(right)
                 invalid += got is None
                 key = f"hardblink/{r.qid}"
                 if is_main:
@@ -812,35 +816,28 @@ def run_evaluation(
                     statuses[st] += 1
                     dmap = getattr(p, "depth_map", None)
                     if r.points:  # the public release has none: the diagnostic needs them
-                        with_points += 1
                         size = _image_hw(r.image_path)
-                        tok_ok = size is not None and token_depth_choice(dmap, r.points, r.labels, size) == truth
-                        tok_right += tok_ok
-                        tok_oks.append(int(tok_ok))
+                        tok_oks.append(int(size is not None
+                                           and token_depth_choice(dmap, r.points, r.labels, size) == truth))
                     depth.add(dmap, _lookup(teacher_maps, digest_of(r.image_path)),
                               _true_depth(r.depth_path, depth_cache))  # fmt: skip
                     if keeper.wants("hardblink", right):
                         keeper.keep("hardblink", Shown("hardblink", f"hardblink {n}", key, r.image_path, r.question,
                                                        prompt, p.text, r.answer, right, None, None, None, dmap, st,
                                                        tuple(r.points), tuple(r.labels)))
-                elif key in keeper.kept:
-                    keeper.kept[key].base_answer = p.text
-                    keeper.kept[key].base_correct = right
-            per_n[n] = right_n / len(recs)
-            ev.metrics[f"{prefix}hardblink.{n}.accuracy"] = per_n[n]
-            ev.metrics[f"{prefix}hardblink.{n}.n"] = float(len(recs))
-            ev.metrics[f"{prefix}hardblink.{n}.invalid"] = invalid / len(recs)
-            ev.samples[f"{prefix}hardblink.{n}.accuracy"] = oks
+                else:
+                    keeper.base_answer(key, p.text, right)
+            per_n[n] = _choice_metrics(ev, f"{prefix}hardblink.{n}", oks, invalid)
             if is_main:
-                ev.metrics[f"hardblink.{n}.chance"] = chance_baseline([len(r.labels) for r in recs])
-                ev.metrics[f"hardblink.{n}.majority"] = majority_baseline([label_of(r.answer) or "" for r in recs])
-            if is_main and with_points:
-                tok_n[n] = tok_right / with_points
+                _baselines(ev, f"hardblink.{n}", [len(r.labels) for r in recs],
+                           [label_of(r.answer) or "" for r in recs])
+            if is_main and tok_oks:
+                tok_n[n] = sum(tok_oks) / len(tok_oks)
                 ev.metrics[f"hardblink.{n}.token_depth"] = tok_n[n]
                 ev.samples[f"hardblink.{n}.token_depth"] = tok_oks
-                if with_points < len(recs):
+                if len(tok_oks) < len(recs):
                     ev.notes[f"hardblink.{n}.token_depth"] = (
-                        f"over the {with_points} of {len(recs)} questions that have point coordinates")
+                        f"over the {len(tok_oks)} of {len(recs)} questions that have point coordinates")
         if per_n:
             ev.metrics[f"{prefix}hardblink.mean.accuracy"] = float(np.mean(list(per_n.values())))
             ev.samples[f"{prefix}hardblink.mean.accuracy"] = [
@@ -875,42 +872,35 @@ def run_evaluation(
                     keeper.keep(f"mcq.{name}", Shown("mcq", f"mcq {name}", key, r.image_path, r.question, prompt,
                                                      p.text, f"{r.answer}. {r.options.get(r.answer, '')}", right,
                                                      depth_map=getattr(p, "depth_map", None)))
-                elif not is_main and key in keeper.kept:
-                    keeper.kept[key].base_answer = p.text
-                    keeper.kept[key].base_correct = right
-            ev.metrics[f"{prefix}mcq.{name}.accuracy"] = sum(oks) / len(oks)
-            ev.metrics[f"{prefix}mcq.{name}.n"] = float(len(oks))
-            ev.metrics[f"{prefix}mcq.{name}.invalid"] = invalid / len(oks)
-            ev.samples[f"{prefix}mcq.{name}.accuracy"] = [int(ok) for ok in oks]
-            by_cat: dict[str, list[int]] = {}
+                elif not is_main:
+                    keeper.base_answer(key, p.text, right)
+            _choice_metrics(ev, f"{prefix}mcq.{name}", oks, invalid)
+            by_cat: dict[str, list[bool]] = {}
             for r, ok in zip(recs, oks):
-                by_cat.setdefault(category_key(r.category), []).append(int(ok))
+                by_cat.setdefault(category_key(r.category), []).append(ok)
             for cat, v in sorted(by_cat.items()):
-                ev.metrics[f"{prefix}mcq.{name}.category.{cat}.accuracy"] = sum(v) / len(v)
-                ev.metrics[f"{prefix}mcq.{name}.category.{cat}.n"] = float(len(v))
-                ev.samples[f"{prefix}mcq.{name}.category.{cat}.accuracy"] = v
+                _choice_metrics(ev, f"{prefix}mcq.{name}.category.{cat}", v)
             if is_main:
-                ev.metrics[f"mcq.{name}.chance"] = chance_baseline([len(r.options) for r in recs])
-                ev.metrics[f"mcq.{name}.majority"] = majority_baseline([r.answer for r in recs])
+                _baselines(ev, f"mcq.{name}", [len(r.options) for r in recs], [r.answer for r in recs])
 
         # ---- MME
         rows: list[tuple[str, str, bool]] = []
         mme_invalid: Counter[str] = Counter()
         for task, recs in mme.items():
-            preds = run.many(pred_fn, model, [(r.image_path, mme_prompt(r)) for r in recs], benchmark="mme",
-                             split=task)
-            for r, p in zip(recs, preds):
+            prompts = [mme_prompt(r) for r in recs]
+            preds = run.many(pred_fn, model, [(r.image_path, pr) for r, pr in zip(recs, prompts)],
+                             benchmark="mme", split=task)
+            for r, prompt, p in zip(recs, prompts, preds):
                 got = parse_yes_no(p.text)
                 right = got == r.answer
                 mme_invalid[task] += got is None
                 rows.append((task, r.image_key, right))
                 key = f"mme/{r.qid}"
                 if is_main and keeper.wants("mme", right):
-                    keeper.keep("mme", Shown("mme", f"mme {task}", key, r.image_path, r.question, mme_prompt(r),
+                    keeper.keep("mme", Shown("mme", f"mme {task}", key, r.image_path, r.question, prompt,
                                              p.text, r.answer, right, depth_map=getattr(p, "depth_map", None)))
-                elif not is_main and key in keeper.kept:
-                    keeper.kept[key].base_answer = p.text
-                    keeper.kept[key].base_correct = right
+                elif not is_main:
+                    keeper.base_answer(key, p.text, right)
         if rows:
             for k, v in mme_scores(rows, {t: group_of(t) for t in mme}).items():
                 ev.metrics[f"{prefix}mme.{k}"] = v
@@ -947,6 +937,24 @@ def run_evaluation(
     ev.shown = list(keeper.kept.values())
     add_intervals(ev, n_boot=cfg.bootstrap, seed=0)
     return ev
+
+
+def _choice_metrics(ev: Evaluation, stem: str, oks: Sequence[bool], invalid: int | None = None) -> float:
+    """``<stem>.{accuracy, n}`` (and ``invalid``, the share of unreadable answers, when counted) and
+    the per-sample scores behind them; returns the accuracy."""
+    accuracy = sum(oks) / len(oks)
+    ev.metrics[f"{stem}.accuracy"] = accuracy
+    ev.metrics[f"{stem}.n"] = float(len(oks))
+    if invalid is not None:
+        ev.metrics[f"{stem}.invalid"] = invalid / len(oks)
+    ev.samples[f"{stem}.accuracy"] = [int(ok) for ok in oks]
+    return accuracy
+
+
+def _baselines(ev: Evaluation, stem: str, n_options: Sequence[int], answers: Sequence[str]) -> None:
+    """``<stem>.chance`` and ``<stem>.majority`` of a multiple-choice set."""
+    ev.metrics[f"{stem}.chance"] = chance_baseline(n_options)
+    ev.metrics[f"{stem}.majority"] = majority_baseline(answers)
 
 
 def add_intervals(ev: Evaluation, n_boot: int = 1000, seed: int = 0) -> None:

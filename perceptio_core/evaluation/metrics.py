@@ -94,7 +94,10 @@ class IoUAccumulator:
 
     def add(self, pred_mask: np.ndarray | None, gt_mask: np.ndarray) -> float:
         """Add one sample; ``pred_mask`` None (no ``[SEG]``) counts as empty. Returns its IoU."""
-        inter, union = intersection_union(pred_mask, gt_mask)
+        return self.add_counts(*intersection_union(pred_mask, gt_mask))
+
+    def add_counts(self, inter: int, union: int) -> float:
+        """Add one sample by its :func:`intersection_union` pixel counts. Returns its IoU."""
         iou = 1.0 if union == 0 else inter / union
         self.n += 1
         self.sum_intersection += inter

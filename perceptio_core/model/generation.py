@@ -366,6 +366,12 @@ def _finish(model: Any, tokenizer: Any, pil: Any, prompt_ids: list[int], pixel_v
     return result
 
 
+def pad_token_id(tokenizer: Any, stop_ids: set[int]) -> int:
+    """The id left padding fills a batch with: the tokenizer's pad token, else a stop id (masked out
+    either way; it only has to be a valid id)."""
+    return int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop_ids))
+
+
 @torch.no_grad()
 def generate_ids_batch(
     model: Any,
@@ -457,19 +463,16 @@ def generate_batch(
     prefix = tokenizer(response_prefix, add_special_tokens=False).input_ids if response_prefix else []
     stops = stop_token_ids(model.base_model, tokenizer, extra_stop_ids)
     constraint = PerceptionConstraint(model.token_ids, model.num_depth_tokens) if constrained else None
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stops)
     pixel_values = torch.cat([t for _, t in encoded]).to(device=device, dtype=dtype)
-    decoded = generate_ids_batch(model, prompt_ids, pixel_values, max_new_tokens, stops, int(pad),
-                                 constraint=constraint, response_prefix=prefix)
-    tokens = [t for t, _ in decoded]
-    scores = [sc for _, sc in decoded]
+    decoded = generate_ids_batch(model, prompt_ids, pixel_values, max_new_tokens, stops,
+                                 pad_token_id(tokenizer, stops), constraint=constraint, response_prefix=prefix)
     results = []
     offsets = np.cumsum([0] + [len(t) for _, t in encoded])
-    for i, (pil, _) in enumerate(encoded):
+    for i, ((pil, _), (tokens, score)) in enumerate(zip(encoded, decoded)):
         px = pixel_values[offsets[i]:offsets[i + 1]]
-        results.append(_finish(model, tokenizer, pil, prompt_ids[i], px, tokens[i], scores[i], stops,
-                               want_mask, want_depth))
+        results.append(_finish(model, tokenizer, pil, prompt_ids[i], px, tokens, score, stops, want_mask, want_depth))
     return results
 
 
-__all__ = ["GenerationResult", "PerceptionConstraint", "generate", "generate_batch", "generate_ids", "generate_ids_batch"]
+__all__ = ["GenerationResult", "PerceptionConstraint", "generate", "generate_batch", "generate_ids",
+           "generate_ids_batch", "pad_token_id"]
