@@ -40,10 +40,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from perceptio_core.config import load_config
     from perceptio_core.data.records import Benchmarks, Sources
-    from perceptio_core.evaluation.evaluate import make_predictors, run_evaluation
-    from perceptio_core.evaluation.infer import load_model
+    from perceptio_core.evaluation.evaluate import load_predictors, run_evaluation
     from perceptio_core.evaluation.predictions import PredictionCache
-    from perceptio_core.model.internvl import load_internvl, load_tokenizer
 
     job = json.loads(Path(args[0]).read_text())
     rank, size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -55,12 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(job["config"])
     sources = Sources.from_json(Path(job["sources"]).read_text()).with_benchmarks(
         Benchmarks.from_json(Path(job["benchmarks"]).read_text()))
-    model = load_model(job["model"], device=device)
-    base = base_tok = None
-    if job.get("base"):
-        base = load_internvl(job["base"]).to(device=device, dtype=model.base_model.dtype)
-        base_tok = load_tokenizer(job["base_tokenizer"] or job["base"])
-    preds = make_predictors(model, cfg.evaluate, base_model=base, base_tokenizer=base_tok)
+    model, preds = load_predictors(job["model"], cfg.evaluate, job.get("base"), job.get("base_tokenizer"), device)
     cache = PredictionCache(job["cache"], rank=rank)
     run_evaluation(sources=sources, cfg=cfg.evaluate, **preds, depth_spec=model.depth_spec, cache=cache,
                    model_tags=job["tags"], world=(rank, size), barrier=dist.barrier if size > 1 else None)

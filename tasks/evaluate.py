@@ -25,12 +25,10 @@ from typing import Any
 from perceptio_core.depth.maps import DepthMaps
 from perceptio_core.atomic_io import write_json, write_text
 from perceptio_core.config import dump_config
-from perceptio_core.evaluation.evaluate import BASE, PERCEPTIO, make_predictors, run_evaluation
+from perceptio_core.evaluation.evaluate import BASE, PERCEPTIO, load_predictors, run_evaluation
 from perceptio_core.evaluation.predictions import PredictionCache
 from perceptio_core.evaluation.report import write_report
 from perceptio_core.evaluation.stats import within_noise
-from perceptio_core.evaluation.infer import load_model
-from perceptio_core.model.internvl import load_internvl, load_tokenizer
 from tasks.common import load_benchmarks, load_sources, scratch_dir
 from tasks.progress import Progress
 from tasks.runner import StageContext, StageOutput, StageSpec
@@ -68,13 +66,7 @@ def evaluate(ctx: StageContext) -> StageOutput:
     cache_dir = ctx.run.workdir / "cache" / "predictions"
     if cfg.evaluate.processes > 1:
         _generate_in_processes(ctx, model_dir, base_dir, cache_dir, tags, device)
-    model = load_model(model_dir, device=device)
-    base_model = base_tok = None
-    if base_dir is not None:
-        # on the run's device in the Perceptio model's dtype: the comparison costs what the model's does
-        base_model = load_internvl(str(base_dir)).to(device=device, dtype=model.base_model.dtype)
-        base_tok = load_tokenizer(str(base_dir) if cfg.model.tokenizer is None else cfg.model.tokenizer)
-    preds = make_predictors(model, cfg.evaluate, base_model=base_model, base_tokenizer=base_tok)
+    model, preds = load_predictors(model_dir, cfg.evaluate, base_dir, cfg.model.tokenizer, device)
     prog = Progress("evaluate", ctx.log)
     cache = PredictionCache(cache_dir)
     ctx.log.info("evaluate: %d predictions already in %s", len(cache), cache_dir)

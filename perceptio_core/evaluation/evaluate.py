@@ -264,6 +264,29 @@ def base_predictor(base_model: Any, tokenizer: Any, depth_spec: DepthCodecSpec, 
     return predict
 
 
+def load_predictors(
+    model_dir: str | os.PathLike[str],
+    cfg: EvaluateConfig,
+    base_dir: str | os.PathLike[str] | None = None,
+    base_tokenizer: str | None = None,
+    device: str = "cpu",
+) -> tuple[Any, dict[str, Predict | None]]:
+    """``(model, predictors)``: the fine-tuned Perceptio model of ``model_dir`` on ``device`` and
+    :func:`make_predictors` of it, with the base InternVL of ``base_dir`` (None: no base) on the
+    same device in the model's dtype, so the comparison costs what the model's does; its tokenizer
+    from ``base_tokenizer`` (None: the base's own). What the ``evaluate`` stage and its
+    data-parallel workers load alike."""
+    from perceptio_core.evaluation.infer import load_model
+    from perceptio_core.model.internvl import load_internvl, load_tokenizer
+
+    model = load_model(model_dir, device=device)
+    base_model = base_tok = None
+    if base_dir is not None:
+        base_model = load_internvl(str(base_dir)).to(device=device, dtype=model.base_model.dtype)
+        base_tok = load_tokenizer(str(base_tokenizer or base_dir))
+    return model, make_predictors(model, cfg, base_model=base_model, base_tokenizer=base_tok)
+
+
 def make_predictors(
     model: Any,
     cfg: EvaluateConfig | None = None,
@@ -1006,6 +1029,7 @@ __all__ = [
     "format_mc_prompt",
     "hardblink_plan",
     "hardblink_prompt",
+    "load_predictors",
     "make_predictors",
     "mcq_plan",
     "mcq_prompt",
