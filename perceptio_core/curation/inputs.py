@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import io
 import os
-import stat
 from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from perceptio_core.data.image_io import ImageError, confined, read_regular  # noqa: F401 (confined: re-exported)
+from perceptio_core.data.limits import MAX_IMAGE_BYTES  # noqa: F401 (re-exported)
 from perceptio_core.data.records import (
     REASON_MALFORMED,
     QuarantineEntry,
@@ -151,33 +151,16 @@ def check_depth_tokens(depth_tokens: Mapping[str, np.ndarray], num_tokens: int, 
         )
 
 
-MAX_IMAGE_BYTES = 256 << 20  # an image file larger than this is not read (a bomb, or not an image)
 REASON_OUTSIDE_ROOT = "image path outside the image root"
-
-
-def confined(root: str | os.PathLike[str], name: str) -> Path | None:
-    """``root / name`` when ``name`` is a relative path that stays under ``root`` (``..`` parts may
-    not climb out; an absolute ``name`` is refused), else None. Symbolic links inside the root are
-    followed as they are (datasets are often linked in), so the check is on the names."""
-    rel = Path(str(name))
-    if rel.is_absolute() or not str(name).strip():
-        return None
-    norm = os.path.normpath(rel)
-    if norm == ".." or norm.startswith(".." + os.sep):
-        return None
-    return Path(root) / norm
 
 
 def read_bytes(path: str | os.PathLike[str]) -> bytes | None:
     """A regular file's bytes, or None: missing, unreadable, not a regular file (a FIFO or a device
-    such as ``/dev/zero`` is never opened), or larger than :data:`MAX_IMAGE_BYTES`."""
+    such as ``/dev/zero`` is never opened), or larger than :data:`MAX_IMAGE_BYTES`
+    (:func:`perceptio_core.data.image_io.read_regular`)."""
     try:
-        st = os.stat(path)
-        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_IMAGE_BYTES:
-            return None
-        with open(path, "rb") as f:
-            return f.read(MAX_IMAGE_BYTES + 1)
-    except OSError:
+        return read_regular(path)
+    except ImageError:
         return None
 
 

@@ -2,14 +2,19 @@
 
 An image that cannot be used raises an :class:`ImageError` naming the path:
 :class:`MissingImageError` when the file is absent, :class:`CorruptImageError` when it cannot be
-decoded completely (corrupt, truncated, not an image). The digest of an image is the sha256 of its
-file's bytes: the key under which its depth map and depth tokens are stored.
+decoded completely (corrupt, truncated, not an image, not a regular file),
+:class:`ImageTooLargeError` when the file is over :data:`~perceptio_core.data.limits.MAX_IMAGE_BYTES`
+or its header declares more than :data:`~perceptio_core.data.limits.MAX_IMAGE_PIXELS` (checked before
+reading or decoding: a FIFO or ``/dev/zero`` is never read, a decompression bomb never decoded). The
+digest of an image is the sha256 of its file's bytes: the key under which its depth map and depth
+tokens are stored. :func:`confined` keeps a name read from an annotation under its image root.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +22,8 @@ from pathlib import Path
 from PIL import Image
 
 from perceptio_core.atomic_io import bytes_digest, file_digest
+from perceptio_core.data.limits import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
+from perceptio_core.data.records import REASON_CORRUPT_IMAGE, REASON_MISSING_IMAGE, REASON_TOO_LARGE
 
 
 class ImageError(OSError):
@@ -40,7 +47,66 @@ class MissingImageError(ImageError):
 
 
 class CorruptImageError(ImageError):
-    """The image file exists but cannot be decoded completely."""
+    """The image file exists but cannot be decoded completely (or is not a regular file)."""
+
+
+class ImageTooLargeError(ImageError):
+    """The image file, or the pixel count its header declares, is over a limit of
+    :mod:`perceptio_core.data.limits` (the detail names it); nothing was decoded."""
+
+
+def confined(root: str | os.PathLike[str], name: str) -> Path | None:
+    """``root / name`` when ``name`` is a relative path that stays under ``root`` (``..`` parts may
+    not climb out; an absolute ``name`` such as ``/dev/zero`` is refused), else None. Symbolic links
+    inside the root are followed as they are (datasets are often linked in), so the check is on the
+    names; :func:`read_regular` then refuses anything that is not a regular file."""
+    if not isinstance(name, str) or not name.strip() or "\x00" in name:
+        return None
+    rel = Path(name)
+    if rel.is_absolute():
+        return None
+    norm = os.path.normpath(rel)
+    if norm == ".." or norm.startswith(".." + os.sep):
+        return None
+    return Path(root) / norm
+
+
+def read_regular(path: str | os.PathLike[str], limit: int = MAX_IMAGE_BYTES, what: str = "image") -> bytes:
+    """The bytes of a regular file of at most ``limit`` bytes, checked before it is opened: a FIFO
+    (which would hang) or a device such as ``/dev/zero`` (which never ends) is never read. Raises
+    :class:`MissingImageError` (absent), :class:`CorruptImageError` (a directory, not a regular file,
+    unreadable) or :class:`ImageTooLargeError` (over ``limit``), each naming the path."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError as e:
+        raise MissingImageError(path, REASON_MISSING_IMAGE) from e
+    except (OSError, ValueError) as e:  # ValueError: a name with a NUL or a lone surrogate
+        raise CorruptImageError(path, REASON_CORRUPT_IMAGE, f"cannot stat the file ({type(e).__name__})") from e
+    if stat.S_ISDIR(st.st_mode):
+        raise CorruptImageError(path, REASON_CORRUPT_IMAGE, "a directory, not a file")
+    if not stat.S_ISREG(st.st_mode):
+        raise CorruptImageError(path, REASON_CORRUPT_IMAGE, "not a regular file (a FIFO, a device or a socket)")
+    if st.st_size > limit:
+        raise ImageTooLargeError(path, REASON_TOO_LARGE,
+                                 f"{what} file of {st.st_size} bytes, at most {limit} (MAX_IMAGE_BYTES)")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise CorruptImageError(path, REASON_CORRUPT_IMAGE, f"unreadable ({type(e).__name__}: {e.strerror})") from e
+    if len(data) > limit:  # grew since the stat
+        raise ImageTooLargeError(path, REASON_TOO_LARGE, f"{what} file over {limit} bytes (MAX_IMAGE_BYTES)")
+    return data
+
+
+def check_pixels(im: Image.Image, path: str | os.PathLike[str], what: str = "image") -> None:
+    """Raise :class:`ImageTooLargeError` when the size an opened (not yet decoded) image declares
+    is over :data:`~perceptio_core.data.limits.MAX_IMAGE_PIXELS`: call it before ``load()``."""
+    w, h = im.size
+    if w * h > MAX_IMAGE_PIXELS:
+        raise ImageTooLargeError(path, REASON_TOO_LARGE,
+                                 f"{what} declares {w}x{h} = {w * h} pixels, at most {MAX_IMAGE_PIXELS} "
+                                 "(MAX_IMAGE_PIXELS)")
 
 
 @dataclass(frozen=True)
@@ -60,33 +126,30 @@ def image_digest(path: str | os.PathLike[str]) -> str:
     try:
         return file_digest(path)
     except FileNotFoundError as e:
-        raise MissingImageError(path, "missing image") from e
+        raise MissingImageError(path, REASON_MISSING_IMAGE) from e
 
 
 def decode_image_bytes(data: bytes, path: str | os.PathLike[str]) -> tuple[Image.Image, str]:
     """Verify and fully decode image bytes; returns (loaded image, format). ``path`` only names
-    the image in the :class:`CorruptImageError` raised when the bytes are not a complete image."""
+    the image in the :class:`CorruptImageError` raised when the bytes are not a complete image, and
+    in the :class:`ImageTooLargeError` raised (before decoding) when it declares too many pixels."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as probe:
+                check_pixels(probe, path)
                 probe.verify()  # structure and checksums (PNG CRCs)
             im = Image.open(io.BytesIO(data))
             fmt = im.format or ""
             im.load()  # full decode: catches truncated files
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning,
             Image.DecompressionBombError) as e:
-        raise CorruptImageError(path, "corrupt image", f"{type(e).__name__}: {e}") from e
+        raise CorruptImageError(path, REASON_CORRUPT_IMAGE, f"{type(e).__name__}: {e}") from e
     return im, fmt
 
 
 def _read(path: str | os.PathLike[str]) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except FileNotFoundError as e:
-        raise MissingImageError(path, "missing image") from e
-    except IsADirectoryError as e:
-        raise CorruptImageError(path, "corrupt image", "a directory, not a file") from e
+    return read_regular(path)
 
 
 def load_image(path: str | os.PathLike[str]) -> Image.Image:

@@ -29,6 +29,12 @@ REASON_EMPTY_SENTENCE = "empty sentence"
 REASON_EMPTY_CAPTION = "empty caption"
 REASON_CORRUPT_ANNOTATION = "corrupt annotation"
 REASON_MALFORMED = "malformed record"
+REASON_TOO_LONG = "text too long"  # over a limit of perceptio_core.data.limits, named in the detail
+REASON_BAD_TEXT = "invalid text"  # a lone surrogate, or bytes that are not UTF-8
+REASON_DUPLICATE = "duplicate record"  # the same id as an earlier record (the first is kept)
+REASON_TOO_LARGE = "too large"  # a file or image over a limit of perceptio_core.data.limits
+REASON_OUTSIDE_ROOT = "path outside the data root"  # an absolute name or one whose ../ climbs out
+REASON_UNREADABLE_FILE = "unreadable dataset file"  # a whole file set aside (a refused pickle, bad JSON)
 
 
 def read_annotation_json(path: str | os.PathLike[str], what: str) -> Any:
@@ -206,6 +212,61 @@ def normalise_split(split: str) -> str:
     return SPLIT_NAMES.get(split, split)
 
 
+# ---- paths in the JSON of Sources / Benchmarks ------------------------------------------------
+# A record's file paths (these fields) are written relative to where they live, never absolute, so
+# that a copied or moved workdir (or data root) reads its own files: under the data root as a
+# relative POSIX path, inside the artifact that holds the JSON as "artifact:<relative path>"
+# (the decoded multiple-choice images); only a path outside both stays absolute (a dataset named by
+# an absolute path elsewhere). :func:`_locate` turns them back into paths under the root and the
+# artifact folder the JSON is read from.
+PATH_FIELDS = ("path", "depth_path", "image_path", "annotation_path")
+JSON_FORMAT = 3  # 3: relative paths (above); 2: absolute paths, still read
+ARTIFACT_PREFIX = "artifact:"
+
+
+def _relative(value: str | None, root: Path, artifact: Path | None) -> str | None:
+    if not value:
+        return value
+    p = Path(value)
+    for base, prefix in ((artifact, ARTIFACT_PREFIX), (root, "")):
+        if base is not None:
+            try:
+                return prefix + p.relative_to(base).as_posix()
+            except ValueError:
+                pass
+    return value
+
+
+def _locate(value: str | None, root: Path, artifact: Path | None) -> str | None:
+    if not value or os.path.isabs(value):
+        return value
+    if value.startswith(ARTIFACT_PREFIX):
+        if artifact is None:
+            raise ValueError(f"path {value!r} is inside an artifact, and no artifact folder was given to read it from")
+        return str(artifact / value[len(ARTIFACT_PREFIX):])
+    return str(root / value)
+
+
+def _paths_out(items: list[Any], root: Path, artifact: Path | None) -> list[dict[str, Any]]:
+    out = []
+    for r in items:
+        d = asdict(r)
+        for f in PATH_FIELDS:
+            if f in d:
+                d[f] = _relative(d[f], root, artifact)
+        out.append(d)
+    return out
+
+
+def _paths_in(items: list[dict[str, Any]], root: Path, artifact: Path | None) -> list[dict[str, Any]]:
+    return [{k: (_locate(v, root, artifact) if k in PATH_FIELDS else v) for k, v in d.items()} for d in items]
+
+
+def _check_format(data: Any, what: str) -> None:
+    if not isinstance(data, dict) or data.get("format") not in (2, JSON_FORMAT):
+        raise ValueError(f"unsupported {what} JSON format {data.get('format') if isinstance(data, dict) else None!r}")
+
+
 def _hardblink_from_dict(h: dict[str, Any]) -> HardBlinkRecord:
     return HardBlinkRecord(**{**h, "points": tuple(tuple(p) for p in h["points"]), "labels": tuple(h["labels"])})
 
@@ -283,41 +344,47 @@ class Sources:
                 out.append(rec)
         return out
 
-    def to_json(self) -> str:
-        """The whole resolved source set as JSON text (see :meth:`from_json`)."""
+    def to_json(self, artifact: str | os.PathLike[str] | None = None) -> str:
+        """The whole resolved source set as JSON text (see :meth:`from_json`); file paths relative
+        to :attr:`root`, or to ``artifact`` (the folder the JSON is written into) for files in it."""
+        root, art = Path(self.root), Path(artifact) if artifact is not None else None
         data = {
-            "format": 2,
+            "format": JSON_FORMAT,
             "root": self.root,
-            "coco_images": [asdict(r) for _, r in sorted(self.coco_images.items())],
+            "coco_images": _paths_out([r for _, r in sorted(self.coco_images.items())], root, art),
             "refs": [asdict(r) for r in self.refs],
-            "ade": [asdict(r) for r in self.ade],
+            "ade": _paths_out(self.ade, root, art),
             "ade_classes": {str(k): v for k, v in sorted(self.ade_classes.items())},
-            "hardblink": [asdict(r) for r in self.hardblink],
-            "mcq": [asdict(r) for r in self.mcq],
-            "mme": [asdict(r) for r in self.mme],
+            "hardblink": _paths_out(self.hardblink, root, art),
+            "mcq": _paths_out(self.mcq, root, art),
+            "mme": _paths_out(self.mme, root, art),
             "captions": [[i, c] for i, c in self.captions],
             "quarantine": [q.to_dict() for q in self.quarantine],
         }
         return json.dumps(data, separators=(",", ":"))
 
     @classmethod
-    def from_json(cls, text: str) -> Sources:
-        """Rebuild a :class:`Sources` from :meth:`to_json`'s text; the result compares equal."""
+    def from_json(cls, text: str, root: str | os.PathLike[str] | None = None,
+                  artifact: str | os.PathLike[str] | None = None) -> Sources:
+        """Rebuild a :class:`Sources` from :meth:`to_json`'s text (the result compares equal), its
+        relative paths under ``root`` (default: the root it was written with; give the data root
+        of this run, so that a moved data root or workdir reads its own files) and ``artifact``
+        (the folder the JSON was read from)."""
         data = json.loads(text)
-        if data.get("format") != 2:
-            raise ValueError(f"unsupported Sources JSON format {data.get('format')!r}")
-        refs = [RefRecord(**{**r, "bbox": tuple(r["bbox"])}) for r in data["refs"]]
-        ade = [AdeRecord(**{**a, "present_classes": tuple(a["present_classes"])}) for a in data["ade"]]
-        hb = [_hardblink_from_dict(h) for h in data["hardblink"]]
-        images = [ImageRecord(**r) for r in data["coco_images"]]
+        _check_format(data, "Sources")
+        r, art = Path(root if root is not None else data["root"]), Path(artifact) if artifact is not None else None
+        refs = [RefRecord(**{**x, "bbox": tuple(x["bbox"])}) for x in data["refs"]]
+        ade = [AdeRecord(**{**a, "present_classes": tuple(a["present_classes"])}) for a in _paths_in(data["ade"], r, art)]
+        hb = [_hardblink_from_dict(h) for h in _paths_in(data["hardblink"], r, art)]
+        images = [ImageRecord(**x) for x in _paths_in(data["coco_images"], r, art)]
         return cls(
-            root=data["root"],
-            coco_images={r.image_id: r for r in images},
+            root=str(r),
+            coco_images={x.image_id: x for x in images},
             refs=refs,
             ade=ade,
             hardblink=hb,
-            mcq=[McqRecord(**v) for v in data["mcq"]],
-            mme=[MmeRecord(**v) for v in data["mme"]],
+            mcq=[McqRecord(**v) for v in _paths_in(data["mcq"], r, art)],
+            mme=[MmeRecord(**v) for v in _paths_in(data["mme"], r, art)],
             captions=[(int(i), str(c)) for i, c in data["captions"]],
             quarantine=[QuarantineEntry(**q) for q in data["quarantine"]],
             ade_classes={int(k): v for k, v in data["ade_classes"].items()},
@@ -353,28 +420,31 @@ class Benchmarks:
             "quarantined": len(self.quarantine),
         }
 
-    def to_json(self) -> str:
-        """The benchmark records as JSON text (see :meth:`from_json`)."""
+    def to_json(self, artifact: str | os.PathLike[str] | None = None) -> str:
+        """The benchmark records as JSON text (see :meth:`from_json`); paths as :meth:`Sources.to_json`."""
+        root, art = Path(self.root), Path(artifact) if artifact is not None else None
         data = {
-            "format": 2,
+            "format": JSON_FORMAT,
             "root": self.root,
-            "hardblink": [asdict(r) for r in self.hardblink],
-            "mcq": [asdict(r) for r in self.mcq],
-            "mme": [asdict(r) for r in self.mme],
+            "hardblink": _paths_out(self.hardblink, root, art),
+            "mcq": _paths_out(self.mcq, root, art),
+            "mme": _paths_out(self.mme, root, art),
             "quarantine": [q.to_dict() for q in self.quarantine],
         }
         return json.dumps(data, separators=(",", ":"))
 
     @classmethod
-    def from_json(cls, text: str) -> Benchmarks:
-        """Rebuild :class:`Benchmarks` from :meth:`to_json`'s text; the result compares equal."""
+    def from_json(cls, text: str, root: str | os.PathLike[str] | None = None,
+                  artifact: str | os.PathLike[str] | None = None) -> Benchmarks:
+        """Rebuild :class:`Benchmarks` from :meth:`to_json`'s text (the result compares equal);
+        ``root`` and ``artifact`` as :meth:`Sources.from_json`."""
         data = json.loads(text)
-        if data.get("format") != 2:
-            raise ValueError(f"unsupported Benchmarks JSON format {data.get('format')!r}")
+        _check_format(data, "Benchmarks")
+        r, art = Path(root if root is not None else data["root"]), Path(artifact) if artifact is not None else None
         return cls(
-            root=data["root"],
-            hardblink=[_hardblink_from_dict(h) for h in data["hardblink"]],
-            mcq=[McqRecord(**v) for v in data["mcq"]],
-            mme=[MmeRecord(**v) for v in data["mme"]],
+            root=str(r),
+            hardblink=[_hardblink_from_dict(h) for h in _paths_in(data["hardblink"], r, art)],
+            mcq=[McqRecord(**v) for v in _paths_in(data["mcq"], r, art)],
+            mme=[MmeRecord(**v) for v in _paths_in(data["mme"], r, art)],
             quarantine=[QuarantineEntry(**q) for q in data["quarantine"]],
         )

@@ -60,7 +60,10 @@ def test_plain_refer_data_loads(protocol):
 
 def test_python2_byte_strings_decode():
     assert safe_load(b"\x80\x02U\x05caf\xc3\xa9.") == "caf\u00e9"  # UTF-8 bytes
-    assert safe_load(b"\x80\x02U\x04caf\xe9.") == "caf\u00e9"  # Latin-1 bytes
+    # a byte that is not UTF-8 spoils only its own string (kept as a lone surrogate for the reader
+    # to quarantine), never the whole file as Latin-1
+    assert safe_load(b"\x80\x02U\x04caf\xe9.") == "caf\udce9"
+    assert safe_load(b"(lS'caf\\xe9'\naS'ok\\xc3\\xa9'\na.") == ["caf\udce9", "ok\u00e9"]
 
 
 def test_corrupt_pickle(tmp_path):
