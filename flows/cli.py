@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -320,6 +321,100 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+_PREFECT_SERVER_KEYS = ("PREFECT_API_URL", "PREFECT_SERVER_DATABASE_CONNECTION_URL",
+                        "PREFECT_API_DATABASE_CONNECTION_URL")  # fmt: skip
+"""Settings by which a user names their own Prefect server (or its database): any one of them set,
+and the CLI leaves Prefect's home alone."""
+
+
+def _dotenv(path: Path) -> dict[str, str]:
+    """``KEY=VALUE`` lines of a ``.env`` file (Prefect reads the one of the current folder)."""
+    out: dict[str, str] = {}
+    if path.is_file():
+        for line in path.read_text(errors="replace").splitlines():
+            line = line.strip().removeprefix("export ").strip()
+            if "=" in line and not line.startswith("#"):
+                k, v = line.split("=", 1)
+                out[k.strip()] = v.strip().strip("'\"")
+    return out
+
+
+def _toml(path: Path, *keys: str) -> dict[str, Any]:
+    """The table at ``keys`` of the TOML file ``path`` ({} when the file or the table is missing)."""
+    import tomllib
+
+    try:
+        data: Any = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError):
+        return {}
+    for k in keys:
+        data = data.get(k, {}) if isinstance(data, dict) else {}
+    return data if isinstance(data, dict) else {}
+
+
+def prefect_profiles_path(env: Mapping[str, str]) -> Path:
+    """The profiles.toml Prefect 3 reads (its ``settings.sources._get_profiles_path``):
+    PREFECT_PROFILES_PATH, else ``$PREFECT_HOME/profiles.toml``, else ``~/.prefect/profiles.toml``."""
+    if env.get("PREFECT_PROFILES_PATH"):
+        return Path(env["PREFECT_PROFILES_PATH"]).expanduser()
+    home = Path(env["PREFECT_HOME"]).expanduser() if env.get("PREFECT_HOME") else Path.home() / ".prefect"
+    return home / "profiles.toml"
+
+
+def configured_prefect_server(env: Mapping[str, str], cwd: Path) -> str | None:
+    """Where the user names a Prefect server (an API URL) or a server database, as Prefect 3 would
+    find it: the environment, ``./.env``, ``./prefect.toml`` (``[api] url``,
+    ``[server.database] connection_url``), ``./pyproject.toml`` (``[tool.prefect...]``), then the
+    active profile of profiles.toml (PREFECT_PROFILE, else its ``active``). None when nowhere."""
+    for where, values in (("the environment", env), (str(cwd / ".env"), _dotenv(cwd / ".env"))):
+        for k in _PREFECT_SERVER_KEYS:
+            if values.get(k):
+                return f"{k} in {where}"
+    for path, base in ((cwd / "prefect.toml", ()), (cwd / "pyproject.toml", ("tool", "prefect"))):
+        if _toml(path, *base, "api").get("url") or _toml(path, *base, "server", "database").get("connection_url"):
+            return str(path)
+    path = prefect_profiles_path(env)
+    profiles = _toml(path, "profiles")
+    name = env.get("PREFECT_PROFILE") or _toml(path).get("active")
+    profile = profiles.get(name, {}) if isinstance(name, str) else {}
+    for k in _PREFECT_SERVER_KEYS:
+        if isinstance(profile, dict) and profile.get(k):
+            return f"{k} in profile {name!r} of {path}"
+    return None
+
+
+def use_workdir_prefect_home(workdir: Path, env: MutableMapping[str, str] | None = None) -> Path | None:
+    """Give Prefect's temporary server a home of the run's own, ``<workdir>/prefect`` (its database
+    ``prefect.db`` there, not the ``~/.prefect/prefect.db`` every other run of the machine shares),
+    by setting PREFECT_HOME in ``env`` (default ``os.environ``; call before Prefect is imported).
+
+    Nothing changes when PREFECT_HOME is set already, or the user names a server or its database
+    (:func:`configured_prefect_server`). The user's profiles.toml stays the one Prefect reads
+    (PREFECT_PROFILES_PATH), so their other settings still apply. Returns the home set, or None."""
+    env = os.environ if env is None else env
+    if env.get("PREFECT_HOME") or configured_prefect_server(env, Path.cwd()):
+        return None
+    profiles = prefect_profiles_path(env)
+    home = Path(workdir).expanduser().resolve() / "prefect"
+    home.mkdir(parents=True, exist_ok=True)
+    env["PREFECT_HOME"] = str(home)
+    if profiles.is_file():
+        env.setdefault("PREFECT_PROFILES_PATH", str(profiles))
+    return home
+
+
+def _prepare_prefect(args: argparse.Namespace) -> None:
+    """Before ``perceptio run`` imports Prefect: the run's own Prefect home where the user has no
+    server (:func:`use_workdir_prefect_home`), and one line saying where its database is."""
+    from perceptio_core.config import load_config
+
+    ov = list(args.overrides) + ([f"run.workdir={args.workdir}"] if args.workdir else [])
+    home = use_workdir_prefect_home(Path(load_config(args.config, ov).run.workdir))
+    if home is not None:
+        print(f"perceptio: this run's Prefect database is {home / 'prefect.db'}; browse it afterwards with "
+              f"`PREFECT_HOME={home} prefect server start`", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Prefect's temporary server must come up within this; its 20 s default is not met on a loaded
@@ -327,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     args = build_parser().parse_args(argv)
     try:
+        if args.cmd == "run":
+            _prepare_prefect(args)
         return args.fn(args)
     except (ConfigError, FileNotFoundError, StoreError, PipelineError) as e:
         print(f"perceptio: error: {e}", file=sys.stderr)
