@@ -8,10 +8,23 @@ into one :class:`~perceptio_core.data.records.RefRecord` per sentence; every rec
 a :class:`~perceptio_core.data.records.QuarantineEntry` and the rest goes on:
 
 - per ref (all its sentences): ``missing annotation`` (the ann_id is not in instances.json),
-  ``missing image`` (not listed, or the file is absent), ``corrupt image: ...``,
-  ``image size mismatch: ...``, ``crowd annotation``, ``zero-area mask``, ``malformed mask: ...``,
-  ``malformed record: ...`` (a ref without the keys REFER has, an unknown category);
-- per sentence: ``empty sentence``.
+  ``missing image`` (not listed, or the file is absent), ``corrupt image: ...`` (also: not a regular
+  file), ``too large: ...``, ``path outside the data root: ...`` (an absolute ``file_name`` such as
+  ``/dev/zero``, or one whose ``..`` climbs out of the image folder), ``image size mismatch: ...``,
+  ``crowd annotation``, ``zero-area mask``, ``malformed mask: ...``, ``malformed record: ...`` (a ref
+  without the keys REFER has, an unknown category, a field of the wrong type: a ``ref_id`` of
+  ``inf``, an ``iscrowd`` of ``"yes"``, a ``bbox`` that is not 4 numbers; the detail names the file
+  and the field);
+- per sentence: ``empty sentence``, ``malformed record: ...`` (not an object, a ``sent_id`` that is
+  not an integer, ``sent``/``raw`` that are not text, ``tokens`` that are not a list of words),
+  ``text too long: ...`` (over :data:`~perceptio_core.data.limits.MAX_SENTENCE_CHARS`), ``invalid
+  text: ...`` (a lone surrogate, or a Python 2 byte string that is not UTF-8), ``duplicate record:
+  ...`` (a ``(ref_id, sent_id)`` already read: the first is kept);
+- per entry of instances.json (an image, annotation or category whose id is not an integer, a
+  category name that is not text): ``malformed record: ...``; refs on it then miss it.
+
+No field read from the files is recursed into or printed whole: a sentence nested 200,000 lists deep
+is quarantined by its type.
 
 Crowd annotations: REFER never refers to a crowd annotation (``iscrowd: 1``, a group of objects).
 A ref that does is quarantined as ``crowd annotation``, since one expression cannot single out one
@@ -25,21 +38,27 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from perceptio_core.data.image_io import ImageError, ImageValidator
+from perceptio_core.data.image_io import ImageError, ImageValidator, confined
+from perceptio_core.data.limits import MAX_SENTENCE_CHARS, has_lone_surrogate, too_long
 from perceptio_core.data.records import (
+    REASON_BAD_TEXT,
     REASON_CROWD,
+    REASON_DUPLICATE,
     REASON_EMPTY_SENTENCE,
     REASON_IMAGE_SIZE,
     REASON_MALFORMED,
     REASON_MALFORMED_MASK,
     REASON_MISSING_ANNOTATION,
     REASON_MISSING_IMAGE,
+    REASON_OUTSIDE_ROOT,
+    REASON_TOO_LONG,
     REASON_ZERO_AREA,
     read_annotation_json,
     DatasetNotFoundError,
@@ -100,9 +119,11 @@ def _check_counts(counts: list[int], height: int, width: int, kind: str) -> None
 def _check_size(seg: dict[str, Any], height: int, width: int) -> None:
     size = seg.get("size")
     if not (isinstance(size, (list, tuple)) and len(size) == 2):
-        raise MaskError(f"RLE size {size!r} is not [height, width]")
-    if [int(size[0]), int(size[1])] != [height, width]:
-        raise MaskError(f"RLE size {list(size)} does not match the image ({height}x{width})")
+        raise MaskError(f"RLE size ({describe(size)}) is not [height, width]")
+    if not all(isinstance(v, (int, float, np.integer)) and not isinstance(v, bool) for v in size):
+        raise MaskError("RLE size is not two numbers")
+    if [size[0], size[1]] != [height, width]:
+        raise MaskError(f"RLE size {[size[0], size[1]]} does not match the image ({height}x{width})")
 
 
 def segmentation_to_rle(segmentation: Any, height: int, width: int) -> dict[str, Any]:
@@ -213,11 +234,113 @@ def load_instances(path: str | os.PathLike[str]) -> dict[str, Any]:
     return data
 
 
-def _sentence_text(sent: Any) -> str:
+class FieldError(ValueError):
+    """A field read from a dataset file has the wrong type or value; the message is the quarantine
+    reason (``"malformed record: ..."``, ``"invalid text: ..."``, ``"text too long: ..."``)."""
+
+
+_INT_TEXT = re.compile(r"[+-]?\d{1,18}")
+
+
+def describe(value: Any) -> str:
+    """A short description of an untrusted value for a message: a number or the start of a text
+    as it is, anything else by its type only (never a repr of a container: it could be nested
+    200,000 deep or hold megabytes)."""
+    if isinstance(value, bool) or value is None:
+        return repr(value)
+    if isinstance(value, int):
+        return repr(value) if -10**18 < value < 10**18 else "an integer of more than 18 digits"
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, str):
+        head = value[:40].encode("ascii", "backslashreplace").decode("ascii")
+        return repr(head) + ("..." if len(value) > 40 else "")
+    return f"a {type(value).__name__}"
+
+
+def as_int(value: Any, what: str) -> int:
+    """An integer field: an int, an integral finite float or a decimal string of at most 18 digits;
+    else :class:`FieldError` ``"malformed record: <what> is <value>, not an integer"``."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and _INT_TEXT.fullmatch(value.strip()):
+        return int(value.strip())
+    raise FieldError(f"{REASON_MALFORMED}: {what} is {describe(value)}, not an integer")
+
+
+def as_float(value: Any, what: str) -> float:
+    """A finite number (an int or a float, or a numeric string of at most 40 characters); else
+    :class:`FieldError`."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        out = float(value)
+    elif isinstance(value, str) and len(value) <= 40:
+        try:
+            out = float(value)
+        except ValueError:
+            raise FieldError(f"{REASON_MALFORMED}: {what} is {describe(value)}, not a number") from None
+    else:
+        raise FieldError(f"{REASON_MALFORMED}: {what} is {describe(value)}, not a number")
+    if not math.isfinite(out):
+        raise FieldError(f"{REASON_MALFORMED}: {what} is {describe(value)}, not a finite number")
+    return out
+
+
+def as_text(value: Any, what: str, limit: int, limit_name: str) -> str:
+    """A text field: a ``str`` of at most ``limit`` characters without lone surrogates; else
+    :class:`FieldError` (``malformed record``, ``text too long`` naming the limit, ``invalid text``)."""
+    if not isinstance(value, str):
+        raise FieldError(f"{REASON_MALFORMED}: {what} is {describe(value)}, not text")
+    long = too_long(what, value, limit, limit_name)
+    if long:
+        raise FieldError(f"{REASON_TOO_LONG}: {long}")
+    if has_lone_surrogate(value):
+        raise FieldError(f"{REASON_BAD_TEXT}: {what} holds a lone surrogate or bytes that are not UTF-8")
+    return value
+
+
+def _sentence(sent: Any, j: int, where: str) -> tuple[int, str]:
+    """``(sent_id, text)`` of one REFER sentence ``{tokens, raw, sent_id, sent}``: ``sent``, else
+    ``raw``, else the tokens joined, stripped (may be empty). Raises :class:`FieldError` for a field
+    of the wrong type, a text over :data:`MAX_SENTENCE_CHARS` or with a lone surrogate."""
     if not isinstance(sent, dict):
-        return ""
-    text = sent.get("sent") or sent.get("raw") or " ".join(sent.get("tokens") or [])
-    return str(text).strip()
+        raise FieldError(f"{REASON_MALFORMED}: {where}: the sentence is {describe(sent)}, not an object")
+    sent_id = as_int(sent.get("sent_id", j), f"{where}: sent_id")
+    for key in ("sent", "raw"):
+        v = sent.get(key)
+        if v is not None and not isinstance(v, str):
+            raise FieldError(f"{REASON_MALFORMED}: {where}: {key} is {describe(v)}, not text")
+    tokens = sent.get("tokens")
+    if tokens is not None and not (isinstance(tokens, list) and all(isinstance(t, str) for t in tokens)):
+        raise FieldError(f"{REASON_MALFORMED}: {where}: tokens is {describe(tokens)}, not a list of words")
+    if sent.get("sent"):
+        text = sent["sent"]
+    elif sent.get("raw"):
+        text = sent["raw"]
+    elif tokens and len(tokens) <= MAX_SENTENCE_CHARS:
+        text = " ".join(tokens)
+    elif tokens:
+        raise FieldError(f"{REASON_TOO_LONG}: sentence of {len(tokens)} tokens, at most {MAX_SENTENCE_CHARS} "
+                         "characters (MAX_SENTENCE_CHARS)")
+    else:
+        text = ""
+    return sent_id, as_text(text, "sentence", MAX_SENTENCE_CHARS, "MAX_SENTENCE_CHARS").strip()
+
+
+def _index(entries: list[Any], kind: str, where: str, bad: Any) -> dict[int, dict[str, Any]]:
+    """``{id: entry}`` of the instances.json entries of one kind; an entry that is not an object
+    with an integer id is quarantined (``bad(record, reason)``) and left out."""
+    out: dict[int, dict[str, Any]] = {}
+    for k, e in enumerate(entries):
+        if not isinstance(e, dict) or "id" not in e:
+            bad(f"{where} {kind} #{k}", f"{REASON_MALFORMED}: {where}: not an object with an id")
+            continue
+        try:
+            out.setdefault(as_int(e["id"], f"{where}: {kind} #{k} id"), e)
+        except FieldError as err:
+            bad(f"{where} {kind} #{k}", str(err))
+    return out
 
 
 def read_refer(
@@ -247,30 +370,42 @@ def read_refer(
     if not sb:
         raise ValueError(f"no split_by given for REFER dataset {name!r} (known: {REFER_SPLIT_BY})")
     instances = load_instances(ddir / "instances.json")
-    refs = load_refs(refs_path(ddir, sb))
+    rpath = refs_path(ddir, sb)
+    refs = load_refs(rpath)
     validator = validator or ImageValidator()
-    imgs = {int(im["id"]): im for im in instances["images"] if isinstance(im, dict) and "id" in im}
-    anns = {int(a["id"]): a for a in instances["annotations"] if isinstance(a, dict) and "id" in a}
-    cats = {int(c["id"]): str(c.get("name", "")) for c in instances["categories"]}
     images_root = Path(images_dir)
+    inst, rname = "instances.json", rpath.name
 
     out: list[RefRecord] = []
     used: dict[int, ImageRecord] = {}
     quarantine: list[QuarantineEntry] = []
     mask_ok: dict[int, str | None] = {}  # ann_id -> None (fine) or the reason
+    first: dict[tuple[int, int], str] = {}  # (ref_id, sent_id) of each kept sentence -> its record
 
     def bad(record: str, reason: str) -> None:
         quarantine.append(QuarantineEntry(name, record, reason))
 
+    imgs = _index(instances["images"], "image", inst, bad)
+    anns = _index(instances["annotations"], "annotation", inst, bad)
+    cats: dict[int, str] = {}
+    for cid, c in _index(instances["categories"], "category", inst, bad).items():
+        try:
+            cats[cid] = as_text(c.get("name", ""), f"{inst}: category {cid} name", MAX_SENTENCE_CHARS,
+                                "MAX_SENTENCE_CHARS")
+        except FieldError as e:
+            bad(f"{inst} category {cid}", str(e))
+
     for i, ref in enumerate(tqdm(refs, disable=not progress, desc=f"refs {name}", unit="ref")):
         if not isinstance(ref, dict) or any(k not in ref for k in REF_KEYS):
             missing = [k for k in REF_KEYS if not isinstance(ref, dict) or k not in ref]
-            bad(f"ref #{i}", f"{REASON_MALFORMED}: missing key(s) {', '.join(missing)}")
+            bad(f"ref #{i}", f"{REASON_MALFORMED}: {rname}: missing key(s) {', '.join(missing)}")
             continue
         try:
-            ref_id, ann_id, image_id = int(ref["ref_id"]), int(ref["ann_id"]), int(ref["image_id"])
-        except (TypeError, ValueError):
-            bad(f"ref #{i}", f"{REASON_MALFORMED}: non-integer ref_id/ann_id/image_id")
+            ref_id = as_int(ref["ref_id"], f"{rname}: ref #{i} ref_id")
+            ann_id = as_int(ref["ann_id"], f"{rname}: ref #{i} ann_id")
+            image_id = as_int(ref["image_id"], f"{rname}: ref #{i} image_id")
+        except FieldError as e:
+            bad(f"ref #{i}", str(e))
             continue
         rec = f"ref_id={ref_id} ann_id={ann_id} image_id={image_id}"
         ann = anns.get(ann_id)
@@ -281,18 +416,43 @@ def read_refer(
         if im is None:
             bad(rec, f"{REASON_MISSING_IMAGE}: image_id {image_id} not in instances.json")
             continue
-        file_name = str(im.get("file_name", ""))
+        try:  # every field this ref uses, checked before any file is opened
+            file_name = as_text(im.get("file_name", ""), f"{inst}: image {image_id} file_name", 4096,
+                                "a file name's 4096")
+            iscrowd = as_int(ann.get("iscrowd", 0) or 0, f"{inst}: annotation {ann_id} iscrowd")
+            split = as_text(ref.get("split", ""), f"{rname}: ref_id {ref_id} split", 64, "a split name's 64")
+            h_listed = as_int(im["height"], f"{inst}: image {image_id} height") if "height" in im else None
+            w_listed = as_int(im["width"], f"{inst}: image {image_id} width") if "width" in im else None
+            cat_id = as_int(ann.get("category_id", ref.get("category_id", -1)),
+                            f"{inst}: annotation {ann_id} category_id")
+            bbox_raw = ann.get("bbox") or [0.0, 0.0, 0.0, 0.0]
+            if not isinstance(bbox_raw, (list, tuple)) or len(bbox_raw) != 4:
+                raise FieldError(f"{REASON_MALFORMED}: {inst}: annotation {ann_id} bbox is "
+                                 f"{describe(bbox_raw)}, not [x, y, w, h]")
+            bbox = tuple(as_float(v, f"{inst}: annotation {ann_id} bbox") for v in bbox_raw)
+            area = as_float(ann.get("area", 0.0), f"{inst}: annotation {ann_id} area")
+            attributes = ann.get("attributes") or {}
+            if not isinstance(attributes, dict):
+                raise FieldError(f"{REASON_MALFORMED}: {inst}: annotation {ann_id} attributes is "
+                                 f"{describe(attributes)}, not an object")
+        except FieldError as e:
+            bad(rec, str(e))
+            continue
         rec = f"{rec} ({file_name})"
-        if int(ann.get("iscrowd", 0) or 0):
+        if iscrowd:
             bad(rec, REASON_CROWD)
             continue
-        path = images_root / file_name
+        path = confined(images_root, file_name)
+        if path is None:
+            bad(rec, f"{REASON_OUTSIDE_ROOT}: file_name {describe(file_name)} is not under the image folder")
+            continue
         try:
             info = validator.check(path)
         except ImageError as e:
             bad(rec, e.quarantine_reason)
             continue
-        h, w = int(im.get("height", info.height)), int(im.get("width", info.width))
+        h = info.height if h_listed is None else h_listed
+        w = info.width if w_listed is None else w_listed
         if (w, h) != (info.width, info.height):
             bad(rec, f"{REASON_IMAGE_SIZE}: instances.json says {w}x{h}, the file is "
                      f"{info.width}x{info.height}")
@@ -306,7 +466,6 @@ def read_refer(
         if mask_ok[ann_id]:
             bad(rec, mask_ok[ann_id])  # type: ignore[arg-type]
             continue
-        cat_id = int(ann.get("category_id", ref.get("category_id", -1)))
         if cat_id not in cats:
             bad(rec, f"{REASON_MALFORMED}: unknown category_id {cat_id}")
             continue
@@ -314,14 +473,22 @@ def read_refer(
         if not sentences:
             bad(rec, f"{REASON_MALFORMED}: no sentences")
             continue
-        bbox = ann.get("bbox") or [0.0, 0.0, 0.0, 0.0]
         kept = 0
         for j, sent in enumerate(sentences):
-            sent_id = int(sent.get("sent_id", j)) if isinstance(sent, dict) else j
-            text = _sentence_text(sent)
-            if not text:
-                bad(f"ref_id={ref_id} sent_id={sent_id} ({file_name})", REASON_EMPTY_SENTENCE)
+            try:
+                sent_id, text = _sentence(sent, j, f"{rname}: ref_id {ref_id} sentence #{j}")
+            except FieldError as e:
+                bad(f"ref_id={ref_id} sentence #{j} ({file_name})", str(e))
                 continue
+            srec = f"ref_id={ref_id} sent_id={sent_id} ({file_name})"
+            if not text:
+                bad(srec, REASON_EMPTY_SENTENCE)
+                continue
+            if (ref_id, sent_id) in first:
+                bad(srec, f"{REASON_DUPLICATE}: {rname} repeats ref_id {ref_id} sent_id {sent_id} "
+                          f"(the first, {first[(ref_id, sent_id)]}, is kept)")
+                continue
+            first[(ref_id, sent_id)] = f"ref #{i}"
             out.append(RefRecord(
                 dataset=name,
                 split_by=sb,
@@ -329,15 +496,15 @@ def read_refer(
                 sent_id=sent_id,
                 ann_id=ann_id,
                 image_id=image_id,
-                split=str(ref.get("split", "")),
+                split=split,
                 sentence=text,
                 category_id=cat_id,
                 category=cats[cat_id],
-                bbox=tuple(float(v) for v in bbox),  # type: ignore[arg-type]
+                bbox=bbox,  # type: ignore[arg-type]
                 segmentation=ann.get("segmentation"),
                 iscrowd=0,
-                area=float(ann.get("area", 0.0)),
-                attributes=dict(ann.get("attributes") or {}),
+                area=area,
+                attributes=dict(attributes),
             ))
             kept += 1
         if kept and image_id not in used:
