@@ -56,10 +56,13 @@ from perceptio_core.data.ade20k import read_ade20k
 from perceptio_core.config import DataConfig, canonical_json
 from perceptio_core.data.hardblink import dataset_files as hardblink_files
 from perceptio_core.data.hardblink import read_hardblink
-from perceptio_core.data.image_io import ImageError, ImageValidator
+from perceptio_core.data.image_io import ImageError, ImageValidator, confined
+from perceptio_core.data.limits import MAX_CAPTION_CHARS
 from perceptio_core.data.records import (
     REASON_EMPTY_CAPTION,
     REASON_MALFORMED,
+    REASON_OUTSIDE_ROOT,
+    REASON_UNREADABLE_FILE,
     Benchmarks,
     DatasetNotFoundError,
     ImageRecord,
@@ -69,7 +72,8 @@ from perceptio_core.data.records import (
     Sources,
     read_annotation_json,
 )
-from perceptio_core.data.refer import REFER_SPLIT_BY, read_refer, refs_path
+from perceptio_core.data.refer import REFER_SPLIT_BY, FieldError, as_int, as_text, describe, read_refer, refs_path
+from perceptio_core.data.safe_pickle import PickleReadError, UnsafePickleError
 from perceptio_core.data.mcq import read_mcq_tsv
 from perceptio_core.data.mme import mme_files, read_mme
 
@@ -228,44 +232,74 @@ def read_captions(
     depth_dir: str | os.PathLike[str] | None = None,
 ) -> CaptionsResult:
     """Read a COCO captions file: ``(image_id, caption)`` pairs in file order and the images they
-    use. Quarantined (source "captions"): an image that is missing or corrupt (once per image, its
-    captions dropped), a caption naming an unlisted image, an empty caption."""
+    use. Quarantined (source "captions", the record naming the caption and image ids): an image that
+    is missing, corrupt, not a regular file or named outside ``images_dir`` (once per image, its
+    captions dropped), a caption naming an unlisted image, an id that is not an integer, a caption
+    that is empty, not text, over :data:`~perceptio_core.data.limits.MAX_CAPTION_CHARS` or holding a
+    lone surrogate. A file that is not a COCO captions file raises ``ValueError`` naming it."""
     p = Path(path)
     data = read_annotation_json(p, "COCO captions file")
-    if not isinstance(data.get("images"), list) or not isinstance(data.get("annotations"), list):
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list) \
+            or not isinstance(data.get("annotations"), list):
         raise ValueError(f"{p}: no 'images' and 'annotations' lists (not a COCO captions file)")
     validator = validator or ImageValidator()
-    listed = {int(im["id"]): im for im in data["images"] if isinstance(im, dict) and "id" in im}
     images: dict[int, ImageRecord] = {}
     bad_images: set[int] = set()
     captions: list[tuple[int, str]] = []
     quarantine: list[QuarantineEntry] = []
-    for a in data["annotations"]:
+
+    def bad(record: str, reason: str) -> None:
+        quarantine.append(QuarantineEntry("captions", record, reason))
+
+    listed: dict[int, str] = {}
+    for k, im in enumerate(data["images"]):
+        try:
+            if not isinstance(im, dict) or "id" not in im:
+                raise FieldError(f"{REASON_MALFORMED}: {p.name}: not an object with an id")
+            iid = as_int(im["id"], f"{p.name}: image id")
+            listed.setdefault(iid, as_text(im.get("file_name", ""), f"{p.name}: image {iid} file_name", 4096,
+                                           "a file name's 4096"))
+        except FieldError as e:
+            bad(f"image #{k}", str(e))
+    for k, a in enumerate(data["annotations"]):
+        cid = describe(a.get("id", "?")) if isinstance(a, dict) else "?"
         if not isinstance(a, dict) or "image_id" not in a:
-            cid = a.get("id", "?") if isinstance(a, dict) else "?"
-            quarantine.append(QuarantineEntry("captions", f"caption id={cid}", f"{REASON_MALFORMED}: no image_id"))
+            bad(f"caption id={cid}", f"{REASON_MALFORMED}: {p.name}: caption #{k} has no image_id")
             continue
-        image_id = int(a["image_id"])
-        rec = f"caption id={a.get('id', '?')} image_id={image_id}"
-        text = str(a.get("caption") or "").strip()
+        try:
+            image_id = as_int(a["image_id"], f"{p.name}: caption #{k} image_id")
+        except FieldError as e:
+            bad(f"caption id={cid}", str(e))
+            continue
+        rec = f"caption id={cid} image_id={image_id}"
+        raw = a.get("caption")
+        if raw is None or raw == "":
+            bad(rec, REASON_EMPTY_CAPTION)
+            continue
+        try:
+            text = as_text(raw, f"{p.name}: caption", MAX_CAPTION_CHARS, "MAX_CAPTION_CHARS").strip()
+        except FieldError as e:
+            bad(rec, str(e))
+            continue
         if not text:
-            quarantine.append(QuarantineEntry("captions", rec, REASON_EMPTY_CAPTION))
+            bad(rec, REASON_EMPTY_CAPTION)
             continue
         if image_id not in listed:
-            quarantine.append(QuarantineEntry(
-                "captions", rec, f"{REASON_MALFORMED}: image_id not in the captions file's images"))
+            bad(rec, f"{REASON_MALFORMED}: image_id not in the captions file's images")
             continue
         if image_id in bad_images:
             continue
         if image_id not in images:
-            fname = str(listed[image_id].get("file_name", ""))
-            ipath = Path(images_dir) / fname
+            fname = listed[image_id]
+            ipath = confined(images_dir, fname)
             try:
+                if ipath is None:
+                    raise FieldError(f"{REASON_OUTSIDE_ROOT}: file_name {describe(fname)} is not under the "
+                                     "image folder")
                 info = validator.check(ipath)
-            except ImageError as e:
+            except (FieldError, ImageError) as e:
                 bad_images.add(image_id)
-                quarantine.append(QuarantineEntry("captions", f"image_id={image_id} ({fname})",
-                                                  e.quarantine_reason))
+                bad(f"image_id={image_id} ({fname})", e.quarantine_reason if isinstance(e, ImageError) else str(e))
                 continue
             depth = Path(depth_dir) / f"{Path(fname).stem}.npy" if depth_dir else None
             images[image_id] = ImageRecord(
@@ -320,10 +354,34 @@ def read_sources(
     return _read_training(paths, validator, progress).with_benchmarks(_read_benchmarks(paths, validator, cache_dir))
 
 
+# What a dataset file that cannot be read as a whole raises: a refused or broken pickle, JSON that
+# is not JSON (or nests past the parser's depth), a file that is not the layout, an unreadable file.
+# DatasetNotFoundError (a file gone since resolve_paths) is not among them: it stops the read.
+_FILE_ERRORS = (UnsafePickleError, PickleReadError, ValueError, RecursionError, OSError)
+
+
+def _file_fault(source: str, path: Path, e: BaseException) -> QuarantineEntry:
+    """The quarantine entry that sets one whole dataset file aside (record: the file), the reason in
+    words: the error's own message, which names the file (never a repr of an object)."""
+    msg = str(e) if not isinstance(e, RecursionError) else "nested too deep to read"
+    msg = msg if len(msg) <= 500 else msg[:500] + "..."
+    return QuarantineEntry(source, str(path), f"{REASON_UNREADABLE_FILE}: {type(e).__name__}: {msg}")
+
+
 def _read_training(paths: SourcePaths, validator: ImageValidator, progress: bool) -> Sources:
+    """The training part; a dataset whose file cannot be read as a whole (a refs pickle that would
+    run code, an instances.json that is not JSON, ...) is quarantined as one entry naming the file
+    and the others are read."""
     out = Sources(root=str(paths.root))
     for ds, (folder, split_by) in paths.refer.items():
-        res = read_refer(folder, paths.coco_images, ds, split_by, validator, paths.depth, progress)
+        try:
+            res = read_refer(folder, paths.coco_images, ds, split_by, validator, paths.depth, progress)
+        except DatasetNotFoundError:
+            raise
+        except _FILE_ERRORS as e:
+            bad_file = refs_path(folder, split_by) if isinstance(e, (UnsafePickleError, PickleReadError)) else folder
+            out.quarantine.append(_file_fault(ds, bad_file, e))
+            continue
         # REFER datasets share COCO's image ids: an id another dataset gave another file is a clash
         clash = {i: out.coco_images[i] for i, rec in res.images.items()
                  if i in out.coco_images and out.coco_images[i].path != rec.path}
@@ -337,16 +395,28 @@ def _read_training(paths: SourcePaths, validator: ImageValidator, progress: bool
         out.coco_images.update({i: rec for i, rec in res.images.items() if i not in clash})
         out.quarantine += res.quarantine
     if paths.captions is not None:
-        cap = read_captions(paths.captions, paths.coco_images, validator, paths.depth)
-        out.captions = cap.captions
-        for i, rec in cap.images.items():
-            out.coco_images.setdefault(i, rec)
-        out.quarantine += cap.quarantine
+        try:
+            cap = read_captions(paths.captions, paths.coco_images, validator, paths.depth)
+        except DatasetNotFoundError:
+            raise
+        except _FILE_ERRORS as e:
+            out.quarantine.append(_file_fault("captions", paths.captions, e))
+        else:
+            out.captions = cap.captions
+            for i, rec in cap.images.items():
+                out.coco_images.setdefault(i, rec)
+            out.quarantine += cap.quarantine
     out.coco_images = dict(sorted(out.coco_images.items()))
     if paths.ade20k is not None:
-        ade = read_ade20k(paths.ade20k, validator, paths.depth, progress)
-        out.ade, out.ade_classes = ade.records, ade.classes
-        out.quarantine += ade.quarantine
+        try:
+            ade = read_ade20k(paths.ade20k, validator, paths.depth, progress)
+        except DatasetNotFoundError:
+            raise
+        except _FILE_ERRORS as e:
+            out.quarantine.append(_file_fault("ade20k", paths.ade20k, e))
+        else:
+            out.ade, out.ade_classes = ade.records, ade.classes
+            out.quarantine += ade.quarantine
     return out
 
 
