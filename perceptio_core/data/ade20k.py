@@ -10,27 +10,34 @@ Layout, as the public release has it::
 An annotation PNG is single-channel uint8, one class index per pixel, 0 = other / unlabelled.
 :func:`read_ade20k` returns one :class:`~perceptio_core.data.records.AdeRecord` per image with a usable
 annotation; the rest is quarantined (``missing image``/``corrupt image: ...`` for the image;
-``missing annotation``, ``corrupt annotation: ...``, ``image size mismatch: ...`` and
-``malformed record: ...`` for the annotation: not single-channel, or class indices beyond the table).
+``missing annotation``, ``corrupt annotation: ...`` (also: not a regular file), ``too large: ...``
+(a file over :data:`~perceptio_core.data.limits.MAX_IMAGE_BYTES`), ``image size mismatch: ...`` (its
+header declares another size than the image's: read before decoding, so a decompression bomb that
+declares billions of pixels is never decoded) and ``malformed record: ...`` for the annotation: not
+single-channel, or class indices beyond the table). A class table row whose index is not an
+integer makes the table unreadable: ``ValueError`` naming the file and the row.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
 
-from perceptio_core.data.image_io import ImageError, ImageValidator
+from perceptio_core.data.image_io import ImageError, ImageValidator, read_regular
 from perceptio_core.data.records import (
     REASON_CORRUPT_ANNOTATION,
     REASON_IMAGE_SIZE,
     REASON_MALFORMED,
     REASON_MISSING_ANNOTATION,
+    REASON_TOO_LARGE,
     AdeRecord,
     DatasetNotFoundError,
     QuarantineEntry,
@@ -66,9 +73,12 @@ def read_object_info(ade_dir: str | os.PathLike[str]) -> dict[int, str]:
             raise ValueError(f"{p}: expected columns Idx,Ratio,Train,Val,Name, got {rows[0]}")
         ii, ni = header.index("idx"), header.index("name")
         out: dict[int, str] = {}
-        for row in rows[1:]:
+        for n, row in enumerate(rows[1:], start=2):
             if len(row) > max(ii, ni) and row[ii].strip():
-                out[int(row[ii])] = row[ni].strip().split(";")[0].strip()
+                idx = row[ii].strip()
+                if not idx.isdigit() or len(idx) > 6:
+                    raise ValueError(f"{p}: row {n}: class index {idx[:40]!r} is not an integer")
+                out[int(idx)] = row[ni].strip().split(";")[0].strip()
         return out
     raise DatasetNotFoundError(f"ADE20k class table not found: {d / 'objectInfo150.csv'} "
                                f"(or {d / 'objectInfo150.txt'})")
@@ -77,6 +87,34 @@ def read_object_info(ade_dir: str | os.PathLike[str]) -> dict[int, str]:
 def _image_id(stem: str) -> int:
     m = re.search(r"(\d+)$", stem)
     return int(m.group(1)) if m else 0
+
+
+def _annotation_problem(path: Path, width: int, height: int) -> str | np.ndarray:
+    """The annotation PNG's class indices, uint8 [H, W], or the quarantine reason. The file is read
+    only when regular and under MAX_IMAGE_BYTES, and decoded only when its header declares the
+    image's size (``width`` x ``height``, an image already checked against MAX_IMAGE_PIXELS) and a
+    single channel: nothing is decoded before those checks."""
+    try:
+        data = read_regular(path, what="annotation")
+    except ImageError as e:
+        detail = e.detail or e.reason
+        return f"{e.reason}: {detail}" if e.reason == REASON_TOO_LARGE else f"{REASON_CORRUPT_ANNOTATION}: {detail}"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                mode, size = im.mode, im.size
+                if size != (width, height):
+                    return (f"{REASON_IMAGE_SIZE}: annotation {size[0]}x{size[1]}, image {width}x{height}")
+                if mode not in ("L", "P"):
+                    return f"{REASON_MALFORMED}: annotation is {mode}, not single-channel class indices"
+                im.load()
+                arr = np.asarray(im)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        return f"{REASON_CORRUPT_ANNOTATION}: {type(e).__name__}: {e}"
+    if arr.ndim != 2:
+        return f"{REASON_MALFORMED}: annotation is {mode}, not single-channel class indices"
+    return arr
 
 
 def read_ade20k(
@@ -113,23 +151,11 @@ def read_ade20k(
         if not ann_path.is_file():
             quarantine.append(QuarantineEntry(SOURCE, rec, REASON_MISSING_ANNOTATION))
             continue
-        try:
-            with Image.open(ann_path) as im:
-                im.load()
-                mode, size = im.mode, im.size
-                arr = np.asarray(im)
-        except (OSError, SyntaxError, ValueError) as e:
-            quarantine.append(QuarantineEntry(SOURCE, rec, f"{REASON_CORRUPT_ANNOTATION}: {e}"))
+        why = _annotation_problem(ann_path, info.width, info.height)
+        if isinstance(why, str):
+            quarantine.append(QuarantineEntry(SOURCE, rec, why))
             continue
-        if mode not in ("L", "P") or arr.ndim != 2:
-            quarantine.append(QuarantineEntry(
-                SOURCE, rec, f"{REASON_MALFORMED}: annotation is {mode}, not single-channel class indices"))
-            continue
-        if size != (info.width, info.height):
-            quarantine.append(QuarantineEntry(
-                SOURCE, rec, f"{REASON_IMAGE_SIZE}: annotation {size[0]}x{size[1]}, image "
-                             f"{info.width}x{info.height}"))
-            continue
+        arr = why
         present = sorted(int(v) for v in np.unique(arr) if v != 0)
         if present and present[-1] > max_cls:
             quarantine.append(QuarantineEntry(
