@@ -35,9 +35,13 @@ question (``qid`` ``"<N>pt/<question_id>"``, ``question`` = ``text`` verbatim, `
 options, ``n_points`` = N) and quarantines the rest, source ``"hardblink"``, the record named by file
 (relative to ``hb_dir``) and line: ``"questions/blink_3pointscenter_questions.jsonl:7
 question_id=6 (6.png)"``. Reasons: ``missing image``/``corrupt image: ...`` and ``malformed record:
-...`` (a line that is not JSON or not an object, missing keys, a repeated question_id, an empty
+...`` (a line that is not UTF-8, not JSON or not an object, missing keys, a question_id that is not
+a number or a short text, a repeated question_id, a text or image name that is not text, an empty
 text, options that do not number N, no answer, an answer without a question, an answer that is not
-a letter or not among the options, a bad or missing points row, a point outside the image).
+a letter or not among the options, a bad or missing points row, a point that is not two finite
+numbers or lies outside the image), ``text too long: ...`` (a text over
+:data:`~perceptio_core.data.limits.MAX_QUESTION_CHARS`), ``invalid text: ...`` (a lone surrogate),
+``path outside the data root: ...`` (an ``image`` that is absolute or climbs out with ``..``).
 Missing dataset-level parts raise :class:`~perceptio_core.data.records.DatasetNotFoundError` naming
 the path: no question file at all, an answers file or an image folder of a point count that has
 questions.
@@ -46,13 +50,22 @@ questions.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from perceptio_core.data.image_io import ImageError, ImageInfo, ImageValidator
-from perceptio_core.data.records import REASON_MALFORMED, DatasetNotFoundError, HardBlinkRecord, QuarantineEntry
+from perceptio_core.data.image_io import ImageError, ImageInfo, ImageValidator, confined
+from perceptio_core.data.limits import MAX_QUESTION_CHARS
+from perceptio_core.data.records import (
+    REASON_MALFORMED,
+    REASON_OUTSIDE_ROOT,
+    DatasetNotFoundError,
+    HardBlinkRecord,
+    QuarantineEntry,
+)
+from perceptio_core.data.refer import FieldError, as_text, describe
 
 SOURCE = "hardblink"
 QUESTIONS, ANSWERS, IMAGES, POINTS = "questions", "answers", "images", "points"
@@ -129,23 +142,34 @@ class _Line(NamedTuple):
 def _jsonl(path: Path, rel: str, required: tuple[str, ...], quarantine: list[QuarantineEntry]) -> list[_Line]:
     """The object lines of a JSONL file that have the ``required`` keys; the others quarantined."""
     out: list[_Line] = []
-    with open(path, encoding="utf-8") as f:
-        for i, raw in enumerate(f, start=1):
-            if not raw.strip():
+    with open(path, "rb") as f:  # decoded line by line: one bad byte spoils one line
+        for i, braw in enumerate(f, start=1):
+            if not braw.strip():
                 continue
             where = f"{rel}:{i}"
             try:
-                row = json.loads(raw)
+                row = json.loads(braw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                quarantine.append(QuarantineEntry(SOURCE, where, f"{REASON_MALFORMED}: not UTF-8 text ({e.reason})"))
+                continue
             except json.JSONDecodeError as e:
                 quarantine.append(QuarantineEntry(SOURCE, where, f"{REASON_MALFORMED}: not JSON ({e.msg})"))
+                continue
+            except RecursionError:
+                quarantine.append(QuarantineEntry(SOURCE, where, f"{REASON_MALFORMED}: JSON nested too deep"))
                 continue
             if not isinstance(row, dict):
                 quarantine.append(QuarantineEntry(SOURCE, where, f"{REASON_MALFORMED}: not a JSON object"))
                 continue
             missing = [k for k in required if k not in row]
+            qid = row.get("question_id")
+            if not missing and (isinstance(qid, bool) or not isinstance(qid, (int, str)) or len(str(qid)) > 64):
+                quarantine.append(QuarantineEntry(SOURCE, where, f"{REASON_MALFORMED}: question_id is "
+                                                                 f"{describe(qid)}, not a number or a short text"))
+                continue
             if missing:
-                qid = f" question_id={row['question_id']}" if "question_id" in row else ""
-                quarantine.append(QuarantineEntry(SOURCE, where + qid,
+                named = f" question_id={describe(qid)}" if "question_id" in row else ""
+                quarantine.append(QuarantineEntry(SOURCE, where + named,
                                                   f"{REASON_MALFORMED}: missing key(s) {', '.join(missing)}"))
                 continue
             out.append(_Line(where, row))
@@ -169,10 +193,13 @@ def _by_id(lines: list[_Line], what: str, quarantine: list[QuarantineEntry]) -> 
 def _points_problem(row: dict[str, Any], labels: tuple[str, ...], info: ImageInfo) -> str | None:
     pts, row_labels = row["points"], row["labels"]
     if not isinstance(pts, list) or not all(
-            isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(v, (int, float)) for v in p)
+            isinstance(p, (list, tuple)) and len(p) == 2
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in p)
             for p in pts):
-        return "points is not a list of [x, y]"
-    if list(row_labels) != list(labels):
+        return "points is not a list of [x, y] (two finite numbers each)"
+    if not isinstance(row_labels, list) or not all(isinstance(v, str) and len(v) <= 8 for v in row_labels):
+        return f"points row labels is {describe(row_labels)}, not a list of letters"
+    if row_labels != list(labels):
         return f"points row labels {row_labels} but the question's options are {list(labels)}"
     if len(pts) != len(labels):
         return f"{len(pts)} points for {len(labels)} options"
@@ -234,13 +261,17 @@ def _record(n: int, key: str, q: _Line, a: _Line | None, points: dict[str, _Line
             validator: ImageValidator, depth_dir: str | os.PathLike[str] | None,
             quarantine: list[QuarantineEntry]) -> HardBlinkRecord | None:
     """One question's record, or None with its quarantine entry."""
-    image = str(q.row["image"])
-    name = f"{q.where} question_id={key} ({image})"
 
     def bad(where: str, why: str) -> None:
         quarantine.append(QuarantineEntry(SOURCE, where, f"{REASON_MALFORMED}: {why}"))
 
-    text = str(q.row["text"])
+    try:
+        image = as_text(q.row["image"], "image", 4096, "a file name's 4096")
+        name = f"{q.where} question_id={key} ({image})"
+        text = as_text(q.row["text"], "text", MAX_QUESTION_CHARS, "MAX_QUESTION_CHARS")
+    except FieldError as e:
+        quarantine.append(QuarantineEntry(SOURCE, f"{q.where} question_id={key}", str(e)))
+        return None
     if not text.strip():
         return bad(name, "empty text")
     labels = option_labels(text, n)
@@ -248,11 +279,15 @@ def _record(n: int, key: str, q: _Line, a: _Line | None, points: dict[str, _Line
         return bad(name, f"the text offers {len(labels)} options ({', '.join(labels)}) for {n} points")
     if a is None:
         return bad(name, f"no answer in {answers_file(n)}")
-    letter = answer_letter(a.row["text"])
+    letter = answer_letter(a.row["text"]) if isinstance(a.row["text"], (str, int)) else None
     if letter is None or letter not in labels:
         return bad(f"{a.where} question_id={key}",
-                   f"answer {a.row['text']!r} is not one of the options {', '.join(labels)}")
-    path = root / images_dir(n) / image
+                   f"answer {describe(a.row['text'])} is not one of the options {', '.join(labels)}")
+    path = confined(root / images_dir(n), image)
+    if path is None:
+        quarantine.append(QuarantineEntry(SOURCE, name, f"{REASON_OUTSIDE_ROOT}: image {describe(image)} is not "
+                                                        f"under {images_dir(n)}"))
+        return None
     try:
         info = validator.check(path)
     except ImageError as e:
