@@ -13,10 +13,18 @@ Images: each distinct image is decoded once and written to ``image_dir`` as
 and the file is written atomically); records point at those files, so every reader downstream deals
 with image paths only. Empty or ``nan`` cells are absent (an option column may be empty: SEED-Bench's and MMStar's
 questions have 4 options in a 4-column file, ScienceQA's 2 to 5 in a 5-column one); at least two
-options must remain. Quarantine entries have source ``mcq.<benchmark>`` and record ``index=<index>``.
-Quarantined rows: ``corrupt image: ...`` (not base64, not an image), ``missing image`` (a reference
-to an index without an image), ``malformed record: ...`` (no question, fewer than two options, no
-answer, an answer that is not an option letter, bytes that are not UTF-8).
+options must remain. Quarantine entries have source ``mcq.<benchmark>`` and record ``index=<index>
+(<file> line <n>)``. Quarantined rows: ``corrupt image: ...`` (not base64, not an image), ``missing
+image`` (a reference to an index without an image), ``malformed record: ...`` (no question, fewer than
+two options, no answer, an answer that is not an option letter, bytes that are not UTF-8, a number of
+fields other than the header's, an unbalanced quote), ``text too long: ...`` (question, hint and
+options over :data:`~perceptio_core.data.limits.MAX_QUESTION_CHARS`).
+
+An unbalanced quote (a field that opens with ``"`` and never closes) would make a CSV reader run that
+field on over every following line, silently swallowing the rows after it. The file is therefore read
+row by row with its line numbers: a row whose field count is not the header's, or with a field that
+spans lines and holds a tab, is the start of such a run; its first line is quarantined and reading
+starts again on the next line, so only the broken row is lost.
 """
 
 from __future__ import annotations
@@ -24,17 +32,20 @@ from __future__ import annotations
 import base64
 import binascii
 import csv
+import itertools
 import os
 import sys
 from pathlib import Path
 from typing import NamedTuple
 
 from perceptio_core.atomic_io import bytes_digest
-from perceptio_core.data.image_io import CorruptImageError, decode_image_bytes
+from perceptio_core.data.image_io import CorruptImageError, ImageError, decode_image_bytes
+from perceptio_core.data.limits import MAX_QUESTION_CHARS, too_long
 from perceptio_core.data.records import (
     REASON_CORRUPT_IMAGE,
     REASON_MALFORMED,
     REASON_MISSING_IMAGE,
+    REASON_TOO_LONG,
     DatasetNotFoundError,
     QuarantineEntry,
     McqRecord,
@@ -75,6 +86,56 @@ def _store_image(data: bytes, image_dir: Path) -> str:
     return str(path.resolve())
 
 
+def _first_field(line: str) -> str:
+    """The index a raw TSV line starts with (for naming a row the reader could not parse)."""
+    head = line.split("\t", 1)[0].strip().strip('"')[:40]
+    return head.encode("utf-8", "backslashreplace").decode("utf-8") or "?"
+
+
+def _tsv_rows(text: str, name: str, source: str,
+              quarantine: list[QuarantineEntry]) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """(header, [(line number, fields), ...]) of a TSV's text; rows that cannot be parsed on their
+    own (module docstring: an unbalanced quote, another field count, a csv error) are quarantined
+    by their first line and reading starts again after it."""
+    lines = [ln + "\n" for ln in text.split("\n")]
+    if lines and lines[-1] == "\n":
+        lines.pop()
+    if not lines:
+        return [], []
+    header = next(csv.reader([lines[0]], delimiter="\t"), [])
+    rows: list[tuple[int, list[str]]] = []
+
+    def bad(i: int, why: str) -> None:
+        quarantine.append(QuarantineEntry(source, f"index={_first_field(lines[i])} ({name} line {i + 1})",
+                                          f"{REASON_MALFORMED}: {why}"))
+
+    pos = 1
+    while pos < len(lines):
+        reader = csv.reader(itertools.islice(lines, pos, None), delimiter="\t")
+        done = 0  # lines this reader has consumed
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                pos = len(lines)
+                break
+            except csv.Error as e:
+                bad(pos + done, f"not a TSV row ({e})")
+                pos = pos + done + 1
+                break
+            first, done = pos + done, reader.line_num
+            if not row or not any(c.strip() for c in row):
+                continue
+            if len(row) != len(header) or any("\t" in c and "\n" in c for c in row):
+                why = (f"{len(row)} fields, the header has {len(header)}" if done - (first - pos) == 1 else
+                       f"an unbalanced quote runs this row on over {done - (first - pos) - 1} following line(s)")
+                bad(first, f"{why} (read again from the next line)")
+                pos = first + 1
+                break
+            rows.append((first + 1, row))
+    return header, rows
+
+
 def read_mcq_tsv(
     tsv_path: str | os.PathLike[str],
     image_dir: str | os.PathLike[str],
@@ -88,25 +149,31 @@ def read_mcq_tsv(
     if not p.is_file():
         raise DatasetNotFoundError(f"multiple-choice TSV ({benchmark}) not found: {p}")
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    with open(p, newline="", encoding="utf-8", errors="surrogateescape") as f:  # bad bytes: per row
-        rows = list(csv.DictReader(f, delimiter="\t"))
-    cols = set(rows[0].keys()) if rows else set()
-    need = {"index", "question", "A", "B", "answer", "image"}
-    if rows and not need <= cols:
-        raise ValueError(f"{p}: not a VLMEvalKit multiple-choice TSV (missing columns {sorted(need - cols)})")
-    letters = sorted(c for c in cols if len(c) == 1 and c.isupper())
-    images_by_index = {_cell(r, "index"): _cell(r, "image") for r in rows}
-    out_dir = Path(image_dir)
-    stored: dict[str, str] = {}  # base64 text -> path
+    text = p.read_bytes().decode("utf-8", errors="surrogateescape")  # bad bytes: per row
     records: list[McqRecord] = []
     quarantine: list[QuarantineEntry] = []
-    for n, row in enumerate(rows):
-        qid = _cell(row, "index") or f"row{n + 1}"
-        rec = f"index={qid}"
+    header, parsed = _tsv_rows(text, p.name, source, quarantine)
+    cols = set(header)
+    need = {"index", "question", "A", "B", "answer", "image"}
+    if header and not need <= cols:
+        raise ValueError(f"{p}: not a VLMEvalKit multiple-choice TSV (missing columns {sorted(need - cols)})")
+    rows = [(line, dict(zip(header, fields))) for line, fields in parsed]
+    letters = sorted(c for c in cols if len(c) == 1 and c.isupper())
+    images_by_index = {_cell(r, "index"): _cell(r, "image") for _, r in rows}
+    out_dir = Path(image_dir)
+    stored: dict[str, str] = {}  # base64 text -> path
+    for line, row in rows:
+        qid = _cell(row, "index") or f"line{line}"
+        rec = f"index={qid} ({p.name} line {line})"
         question = _cell(row, "question")
         options = {k: _cell(row, k) for k in letters if _cell(row, k)}
         answer = _cell(row, "answer").upper()
         why = None
+        long = too_long("question with its hint and options", question + _cell(row, "hint") + "".join(options.values()),
+                        MAX_QUESTION_CHARS, "MAX_QUESTION_CHARS")
+        if long:
+            quarantine.append(QuarantineEntry(source, rec, f"{REASON_TOO_LONG}: {long}"))
+            continue
         if not _utf8(row):
             why = "not UTF-8 text"
         elif not question:
@@ -133,6 +200,8 @@ def read_mcq_tsv(
                 stored[b64] = f"!{REASON_CORRUPT_IMAGE}: not base64 ({e})"
             except CorruptImageError as e:
                 stored[b64] = f"!{REASON_CORRUPT_IMAGE}: {e.detail}"
+            except ImageError as e:  # too large: declares more than MAX_IMAGE_PIXELS
+                stored[b64] = f"!{e.quarantine_reason}"
         path = stored[b64]
         if path.startswith("!"):
             quarantine.append(QuarantineEntry(source, rec, path[1:]))

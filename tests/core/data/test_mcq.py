@@ -57,7 +57,8 @@ def test_mmbench_rows(tmp_path):
     assert r1.options == {"A": "cat", "B": "dog"} and r1.hint == "" and r1.split == "dev"
     assert r2.image_path == r1.image_path and r2.question == "Same image?\twith tab"
     assert options_text(r1) == "A. cat\nB. dog"
-    reasons = {q.record: q.reason for q in res.quarantine}
+    reasons = {q.record.split(" ")[0]: q.reason for q in res.quarantine}
+    assert res.quarantine[0].record == "index=3 (mmbench.tsv line 4)"  # names the file and line
     assert reasons["index=3"].startswith("corrupt image: not base64")
     assert reasons["index=7"].startswith("corrupt image: ")
     assert reasons["index=4"] == "malformed record: answer 'D' is not one of the options ['A', 'B']"
@@ -112,4 +113,4 @@ def test_bytes_that_are_not_utf8_quarantine_their_row_only(tmp_path):
     res = read_mcq_tsv(tsv, tmp_path / "imgs", benchmark="x")
     assert [r.qid for r in res.records] == ["1", "3"]
     assert [(q.source, q.record, q.reason) for q in res.quarantine] == [
-        ("mcq.x", "index=2", "malformed record: not UTF-8 text")]
+        ("mcq.x", "index=2 (bad.tsv line 3)", "malformed record: not UTF-8 text")]
