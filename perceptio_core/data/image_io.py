@@ -71,7 +71,8 @@ def confined(root: str | os.PathLike[str], name: str) -> Path | None:
     return Path(root) / norm
 
 
-def read_regular(path: str | os.PathLike[str], limit: int = MAX_IMAGE_BYTES, what: str = "image") -> bytes:
+def read_regular(path: str | os.PathLike[str], limit: int = MAX_IMAGE_BYTES, what: str = "image",
+                 limit_name: str = "MAX_IMAGE_BYTES") -> bytes:
     """The bytes of a regular file of at most ``limit`` bytes, checked before it is opened: a FIFO
     (which would hang) or a device such as ``/dev/zero`` (which never ends) is never read. Raises
     :class:`MissingImageError` (absent), :class:`CorruptImageError` (a directory, not a regular file,
@@ -88,14 +89,14 @@ def read_regular(path: str | os.PathLike[str], limit: int = MAX_IMAGE_BYTES, wha
         raise CorruptImageError(path, REASON_CORRUPT_IMAGE, "not a regular file (a FIFO, a device or a socket)")
     if st.st_size > limit:
         raise ImageTooLargeError(path, REASON_TOO_LARGE,
-                                 f"{what} file of {st.st_size} bytes, at most {limit} (MAX_IMAGE_BYTES)")
+                                 f"{what} file of {st.st_size} bytes, at most {limit} ({limit_name})")
     try:
         with open(path, "rb") as f:
             data = f.read(limit + 1)
     except OSError as e:
         raise CorruptImageError(path, REASON_CORRUPT_IMAGE, f"unreadable ({type(e).__name__}: {e.strerror})") from e
     if len(data) > limit:  # grew since the stat
-        raise ImageTooLargeError(path, REASON_TOO_LARGE, f"{what} file over {limit} bytes (MAX_IMAGE_BYTES)")
+        raise ImageTooLargeError(path, REASON_TOO_LARGE, f"{what} file over {limit} bytes ({limit_name})")
     return data
 
 

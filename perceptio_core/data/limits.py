@@ -30,6 +30,9 @@ turn of the LLaVA-1.5 mix, far under what fine-tuning's context can take."""
 MAX_QUESTION_CHARS = 16384
 """Characters of one benchmark question with its hint and options (HardBLINK, multiple-choice, MME)."""
 
+MAX_QUESTION_FILE_BYTES = 1 << 20
+"""Bytes of one MME question file (two lines in the release): a larger one is not read."""
+
 
 def too_long(what: str, text: str, limit: int, name: str) -> str | None:
     """``None`` when ``len(text) <= limit``, else the detail of a "text too long" quarantine entry

@@ -21,7 +21,10 @@ ones: :data:`PERCEPTION` (10 subtasks, 2000 points at most) and :data:`COGNITION
 for acc+) and quarantines, source ``"mme"``, record ``"<subtask>/<file>:<line>"`` or
 ``"<subtask>/<stem>"``: ``missing image`` (a question file without its image), ``corrupt image:
 ...``, ``malformed record: ...`` (a line without a tab, an empty question, an answer that is not
-Yes/No, a file that is not UTF-8). A missing folder raises
+Yes/No, a file that is not UTF-8 or over
+:data:`~perceptio_core.data.limits.MAX_QUESTION_FILE_BYTES`), ``text too long: ...`` (a question over
+:data:`~perceptio_core.data.limits.MAX_QUESTION_CHARS`). Only regular files are read: a FIFO named
+``<stem>.txt`` is never opened (it would hang). A missing folder raises
 :class:`~perceptio_core.data.records.DatasetNotFoundError` naming it, and so does a folder without a
 single subtask.
 """
@@ -32,10 +35,12 @@ import os
 from pathlib import Path
 from typing import NamedTuple
 
-from perceptio_core.data.image_io import ImageError, ImageValidator
+from perceptio_core.data.image_io import ImageError, ImageValidator, read_regular
+from perceptio_core.data.limits import MAX_QUESTION_CHARS, MAX_QUESTION_FILE_BYTES, too_long
 from perceptio_core.data.records import (
     REASON_MALFORMED,
     REASON_MISSING_IMAGE,
+    REASON_TOO_LONG,
     DatasetNotFoundError,
     MmeRecord,
     QuarantineEntry,
@@ -48,6 +53,11 @@ COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation
 SPLIT_IMAGES, SPLIT_QA = "images", "questions_answers_YN"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG", ".bmp")
 ANSWERS = {"yes": "Yes", "no": "No"}
+
+
+def _question_files(qa: Path) -> list[Path]:
+    """The regular ``.txt`` files of a question folder, sorted (a FIFO or a device is left out)."""
+    return sorted(p for p in qa.iterdir() if p.suffix == ".txt" and p.is_file())
 
 
 class MmeResult(NamedTuple):
@@ -73,7 +83,7 @@ def _qa_folders(folder: Path) -> tuple[Path, Path]:
 
 def _is_subtask(folder: Path) -> bool:
     qa, _ = _qa_folders(folder)
-    return folder.is_dir() and any(p.suffix == ".txt" for p in qa.iterdir())
+    return folder.is_dir() and bool(_question_files(qa))
 
 
 def mme_root(mme_dir: str | os.PathLike[str]) -> Path:
@@ -99,7 +109,7 @@ def mme_files(mme_dir: str | os.PathLike[str]) -> list[Path]:
     out: list[Path] = []
     for sub in sorted(p for p in root.iterdir() if p.is_dir()):
         qa, _ = _qa_folders(sub)
-        out += sorted(p for p in qa.iterdir() if p.suffix == ".txt")
+        out += _question_files(qa)
     return out
 
 
@@ -118,13 +128,18 @@ def read_mme(mme_dir: str | os.PathLike[str], validator: ImageValidator | None =
     quarantine: list[QuarantineEntry] = []
     for sub in sorted(p for p in root.iterdir() if p.is_dir()):
         qa, images = _qa_folders(sub)
-        for txt in sorted(p for p in qa.iterdir() if p.suffix == ".txt"):
+        for txt in _question_files(qa):
             key = f"{sub.name}/{txt.stem}"
             try:
-                lines = txt.read_text(encoding="utf-8").splitlines()
+                data = read_regular(txt, MAX_QUESTION_FILE_BYTES, "question", "MAX_QUESTION_FILE_BYTES")
+                lines = data.decode("utf-8").splitlines()
             except UnicodeDecodeError as e:
                 quarantine.append(QuarantineEntry(SOURCE, f"{sub.name}/{txt.name}",
                                                   f"{REASON_MALFORMED}: not UTF-8 text ({e.reason})"))
+                continue
+            except ImageError as e:
+                quarantine.append(QuarantineEntry(SOURCE, f"{sub.name}/{txt.name}",
+                                                  f"{REASON_MALFORMED}: {e.detail or e.reason}"))
                 continue
             image = _image_of(images, txt.stem)
             if image is None:
@@ -146,7 +161,10 @@ def read_mme(mme_dir: str | os.PathLike[str], validator: ImageValidator | None =
                 elif not question.strip():
                     why = "empty question"
                 elif answer.strip().lower() not in ANSWERS:
-                    why = f"answer {answer.strip()!r} is not Yes or No"
+                    why = f"answer {answer.strip()[:40]!r} is not Yes or No"
+                elif long := too_long("question", question.strip(), MAX_QUESTION_CHARS, "MAX_QUESTION_CHARS"):
+                    quarantine.append(QuarantineEntry(SOURCE, rec, f"{REASON_TOO_LONG}: {long}"))
+                    continue
                 if why:
                     quarantine.append(QuarantineEntry(SOURCE, rec, f"{REASON_MALFORMED}: {why}"))
                     continue
