@@ -122,12 +122,25 @@ def resolve_run(run: Path) -> RunRecord:
         (run / "runs").glob("*/summary.json"), key=lambda p: p.stat().st_mtime, reverse=True
     )
     for sp in summaries:
-        summary = json.loads(sp.read_text())
-        stages = summary.get("stages", {})
-        if "finetune" in stages:
-            store = ArtifactStore(summary["store"], cache_dir=Path(summary["workdir"]) / "cache")
-            key = stages["finetune"]["key"]
-            return RunRecord(store.dir("finetune", key), store, key, summary)
+        try:
+            summary = json.loads(sp.read_text())
+            stages = summary.get("stages", {})
+            key = stages["finetune"]["key"] if "finetune" in stages else None
+            wd_then, store_then = str(summary["workdir"]), str(summary["store"])
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+            print(f"perceptio: skipping {sp}: not a readable run summary ({type(e).__name__}: {e})", file=sys.stderr)
+            continue
+        if key is None:
+            continue
+        wd = sp.parent.parent.parent  # <workdir>/runs/<id>/summary.json: the workdir where it is now
+        # the workdir's own store follows the workdir when it is copied or moved; a store named by
+        # run.store (a URL elsewhere) is used as it was
+        url = str(wd / "store") if store_then == str(Path(wd_then) / "store") else store_then
+        store = ArtifactStore(url, cache_dir=wd / "cache")
+        if store.trust("finetune", key) is None:
+            raise StoreError(f"run {sp.parent}: its model (finetune/{key}) is not in the store {store.url} "
+                             "(deleted, or damaged and moved aside); run the pipeline again to make it")
+        return RunRecord(store.dir("finetune", key), store, key, summary)
     raise FileNotFoundError(f"no trained model under {run} (a run folder, a workdir or a model folder)")
 
 
@@ -258,6 +271,32 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_verify(args: argparse.Namespace) -> int:
+    """Check every artifact of the store (or of one stage) against its manifest, each file's sha256
+    included; print each damaged one and what is wrong. ``--quarantine`` moves them aside (the next
+    run computes them again; a run does that by itself for what it uses). Exit 1 if any is damaged."""
+    from flows.pipeline import resolve_config
+    from storage import ArtifactStore
+
+    cfg = resolve_config(args.config, args.overrides, args.workdir)
+    wd = Path(cfg.run.workdir).expanduser().resolve()
+    store = ArtifactStore(cfg.run.store or str(wd / "store"), cache_dir=wd / "cache")
+    if args.stage and args.stage not in _stage_names():
+        print(f"perceptio: error: no stage {args.stage!r} (stages: {', '.join(_stage_names())})", file=sys.stderr)
+        return 2
+    stages = [args.stage] if args.stage else store.stages()
+    n = sum(len(store.keys(s)) for s in stages)
+    damaged = store.damaged(args.stage)
+    for stage, key, why in damaged:
+        print(f"DAMAGED {stage}/{key}: {why}")
+        if args.quarantine:
+            where = store.quarantine(stage, key, why)
+            print(f"  moved aside to {where}")
+    print(f"store {store.url}: {n} artifact(s) checked ({', '.join(stages) or 'none'}), "
+          f"{len(damaged)} damaged")
+    return 1 if damaged else 0
+
+
 def _stage_names() -> list[str]:
     from tasks.stages import BY_NAME
 
@@ -318,6 +357,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("artifact", help="a stage name, stage/key, a key prefix, or a store URL")
     _common(p)
     p.set_defaults(fn=_cmd_lineage)
+    p = sub.add_parser("verify", help="check every artifact's files against its manifest (sizes and sha256)")
+    p.add_argument("stage", nargs="?", default=None, help="one stage only (default: the whole store)")
+    p.add_argument("--quarantine", action="store_true", help="move each damaged artifact aside (it is recomputed)")
+    _common(p)
+    p.set_defaults(fn=_cmd_verify)
     return ap
 
 

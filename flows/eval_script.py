@@ -51,8 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     if size > 1:
         dist.init_process_group("nccl" if cuda else "gloo")
     cfg = load_config(job["config"])
-    sources = Sources.from_json(Path(job["sources"]).read_text()).with_benchmarks(
-        Benchmarks.from_json(Path(job["benchmarks"]).read_text()))
+    src, bench = Path(job["sources"]), Path(job["benchmarks"])  # each JSON inside its artifact folder
+    sources = Sources.from_json(src.read_text(), root=job["data_root"], artifact=src.parent).with_benchmarks(
+        Benchmarks.from_json(bench.read_text(), root=job["data_root"], artifact=bench.parent))
     model, preds = load_predictors(job["model"], cfg.evaluate, job.get("base"), job.get("base_tokenizer"), device)
     cache = PredictionCache(job["cache"], rank=rank)
     run_evaluation(sources=sources, cfg=cfg.evaluate, **preds, depth_spec=model.depth_spec, cache=cache,

@@ -88,13 +88,14 @@ class Plan:
         url = store.artifact_url(name, key)
         t0 = time.time()
         if name not in self.selected:
-            if not store.has(name, key):
+            manifest = store.trust(name, key)  # verified; a damaged one is moved aside
+            if manifest is None:
                 raise PipelineError(
                     f"stage {name} is needed but not selected in this run, and its artifact "
-                    f"{url} is not in the store: run it first (or use --from {name})"
+                    f"{url} is not in the store (never made, or damaged and moved aside): run it "
+                    f"first (or use --from {name})"
                 )
             ref = ArtifactRef(name, key, url, "reused")
-            manifest = store.manifest(name, key)
         else:
             reused = [r.url for r in refs.values() if r.status == "reused"]
             inputs = {n: self.task_results.get(n, r) for n, r in refs.items()}

@@ -2,7 +2,8 @@
 sources: HardBLINK (``data.hardblink``, AURORA's layout), the multiple-choice benchmarks in
 VLMEvalKit's TSV layout (``data.mcq``, name -> TSV) and MME's release folder (``data.mme``), read
 and validated by :func:`perceptio_core.data.sources.read_benchmarks` into ``benchmarks.json`` plus a
-quarantine.
+quarantine. The TSVs' images (base64 in the TSV) are decoded into the artifact (``mcq-images/``),
+so evaluation reads nothing but the store and the data root.
 
 Only ``evaluate`` reads this artifact, so pointing a benchmark elsewhere (or editing one) re-keys
 ``benchmarks`` and ``evaluate`` and nothing trained. No training stage reads benchmark images: the
@@ -32,9 +33,10 @@ def fingerprint(cfg: PerceptioConfig, workdir: Path) -> str:
 def read_benchmarks(ctx: StageContext) -> StageOutput:
     root = data_root(ctx.cfg, ctx.run.workdir)
     ctx.log.info("reading the benchmarks under %s", root)
-    bench = data_sources.read_benchmarks(root, ctx.cfg.data, cache_dir=ctx.run.workdir / "cache")
+    # the multiple-choice images are decoded into the artifact: evaluation reads them from the store
+    bench = data_sources.read_benchmarks(root, ctx.cfg.data, image_dir=ctx.writer.file("mcq-images"))
     with ctx.writer.atomic("benchmarks.json", "w") as f:
-        f.write(bench.to_json())
+        f.write(bench.to_json(artifact=ctx.writer.staging))
     for q in bench.quarantine[:20]:
         ctx.log.warning("quarantined %s %s: %s", q.source, q.record, q.reason)
     if len(bench.quarantine) > 20:

@@ -10,19 +10,25 @@ from pathlib import Path
 import numpy as np
 
 from perceptio_core.data.records import Benchmarks, Sources
+from tasks.data import data_root
 from tasks.runner import StageContext
 
 
 def load_sources(ctx: StageContext) -> Sources:
-    """The ``sources`` artifact of ``ctx``'s upstream: the training sources (no benchmarks)."""
-    with open(ctx.upstream_dir("sources") / "sources.json") as f:
-        return Sources.from_json(f.read())
+    """The ``sources`` artifact of ``ctx``'s upstream: the training sources (no benchmarks), their
+    file paths under this run's data root (:func:`tasks.data.data_root`), so that a moved workdir
+    or data root reads its own files."""
+    folder = ctx.upstream_dir("sources")
+    return Sources.from_json((folder / "sources.json").read_text(), root=data_root(ctx.cfg, ctx.run.workdir),
+                             artifact=folder)
 
 
 def load_benchmarks(ctx: StageContext) -> Benchmarks:
-    """The ``benchmarks`` artifact of ``ctx``'s upstream (HardBLINK, multiple-choice VQA)."""
-    with open(ctx.upstream_dir("benchmarks") / "benchmarks.json") as f:
-        return Benchmarks.from_json(f.read())
+    """The ``benchmarks`` artifact of ``ctx``'s upstream (HardBLINK, multiple-choice VQA with its
+    decoded images in the artifact, MME), paths located as :func:`load_sources`."""
+    folder = ctx.upstream_dir("benchmarks")
+    return Benchmarks.from_json((folder / "benchmarks.json").read_text(), root=data_root(ctx.cfg, ctx.run.workdir),
+                                artifact=folder)
 
 
 def read_tokens(folder: str | Path) -> dict[str, np.ndarray]:

@@ -14,7 +14,6 @@ then scoring everything from the cache."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -30,12 +29,14 @@ from perceptio_core.evaluation.predictions import PredictionCache
 from perceptio_core.evaluation.report import write_report
 from perceptio_core.evaluation.stats import within_noise
 from tasks.common import load_benchmarks, load_sources, scratch_dir
+from tasks.data import data_root
 from tasks.progress import Progress
-from tasks.runner import StageContext, StageOutput, StageSpec
+from storage import code_digest
+from tasks.runner import StageContext, StageOutput, StageSpec, module_files, versioned_modules
 
 
-GENERATION_CODE = ("perceptio_core/model/generation.py", "perceptio_core/model/batching.py",
-                   "perceptio_core/model/processor.py", "perceptio_core/evaluation/predictions.py")
+# what generates (and stores) a prediction: these modules and every project module they import
+GENERATION_ENTRIES = ("perceptio_core.model.generation", "perceptio_core.evaluation.predictions")
 
 
 def model_tags(ctx: StageContext) -> dict[str, str]:
@@ -45,8 +46,7 @@ def model_tags(ctx: StageContext) -> dict[str, str]:
     decoding settings and the generation code. A change to a metric or a benchmark leaves the tags
     alone, so only new (image, prompt) pairs are generated."""
     e = ctx.cfg.evaluate
-    root = Path(__file__).resolve().parent.parent
-    code = hashlib.sha256(b"".join((root / f).read_bytes() for f in GENERATION_CODE)).hexdigest()
+    code = code_digest(module_files(versioned_modules(list(GENERATION_ENTRIES))))
     decode = f"{e.max_new_tokens}/{e.num_beams}/{e.max_tiles}/{code}"
     model = f"{ctx.upstream['finetune'].key}/{decode}"
     base = ctx.upstream["base"].key if "base" in ctx.upstream else ctx.upstream["finetune"].key
@@ -103,6 +103,7 @@ def _generate_in_processes(ctx: StageContext, model_dir: Path, base_dir: Any, ca
     job = work / "job.json"
     write_json(job, dict(config=str(cfg_path), sources=str(ctx.upstream_dir("sources") / "sources.json"),
                          benchmarks=str(ctx.upstream_dir("benchmarks") / "benchmarks.json"), model=str(model_dir),
+                         data_root=str(data_root(ctx.cfg, ctx.run.workdir)),
                          base=str(base_dir) if base_dir is not None else None,
                          base_tokenizer=ctx.cfg.model.tokenizer, cache=str(cache_dir), tags=tags,
                          device=device))  # fmt: skip

@@ -346,15 +346,16 @@ def execute_stage(
 ) -> tuple[ArtifactRef, Manifest]:
     """Run one stage (or find it cached) and return its reference and manifest."""
     store = run.store
-    if spec.name not in run.force and store.has(spec.name, key):
-        log.info("%s: cached (%s)", spec.name, key)
-        m = store.manifest(spec.name, key)
-        return ArtifactRef(spec.name, key, m.url, "cached"), m
+    if spec.name not in run.force:
+        m = store.trust(spec.name, key)  # verified (a damaged artifact is moved aside: recomputed)
+        if m is not None:
+            log.info("%s: cached (%s)", spec.name, key)
+            return ArtifactRef(spec.name, key, m.url, "cached"), m
     for name, ref in upstream.items():
-        if not store.has(ref.stage, ref.key):
+        if store.trust(ref.stage, ref.key) is None:
             raise PipelineError(
-                f"stage {spec.name}: upstream artifact {name}/{ref.key} is not in the store "
-                f"{store.url}; run the pipeline without --only/--from first"
+                f"stage {spec.name}: upstream artifact {name}/{ref.key} is not in the store {store.url} "
+                "(never made, or damaged and moved aside); run the pipeline without --only/--from to make it"
             )
     writer = store.writer(spec.name, key)
     if writer.resumed_files:

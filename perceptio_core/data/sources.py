@@ -15,7 +15,8 @@ Two parts, read by two stages so that a benchmark never keys a training stage:
   ``images/blink{N}pointscenter/``; the synthetic world adds ``points/``;
   :func:`perceptio_core.data.hardblink.read_hardblink`), the multiple-choice benchmarks in
   VLMEvalKit's TSV layout (``data.mcq``, name -> TSV, :func:`perceptio_core.data.mcq.read_mcq_tsv`,
-  their images decoded into ``<cache_dir>/mcq-images``; default cache ``$XDG_CACHE_HOME/perceptio``
+  their images decoded into ``image_dir``: the ``benchmarks`` stage gives its artifact's
+  ``mcq-images/``, a library caller ``<cache_dir>/mcq-images``, default cache ``$XDG_CACHE_HOME/perceptio``
   or ``~/.cache/perceptio``) and MME in its release layout (``data.mme``,
   :func:`perceptio_core.data.mme.read_mme`).
 
@@ -331,12 +332,14 @@ def read_benchmarks(
     root: str | os.PathLike[str],
     data_cfg: DataConfig,
     cache_dir: str | os.PathLike[str] | None = None,
+    image_dir: str | os.PathLike[str] | None = None,
 ) -> Benchmarks:
     """Read the evaluation benchmarks (HardBLINK, the multiple-choice TSVs, MME) under ``root`` into
-    :class:`Benchmarks`; ``cache_dir`` receives the TSVs' decoded images (``<cache_dir>/mcq-images``).
-    Per-record problems are quarantined; missing datasets raise one :class:`MissingDataError`."""
+    :class:`Benchmarks`; the TSVs' decoded images go to ``image_dir`` (default
+    ``<cache_dir>/mcq-images``). Per-record problems are quarantined; missing datasets raise one
+    :class:`MissingDataError`."""
     paths = resolve_paths(root, data_cfg, (BENCHMARKS,))
-    return _read_benchmarks(paths, ImageValidator(), cache_dir)
+    return _read_benchmarks(paths, ImageValidator(), cache_dir, image_dir)
 
 
 def read_sources(
@@ -420,16 +423,17 @@ def _read_training(paths: SourcePaths, validator: ImageValidator, progress: bool
     return out
 
 
-def _read_benchmarks(paths: SourcePaths, validator: ImageValidator,
-                     cache_dir: str | os.PathLike[str] | None) -> Benchmarks:
+def _read_benchmarks(paths: SourcePaths, validator: ImageValidator, cache_dir: str | os.PathLike[str] | None,
+                     image_dir: str | os.PathLike[str] | None = None) -> Benchmarks:
     out = Benchmarks(root=str(paths.root))
     if paths.hardblink is not None:
         hb = read_hardblink(paths.hardblink, validator, paths.depth)
         out.hardblink = hb.records
         out.quarantine += hb.quarantine
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if image_dir is None:
+        image_dir = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "mcq-images"
     for name, tsv in paths.mcq.items():
-        mcq = read_mcq_tsv(tsv, cache / "mcq-images", benchmark=name)
+        mcq = read_mcq_tsv(tsv, image_dir, benchmark=name)
         out.mcq += mcq.records
         out.quarantine += mcq.quarantine
     if paths.mme is not None:

@@ -7,7 +7,11 @@ when the batch is done: ``<name>.npz`` (the decoded depth maps, float16) first, 
 (one record a prediction: its key, the answer text, the raw response, the block status, the depth
 codes and the first mask as COCO RLE), each atomically; the JSON is the commit, so a chunk whose
 JSON exists is whole and a process killed mid-write leaves only a temporary file. Chunk names carry
-the process's rank and id, so concurrent writers (data-parallel evaluation) never collide.
+the process's rank and id, so concurrent writers (data-parallel evaluation) never collide. The cache
+lives outside the store, so nothing in it is believed unchecked: a chunk's JSON carries the sha256 of
+its predictions and of its ``.npz``, checked when the chunk is first read; a chunk that fails (edited,
+truncated, its maps swapped) is moved into ``.quarantine/`` (logged, :attr:`PredictionCache.damaged`)
+and its predictions are generated again.
 
 A prediction's key (:func:`prediction_key`) is the sha256 of the model's tag (its weights' key and
 the decoding settings: whatever changes the generated text), the image path and the prompt, so a
@@ -23,6 +27,7 @@ import hashlib
 import io
 import itertools
 import json
+import logging
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -34,8 +39,23 @@ import numpy as np
 from perceptio_core.atomic_io import write_bytes, write_text
 from perceptio_core.data.masks import decode_mask, encode_mask
 
-FORMAT = 1
+FORMAT = 2  # 2: self-verifying chunks (module docstring); chunks of format 1 are ignored (generated again)
 _COUNTER = itertools.count()
+QUARANTINE = ".quarantine"
+log = logging.getLogger(__name__)
+
+
+def _records_digest(records: list[dict[str, Any]]) -> str:
+    return hashlib.sha256(json.dumps(records, sort_keys=True, separators=(",", ":")).encode("utf-8", "surrogatepass")
+                          ).hexdigest()
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def prediction_key(model_tag: str, image: Any, prompt: str) -> str:
@@ -76,26 +96,57 @@ class PredictionCache:
         self._records: dict[str, tuple[dict[str, Any], Path]] = {}
         self._seen: set[str] = set()
         self._maps: dict[Path, Any] = {}
+        self.damaged: list[tuple[str, str]] = []  # (chunk name, what was wrong): moved aside
         self.refresh()
 
     def refresh(self) -> int:
         """Read the chunks written since the last refresh (by any process); returns how many
-        predictions the cache holds. A chunk JSON that cannot be read is skipped (its predictions
-        are generated again)."""
+        predictions the cache holds. A chunk of another format is skipped; one that fails its
+        digests is moved aside (module docstring); either way its predictions are generated again."""
         if self.folder.is_dir():
             for p in sorted(self.folder.glob("chunk-*.json")):
                 if p.name in self._seen:
                     continue
                 try:
                     data = json.loads(p.read_text())
-                except (OSError, ValueError):
+                except (OSError, ValueError) as e:
+                    self._set_aside(p, f"unreadable JSON ({type(e).__name__})")
                     continue
                 if not isinstance(data, dict) or data.get("format") != FORMAT:
                     continue
+                why = self._check(p, data)
+                if why:
+                    self._set_aside(p, why)
+                    continue
                 self._seen.add(p.name)
-                for rec in data.get("predictions", []):
+                for rec in data["predictions"]:
                     self._records[rec["key"]] = (rec, p.with_suffix(".npz"))
         return len(self._records)
+
+    @staticmethod
+    def _check(p: Path, data: dict[str, Any]) -> str | None:
+        """What is wrong with a chunk (None: it is whole and as written)."""
+        recs = data.get("predictions")
+        if not isinstance(recs, list) or not all(isinstance(r, dict) and isinstance(r.get("key"), str) for r in recs):
+            return "no list of predictions"
+        if data.get("sha256") != _records_digest(recs):
+            return "its predictions fail their sha256"
+        npz = p.with_suffix(".npz")
+        if data.get("npz_sha256") is not None:
+            if not npz.is_file():
+                return f"{npz.name} is missing"
+            if _file_digest(npz) != data["npz_sha256"]:
+                return f"{npz.name} fails its sha256"
+        return None
+
+    def _set_aside(self, p: Path, why: str) -> None:
+        q = self.folder / QUARANTINE
+        q.mkdir(exist_ok=True)
+        for f in (p, p.with_suffix(".npz")):
+            if f.exists():
+                os.replace(f, q / f.name)
+        self.damaged.append((p.name, why))
+        log.warning("prediction chunk %s: %s; moved to %s, its predictions will be generated again", p, why, q)
 
     def __contains__(self, key: str) -> bool:
         return key in self._records
@@ -135,11 +186,15 @@ class PredictionCache:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
         name = f"chunk-{self.rank:04d}-{os.getpid()}-{next(_COUNTER):06d}"
+        npz_digest = None
         if maps:
             buf = io.BytesIO()
             np.savez(buf, **maps)
+            npz_digest = hashlib.sha256(buf.getvalue()).hexdigest()
             write_bytes(self.folder / f"{name}.npz", buf.getvalue())
-        write_text(self.folder / f"{name}.json", json.dumps({"format": FORMAT, "predictions": records}))
+        write_text(self.folder / f"{name}.json", json.dumps({"format": FORMAT, "predictions": records,
+                                                             "sha256": _records_digest(records),
+                                                             "npz_sha256": npz_digest}))
         for rec in records:
             self._records[rec["key"]] = (rec, self.folder / f"{name}.npz")
         self._seen.add(f"{name}.json")

@@ -340,3 +340,48 @@ def test_evaluation_in_two_processes_gives_the_single_process_metrics(first_run)
     ev_dir = store.dir("evaluate", again["stages"]["evaluate"]["key"])
     report = (ev_dir / "report" / "report.md").read_text()
     assert "- perceptio.from_cache: " in report and "- perceptio.samples_per_s: 0.000" in report
+
+
+@pytest.mark.slow
+def test_a_copied_workdir_reads_itself_and_damage_is_found_and_recomputed(first_run, tmp_path, capsys):
+    """Issue 19: a workdir copied elsewhere (the original out of reach) runs on its own store and
+    world; bytes changed in an artifact (same size) are reported by ``perceptio verify`` and the
+    next run moves the artifact aside and computes it again."""
+    wd0, summary0 = first_run
+    keys = {s: r["key"] for s, r in summary0["stages"].items()}
+    wd = tmp_path / "copy"
+    shutil.copytree(wd0 / "store", wd / "store", ignore=shutil.ignore_patterns("evaluate"))
+    shutil.copytree(wd0 / "worlds", wd / "worlds")
+    away = [(wd0 / "store", wd0 / "store.away"), (wd0 / "worlds", wd0 / "worlds.away")]
+    for a, b in away:
+        a.rename(b)
+    try:
+        again = _run(wd, "--only", "evaluate")
+    finally:
+        for a, b in away:
+            b.rename(a)
+    assert again["stages"]["evaluate"]["status"] == "computed"
+    assert again["stages"]["evaluate"]["key"] == keys["evaluate"]
+    same = [k for k in summary0["metrics"] if k.startswith(("evaluate.hardblink.", "evaluate.mcq.", "evaluate.refcoco."))
+            and k.endswith(("accuracy", "ciou"))]
+    assert len(same) >= 4 and any(k.startswith("evaluate.mcq.") for k in same)
+    assert {k: again["metrics"][k] for k in same} == {k: summary0["metrics"][k] for k in same}
+    assert str(wd0) not in (wd / "store" / "evaluate" / keys["evaluate"] / "manifest.json").read_text()
+
+    td = wd / "store" / "teacher_depth" / keys["teacher_depth"]
+    chunk = sorted(td.glob("maps-*.npy"))[0]
+    raw = bytearray(chunk.read_bytes())
+    raw[-1] ^= 0xFF
+    chunk.write_bytes(bytes(raw))
+    capsys.readouterr()
+    assert cli_main(["verify", "--config", "smoke", "--workdir", str(wd)]) == 1
+    out = capsys.readouterr().out
+    assert f"DAMAGED teacher_depth/{keys['teacher_depth']}" in out and f"{chunk.name} fails its sha256" in out
+    fixed = _run(wd, "--only", "teacher_depth")
+    assert fixed["stages"]["teacher_depth"]["status"] == "computed"
+    assert [p.name.split("-")[0] for p in (wd / "store" / "teacher_depth" / ".quarantine").iterdir()] == \
+        [keys["teacher_depth"]]
+    np.testing.assert_array_equal(np.load(td / chunk.name),
+                                  np.load(wd0 / "store" / "teacher_depth" / keys["teacher_depth"] / chunk.name))
+    assert cli_main(["verify", "--config", "smoke", "--workdir", str(wd)]) == 0
+    assert "0 damaged" in capsys.readouterr().out
