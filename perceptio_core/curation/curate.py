@@ -69,6 +69,7 @@ tokens of another codebook stop the run with an error naming them; they are neve
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 from collections import defaultdict
 from collections.abc import Iterator, Mapping
@@ -92,6 +93,7 @@ from perceptio_core.curation.filters import (
 from perceptio_core.data.masks import encode_mask, mask_centroid
 from perceptio_core.format.target import format_target
 from perceptio_core.format.prompts import clean_expression, render_prompt
+from perceptio_core.data.image_io import read_regular
 from perceptio_core.data.refer import MaskError, ann_to_mask
 from perceptio_core.data.records import (
     REASON_MALFORMED_MASK,
@@ -292,10 +294,12 @@ def _ade_samples(
         if tokens is None:
             stats.drop("ade20k", rid, reason or REASON_NO_DEPTH_TOKENS)
             continue
-        try:
-            with Image.open(rec.annotation_path) as im:
+        try:  # checked by the reader (regular file, the image's size); re-read defensively
+            with Image.open(io.BytesIO(read_regular(rec.annotation_path, what="annotation"))) as im:
+                if im.size != (rec.width, rec.height):
+                    raise ValueError(f"annotation {im.size[0]}x{im.size[1]}, image {rec.width}x{rec.height}")
                 label = np.asarray(im)
-        except OSError as e:
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             stats.drop("ade20k", rid, f"unreadable annotation: {type(e).__name__}")
             continue
         h, w = label.shape[:2]

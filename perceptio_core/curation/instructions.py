@@ -2,26 +2,41 @@
 :mod:`perceptio_core.curation.curate`): LLaVA-1.5 instruction JSON (every turn a round, text-only
 conversations kept) and GLaMM's GranD-f grounded conversations (one ``[SEG]`` and one mask per
 grounded phrase), read in their published layouts.
+
+Each record is checked before any work: a conversation whose ``conversations`` is not a list, a turn
+that is not an object, lacks ``from`` or ``value``, comes from someone other than ``human``/``gpt``
+or whose value is not text, a turn over :data:`~perceptio_core.data.limits.MAX_TURN_CHARS`, a GLaMM
+caption over :data:`~perceptio_core.data.limits.MAX_CAPTION_CHARS`, text with a lone surrogate, an
+``id``/``image``/``file_name`` of the wrong type: each drops its record (quarantined with the file and
+the record's index named, the rest goes on). A file that is not a JSON list of records is set aside
+as a whole (``unreadable dataset file``) and curation goes on with the other sources.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
 
 from perceptio_core.config import CurateConfig
 from perceptio_core.curation.filters import (
     degenerate_mask_reason,
 )
+from perceptio_core.data.image_io import ImageError, check_pixels
+from perceptio_core.data.limits import MAX_CAPTION_CHARS, MAX_TURN_CHARS
 from perceptio_core.data.masks import decode_mask, to_compressed, union_rles
+from perceptio_core.data.refer import FieldError, as_text, describe, segmentation_to_rle
 from perceptio_core.format.target import format_grounded, format_target
 from perceptio_core.format.prompts import render_prompt
 from perceptio_core.data.records import (
+    REASON_CORRUPT_IMAGE,
     REASON_MISSING_IMAGE,
+    REASON_UNREADABLE_FILE,
 )
 from perceptio_core.atomic_io import bytes_digest
 from perceptio_core.curation.sample import Sample, make_key
@@ -32,7 +47,6 @@ from perceptio_core.curation.inputs import (
     REASON_OUTSIDE_ROOT,
     CurateStats,
     confined,
-    image_size,
     image_tokens,
     read_bytes,
 )
@@ -51,23 +65,57 @@ def json_records(path: str | os.PathLike[str]) -> list[Any]:
     return data
 
 
-def llava_rounds(turns: list[Any]) -> list[tuple[str, str]] | None:
-    """A LLaVA conversation -> its rounds ``[(human text, gpt text), ...]``: every human turn
-    followed by a gpt turn, in order, the ``<image>`` placeholder removed wherever it is. None
-    when the turns do not alternate human/gpt from a human turn or a value is empty."""
+def parse_llava_rounds(turns: Any) -> tuple[list[tuple[str, str]] | None, str | None]:
+    """A LLaVA conversation -> ``(rounds, None)``, its rounds ``[(human text, gpt text), ...]``: every
+    human turn followed by a gpt turn, in order, the ``<image>`` placeholder removed wherever it is
+    (a trailing unanswered human turn is ignored); or ``(None, drop reason)``: ``malformed record:
+    ...`` (``turns`` not a list, a turn not an object, without ``from``/``value``, ``from`` not human
+    or gpt, a value that is not text), ``text too long: ...`` (a value over :data:`MAX_TURN_CHARS`),
+    ``invalid text: ...`` (a lone surrogate), ``no human/gpt turn`` (the turns do not alternate
+    human/gpt from a human turn, or a value is empty). Never recurses into a value."""
+    if not isinstance(turns, list):
+        return None, f"{REASON_BAD_RECORD}: conversations is {describe(turns)}, not a list"
+    for k, t in enumerate(turns):
+        if not isinstance(t, dict):
+            return None, f"{REASON_BAD_RECORD}: turn {k} is {describe(t)}, not an object"
+        missing = [key for key in ("from", "value") if key not in t]
+        if missing:
+            return None, f"{REASON_BAD_RECORD}: turn {k} has no {' or '.join(repr(m) for m in missing)}"
+        if not isinstance(t["from"], str) or t["from"] not in ("human", "gpt"):
+            return None, f"{REASON_BAD_RECORD}: turn {k} is from {describe(t['from'])}, not human or gpt"
+        try:
+            as_text(t["value"], f"turn {k} value", MAX_TURN_CHARS, "MAX_TURN_CHARS")
+        except FieldError as e:
+            return None, str(e)
     rounds: list[tuple[str, str]] = []
     if len(turns) < 2:
-        return None
+        return None, REASON_NO_CONVERSATION
     for j in range(0, len(turns) - 1, 2):
         h, g = turns[j], turns[j + 1]
-        if not (isinstance(h, dict) and isinstance(g, dict)) or h.get("from") != "human" or g.get("from") != "gpt":
-            return None
-        q = str(h.get("value") or "").replace("<image>", "").strip()
-        a = str(g.get("value") or "").strip()
+        if h["from"] != "human" or g["from"] != "gpt":
+            return None, REASON_NO_CONVERSATION
+        q = h["value"].replace("<image>", "").strip()
+        a = g["value"].strip()
         if not q or not a:
-            return None
+            return None, REASON_NO_CONVERSATION
         rounds.append((q, a))
-    return rounds
+    return rounds, None
+
+
+def llava_rounds(turns: Any) -> list[tuple[str, str]] | None:
+    """:func:`parse_llava_rounds`'s rounds, or None when the conversation cannot be used."""
+    return parse_llava_rounds(turns)[0]
+
+
+def _read_records(path: str, source: str, stats: CurateStats) -> list[Any] | None:
+    """:func:`json_records`, or None with the whole file quarantined (``unreadable dataset file``:
+    not JSON, not UTF-8, nested too deep, not a list of records, unreadable)."""
+    try:
+        return json_records(path)
+    except (OSError, ValueError, RecursionError) as e:
+        msg = "nested too deep to read" if isinstance(e, RecursionError) else str(e)[:500]
+        stats.drop(source, str(path), f"{REASON_UNREADABLE_FILE}: {type(e).__name__}: {msg}")
+        return None
 
 
 def llava_samples(
@@ -78,20 +126,33 @@ def llava_samples(
     ``image_root / entry["image"]`` (the 665K mix names ``coco/train2017/...``, ``gqa/images/...``,
     ``ocr_vqa/images/...``, ``textvqa/train_images/...``, ``vg/VG_100K/...``: those folders under
     the root). Entries without an ``image`` field are kept as text-only samples (``image`` b"",
-    ``image_digest`` "")."""
+    ``image_digest`` ""). Records are named ``"<file> #<index> id=<id>"`` in the quarantine."""
     root = Path(image_root) if image_root else Path(path).parent
-    for idx, entry in enumerate(json_records(path)):
-        rid = f"#{idx} id={entry.get('id') if isinstance(entry, dict) else None}"
-        if not isinstance(entry, dict) or not isinstance(entry.get("conversations"), list):
-            stats.drop("llava", rid, REASON_BAD_RECORD)
+    entries = _read_records(path, "llava", stats)
+    fname = Path(path).name
+    for idx, entry in enumerate(entries or []):
+        eid = entry.get("id") if isinstance(entry, dict) else None
+        rid = f"{fname} #{idx} id={describe(eid)}"
+        if not isinstance(entry, dict):
+            stats.drop("llava", rid, f"{REASON_BAD_RECORD}: the entry is {describe(entry)}, not an object")
             continue
-        rounds = llava_rounds(entry["conversations"])
+        if eid is not None and (isinstance(eid, bool) or not isinstance(eid, (str, int)) or len(str(eid)) > 256):
+            stats.drop("llava", rid, f"{REASON_BAD_RECORD}: id is {describe(eid)}, not a short text or a number")
+            continue
+        image = entry.get("image")
+        if image and not isinstance(image, str):
+            stats.drop("llava", rid, f"{REASON_BAD_RECORD}: image is {describe(image)}, not a file name")
+            continue
+        if "conversations" not in entry:
+            stats.drop("llava", rid, f"{REASON_BAD_RECORD}: no conversations")
+            continue
+        rounds, why = parse_llava_rounds(entry["conversations"])
         if not rounds:
-            stats.drop("llava", rid, REASON_NO_CONVERSATION)
+            stats.drop("llava", rid, why or REASON_NO_CONVERSATION)
             continue
         data, digest = b"", ""
-        if entry.get("image"):
-            where = confined(root, str(entry["image"]))
+        if image:
+            where = confined(root, image)
             if where is None:
                 stats.drop("llava", rid, REASON_OUTSIDE_ROOT)
                 continue
@@ -100,7 +161,7 @@ def llava_samples(
                 stats.drop("llava", rid, REASON_MISSING_IMAGE)
                 continue
             data, digest = got, bytes_digest(got)
-        key = make_key("llava", idx, str(entry.get("id", "")))
+        key = make_key("llava", idx, "" if eid is None else str(eid))
         (q0, a0), rest = rounds[0], rounds[1:]
         sample = Sample(
             key=key, source="llava", split="train", task="instruct", image_digest=digest,
@@ -108,7 +169,7 @@ def llava_samples(
             target=format_target(False, None, a0), answer=a0, upstream=dict(upstream),
             rounds=[{"prompt": render_prompt("instruct", key, question=q), "target": format_target(False, None, a)}
                     for q, a in rest],
-            meta={"id": entry.get("id"), "image_path": entry.get("image"), "turns": len(entry["conversations"])},
+            meta={"id": eid, "image_path": image, "turns": len(entry["conversations"])},
         )  # fmt: skip
         stats.kept(sample)
         yield sample
@@ -140,18 +201,30 @@ def glamm_samples(
     without a span in the caption, with no mask at the image's size or with a degenerate mask are
     left out; an image with none left is dropped."""
     root = Path(image_root) if image_root else Path(path).parent
-    for idx, entry in enumerate(json_records(path)):
+    entries = _read_records(path, "glamm", stats)
+    fname = Path(path).name
+    for idx, entry in enumerate(entries or []):
         name = (entry.get("file_name") or entry.get("image") or "") if isinstance(entry, dict) else ""
-        rid = f"#{idx} {name}"
+        rid = f"{fname} #{idx} {name if isinstance(name, str) else describe(name)}"
         caption = entry.get("caption") if isinstance(entry, dict) else None
         groundings = entry.get("groundings") if isinstance(entry, dict) else None
-        if not name or not isinstance(caption, str) or not caption.strip():
-            stats.drop("glamm", rid, REASON_BAD_RECORD)
+        if not name or not isinstance(name, str):
+            stats.drop("glamm", rid, f"{REASON_BAD_RECORD}: file_name is {describe(name)}, not a file name")
+            continue
+        try:
+            as_text(caption, "caption", MAX_CAPTION_CHARS, "MAX_CAPTION_CHARS")
+            for phrase in groundings if isinstance(groundings, dict) else ():
+                as_text(phrase, "grounded phrase", MAX_CAPTION_CHARS, "MAX_CAPTION_CHARS")
+        except FieldError as e:
+            stats.drop("glamm", rid, str(e))
+            continue
+        if not caption.strip():
+            stats.drop("glamm", rid, f"{REASON_BAD_RECORD}: empty caption")
             continue
         if not isinstance(groundings, dict) or not groundings:
             stats.drop("glamm", rid, REASON_NO_GROUNDINGS)
             continue
-        where = confined(root, str(name))
+        where = confined(root, name)
         if where is None:
             stats.drop("glamm", rid, REASON_OUTSIDE_ROOT)
             continue
@@ -159,15 +232,30 @@ def glamm_samples(
         if data is None:
             stats.drop("glamm", rid, REASON_MISSING_IMAGE)
             continue
-        w, h = image_size(data)
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                check_pixels(im, where)  # the masks are decoded at this size
+                w, h = im.size
+        except ImageError as e:
+            stats.drop("glamm", rid, e.quarantine_reason)
+            continue
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            stats.drop("glamm", rid, f"{REASON_CORRUPT_IMAGE}: {type(e).__name__}")
+            continue
         raw = caption
         caption = caption.strip().strip('"').strip()
         shift = raw.find(caption)  # spans index the raw caption
         phrases: list[dict[str, Any]] = []
         try:
             for phrase, g in groundings.items():
-                rles = [to_compressed(r) for r in g.get("rle_masks", [])]
-                rles = [r for r in rles if r["size"] == [h, w]]
+                masks = g.get("rle_masks", [])
+                if not isinstance(masks, list):
+                    raise TypeError("rle_masks is not a list")
+                rles = []
+                for r in masks:
+                    if isinstance(r, dict) and r.get("size") == [h, w]:
+                        segmentation_to_rle(r, h, w)  # checks the counts' types and sum: MaskError
+                        rles.append(to_compressed(r))
                 span = _phrase_span(raw, phrase, g)
                 if not rles or span is None:
                     continue
@@ -177,8 +265,9 @@ def glamm_samples(
                 if degenerate_mask_reason(area, h, w, cfg.min_mask_area, cfg.max_mask_frac) is not None:
                     continue
                 phrases.append({"phrase": phrase, "span": list(span), "mask_rle": rle})
-        except (KeyError, TypeError, ValueError, AttributeError):
-            stats.drop("glamm", rid, REASON_BAD_RECORD)
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError, IndexError) as e:
+            detail = str(e)[:200] if isinstance(e, ValueError) else type(e).__name__
+            stats.drop("glamm", rid, f"{REASON_BAD_RECORD}: a grounding's masks cannot be read ({detail})")
             continue
         digest = bytes_digest(data)
         tokens, _ = image_tokens(depth_tokens, digest)  # optional here: GLaMM images rarely have a teacher map
