@@ -31,7 +31,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
-from perceptio_core.data.image_io import ImageError, ImageValidator, read_regular
+from perceptio_core.data.image_io import ImageError, ImageValidator, bomb_error, read_regular
 from perceptio_core.data.records import (
     REASON_CORRUPT_ANNOTATION,
     REASON_IMAGE_SIZE,
@@ -110,7 +110,9 @@ def _annotation_problem(path: Path, width: int, height: int) -> str | np.ndarray
                     return f"{REASON_MALFORMED}: annotation is {mode}, not single-channel class indices"
                 im.load()
                 arr = np.asarray(im)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        return bomb_error(path, e, "annotation").quarantine_reason
+    except (OSError, SyntaxError, ValueError) as e:
         return f"{REASON_CORRUPT_ANNOTATION}: {type(e).__name__}: {e}"
     if arr.ndim != 2:
         return f"{REASON_MALFORMED}: annotation is {mode}, not single-channel class indices"

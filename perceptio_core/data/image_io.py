@@ -130,6 +130,13 @@ def image_digest(path: str | os.PathLike[str]) -> str:
         raise MissingImageError(path, REASON_MISSING_IMAGE) from e
 
 
+def bomb_error(path: str | os.PathLike[str], e: Exception, what: str = "image") -> ImageTooLargeError:
+    """The :class:`ImageTooLargeError` for PIL's own refusal (``DecompressionBombError``, raised by
+    ``Image.open`` itself past twice its limit): quarantined as too large, like :func:`check_pixels`."""
+    return ImageTooLargeError(path, REASON_TOO_LARGE, f"{what} declares more than {MAX_IMAGE_PIXELS} pixels "
+                                                      f"(MAX_IMAGE_PIXELS; {type(e).__name__}: {e})")
+
+
 def decode_image_bytes(data: bytes, path: str | os.PathLike[str]) -> tuple[Image.Image, str]:
     """Verify and fully decode image bytes; returns (loaded image, format). ``path`` only names
     the image in the :class:`CorruptImageError` raised when the bytes are not a complete image, and
@@ -143,8 +150,11 @@ def decode_image_bytes(data: bytes, path: str | os.PathLike[str]) -> tuple[Image
             im = Image.open(io.BytesIO(data))
             fmt = im.format or ""
             im.load()  # full decode: catches truncated files
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning,
-            Image.DecompressionBombError) as e:
+    except ImageError:
+        raise
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise bomb_error(path, e) from e
+    except (OSError, SyntaxError, ValueError) as e:
         raise CorruptImageError(path, REASON_CORRUPT_IMAGE, f"{type(e).__name__}: {e}") from e
     return im, fmt
 
