@@ -6,7 +6,6 @@ counts and quarantine of kept and dropped records (:class:`CurateStats`, the ``R
 
 from __future__ import annotations
 
-import io
 import os
 from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping
@@ -14,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from perceptio_core.data.image_io import ImageError, confined, read_regular  # noqa: F401 (confined: re-exported)
 from perceptio_core.data.limits import MAX_IMAGE_BYTES  # noqa: F401 (re-exported)
@@ -162,10 +160,3 @@ def read_bytes(path: str | os.PathLike[str]) -> bytes | None:
         return read_regular(path)
     except ImageError:
         return None
-
-
-def image_size(data: bytes) -> tuple[int, int]:
-    with Image.open(io.BytesIO(data)) as im:
-        return im.size  # (w, h)
-
-

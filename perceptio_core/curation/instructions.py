@@ -28,7 +28,7 @@ from perceptio_core.curation.filters import (
     degenerate_mask_reason,
 )
 from perceptio_core.data.image_io import ImageError, check_pixels
-from perceptio_core.data.limits import MAX_CAPTION_CHARS, MAX_TURN_CHARS
+from perceptio_core.data.limits import MAX_CAPTION_CHARS, MAX_TURN_CHARS, has_lone_surrogate
 from perceptio_core.data.masks import decode_mask, to_compressed, union_rles
 from perceptio_core.data.refer import FieldError, as_text, describe, segmentation_to_rle
 from perceptio_core.format.target import format_grounded, format_target
@@ -205,13 +205,15 @@ def glamm_samples(
     fname = Path(path).name
     for idx, entry in enumerate(entries or []):
         name = (entry.get("file_name") or entry.get("image") or "") if isinstance(entry, dict) else ""
-        rid = f"{fname} #{idx} {name if isinstance(name, str) else describe(name)}"
+        rid = f"{fname} #{idx} {name if isinstance(name, str) and len(name) <= 4096 else describe(name)}"
         caption = entry.get("caption") if isinstance(entry, dict) else None
         groundings = entry.get("groundings") if isinstance(entry, dict) else None
-        if not name or not isinstance(name, str):
-            stats.drop("glamm", rid, f"{REASON_BAD_RECORD}: file_name is {describe(name)}, not a file name")
+        if not name or not isinstance(name, str) or has_lone_surrogate(name):
+            stats.drop("glamm", f"{fname} #{idx} {describe(name)}",
+                       f"{REASON_BAD_RECORD}: file_name is {describe(name)}, not a file name")
             continue
         try:
+            as_text(name, "file_name", 4096, "a file name's 4096")
             as_text(caption, "caption", MAX_CAPTION_CHARS, "MAX_CAPTION_CHARS")
             for phrase in groundings if isinstance(groundings, dict) else ():
                 as_text(phrase, "grounded phrase", MAX_CAPTION_CHARS, "MAX_CAPTION_CHARS")

@@ -57,7 +57,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from perceptio_core.data.image_io import ImageError, ImageInfo, ImageValidator, confined
-from perceptio_core.data.limits import MAX_QUESTION_CHARS
+from perceptio_core.data.limits import MAX_QUESTION_CHARS, has_lone_surrogate
 from perceptio_core.data.records import (
     REASON_MALFORMED,
     REASON_OUTSIDE_ROOT,
@@ -163,7 +163,8 @@ def _jsonl(path: Path, rel: str, required: tuple[str, ...], quarantine: list[Qua
                 continue
             missing = [k for k in required if k not in row]
             qid = row.get("question_id")
-            if not missing and (isinstance(qid, bool) or not isinstance(qid, (int, str)) or len(str(qid)) > 64):
+            if not missing and (isinstance(qid, bool) or not isinstance(qid, (int, str)) or len(str(qid)) > 64
+                                or has_lone_surrogate(str(qid))):
                 quarantine.append(QuarantineEntry(SOURCE, where, f"{REASON_MALFORMED}: question_id is "
                                                                  f"{describe(qid)}, not a number or a short text"))
                 continue

@@ -164,7 +164,7 @@ def read_mcq_tsv(
     stored: dict[str, str] = {}  # base64 text -> path
     for line, row in rows:
         qid = _cell(row, "index") or f"line{line}"
-        rec = f"index={qid} ({p.name} line {line})"
+        rec = f"index={_first_field(qid)} ({p.name} line {line})"  # printable even when not UTF-8
         question = _cell(row, "question")
         options = {k: _cell(row, k) for k in letters if _cell(row, k)}
         answer = _cell(row, "answer").upper()

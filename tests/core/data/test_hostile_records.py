@@ -399,6 +399,10 @@ def test_an_unbalanced_quote_loses_only_its_row(tmp_path):
     assert len(res.records) == 10
     assert [(q.record, q.reason) for q in res.quarantine][1] == (
         "index=5 (MMBench_DEV_EN.tsv line 6)", "malformed record: not UTF-8 text")
+    tsv.write_bytes(raw.replace(b"\n7\t", b"\n7\xff\t"))  # in the index itself: the record stays printable
+    res = read_mcq_tsv(tsv, tmp_path / "imgs", benchmark="mmbench")
+    assert [q.record for q in res.quarantine][2] == "index=7\\udcff (MMBench_DEV_EN.tsv line 8)"
+    assert all(q.record.encode("utf-8") for q in res.quarantine)
 
 
 # 12 (MME) -------------------------------------------------------------------------------------------
