@@ -35,6 +35,25 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_ablate(args: argparse.Namespace) -> int:
+    from perceptio_core.evaluation.ablation import parse_variants
+
+    from flows.ablate import perceptio_ablate
+
+    try:
+        variants = parse_variants(args.variants)
+    except ValueError as e:
+        print(f"perceptio: error: {e}", file=sys.stderr)
+        return 2
+    res = perceptio_ablate(profile=args.config, overrides=args.overrides, workdir=args.workdir,
+                           variants=[v for v in variants if v != "full"])
+    for v, r in res["runs"].items():
+        print(f"{v:<10} computed: {', '.join(r['computed']) or 'nothing (all in the store)'}")
+    print(Path(res["table"]).read_text())
+    print(f"table: {res['table']}\njson: {res['json']}")
+    return 0
+
+
 def _cmd_stages(args: argparse.Namespace) -> int:
     from flows.pipeline import resolve_config
     from tasks.runner import RunContext, compute_keys
@@ -313,6 +332,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--from", dest="from_stage", default=None, metavar="STAGE",
                    help="run this stage and everything downstream of it")
     p.set_defaults(fn=_cmd_run)
+    p = sub.add_parser("ablate", help="the paper's ablations: each variant fine-tuned and evaluated, one table")
+    _common(p)
+    p.add_argument("--variants", default=None, metavar="V1,V2",
+                   help="variants beside the full model (default: no_depth,no_seg,no_rec,no_dtok)")
+    p.set_defaults(fn=_cmd_ablate)
     p = sub.add_parser("stages", help="each stage, its cache key, fresh or stale")
     _common(p)
     p.add_argument("--json", action="store_true")
@@ -466,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     args = build_parser().parse_args(argv)
     try:
-        if args.cmd == "run":
+        if args.cmd in ("run", "ablate"):
             _prepare_prefect(args)
         return args.fn(args)
     except (ConfigError, FileNotFoundError, StoreError, PipelineError) as e:

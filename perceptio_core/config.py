@@ -218,6 +218,9 @@ class CurateConfig:
     tasks: list[str] = field(
         default_factory=lambda: ["refer_seg", "semantic_seg", "depth_cot", "instruct", "grounded_conv"]
     )  # which sample kinds to build; "instruct"/"grounded_conv" also need data.llava_json/glamm_json
+    # the perception signals the targets carry (the paper's ablations, §4.2): "seg" ([SEG] and its
+    # masks) and "depth" (the depth block); one left out is taken out of every target
+    perception: list[str] = field(default_factory=lambda: ["seg", "depth"])
     splits: list[str] = field(default_factory=lambda: ["train"])  # RefCOCO/+/g and ADE20k splits kept
     seed: int = 0  # point sampling of the depth chain-of-thought samples
     # filters (SPEC §5: degenerate masks, ambiguity, near-duplicates)
@@ -252,6 +255,15 @@ class CurateConfig:
         unknown = sorted(set(self.tasks) - known)
         if unknown:
             raise ConfigError(f"curate.tasks: unknown task(s) {unknown} (known: {sorted(known)})")
+        if not set(self.perception) <= {"seg", "depth"}:
+            raise ConfigError(f"curate.perception: unknown signal(s) {sorted(set(self.perception) - {'seg', 'depth'})} "
+                              "(known: seg, depth)")
+        if "seg" not in self.perception and {"semantic_seg", "grounded_conv"} & set(self.tasks):
+            raise ConfigError("curate.perception without seg leaves semantic_seg and grounded_conv samples nothing to "
+                              "learn: drop them from curate.tasks too")
+        if "depth" not in self.perception and "depth_cot" in self.tasks:
+            raise ConfigError("curate.perception without depth leaves depth_cot samples nothing to learn: drop it "
+                              "from curate.tasks too")
         rr = self.refer_rounds_per_sample
         if len(rr) != 2 or not 1 <= int(rr[0]) <= int(rr[1]):
             raise ConfigError("curate.refer_rounds_per_sample must be [min, max] with 1 <= min <= max")

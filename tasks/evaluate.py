@@ -82,6 +82,10 @@ def evaluate(ctx: StageContext) -> StageOutput:
     ctx.writer.add_tree(report_dir, "report")
     ctx.writer.write_json("metrics.json", ev.metrics)
     ctx.writer.write_json("intervals.json", {k: e.to_dict() for k, e in ev.intervals.items()})
+    # the per-sample outcomes behind every interval (0/1 per question, [intersection, union] per
+    # expression, in a fixed sample order): what compares two evaluations pairwise (perceptio ablate)
+    ctx.writer.write_json("samples.json", {k: [[int(x) for x in v] if isinstance(v, (tuple, list)) else int(v)
+                                               for v in vals] for k, vals in ev.samples.items()})
     ctx.writer.write_json("differences.json", {k: {**e.to_dict(), "within_noise": within_noise(e)}
                                                for k, e in ev.differences.items()})
     figures = {

@@ -68,6 +68,7 @@ tokens of another codebook stop the run with an error naming them; they are neve
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import os
@@ -91,7 +92,7 @@ from perceptio_core.curation.filters import (
     normalize_expression,
 )
 from perceptio_core.data.masks import encode_mask, mask_centroid
-from perceptio_core.format.target import format_target
+from perceptio_core.format.target import drop_perception, format_target
 from perceptio_core.format.prompts import clean_expression, render_prompt
 from perceptio_core.data.image_io import read_regular
 from perceptio_core.data.refer import MaskError, ann_to_mask
@@ -366,6 +367,28 @@ def iter_samples(
     class index -> name (``objectInfo150.csv``); unset, ``sources.ade_classes``. llava_json /
     glamm_json: optional instruction / grounded-conversation JSON files.
     """
+    seg, depth = "seg" in cfg.perception, "depth" in cfg.perception
+    for sample in _samples(sources, depth_tokens, teacher_maps, cfg, upstream, stats, ade_class_names, llava_json,
+                           glamm_json):  # fmt: skip
+        yield sample if (seg and depth) else without_perception(sample, seg, depth)
+
+
+def without_perception(sample: Sample, seg: bool, depth: bool) -> Sample:
+    """``sample`` with the perception signals that are off (``curate.perception``) taken out of
+    every round's target (:func:`~perceptio_core.format.target.drop_perception`), with their masks
+    (``seg``) or depth codes (``depth``); the prompt and the answer stay."""
+    return dataclasses.replace(
+        sample,
+        target=drop_perception(sample.target, seg, depth),
+        rounds=[{"prompt": r["prompt"], "target": drop_perception(r["target"], seg, depth)} for r in sample.rounds],
+        masks_rle=sample.masks_rle if seg else [],
+        depth_tokens=sample.depth_tokens if depth else None,
+    )
+
+
+def _samples(sources: Sources, depth_tokens: Mapping[str, np.ndarray], teacher_maps: Any, cfg: CurateConfig,
+             upstream: dict[str, str], stats: CurateStats, ade_class_names: Mapping[int, str] | None,
+             llava_json: str | None, glamm_json: str | None) -> Iterator[Sample]:
     tasks = set(cfg.tasks)
     eval_images = sources.eval_image_ids()
     if "refer_seg" in tasks and sources.refs:

@@ -130,6 +130,24 @@ def format_grounded(
     return (f"{block} {text}" if block else text), kept
 
 
+_BLOCK_RE = re.compile(re.escape(D_START) + r".*?" + re.escape(D_END), re.S)
+
+
+def drop_perception(target: str, seg: bool = True, depth: bool = True) -> str:
+    """A target with the perception signals that are off taken out (the paper's ablations, §4.2):
+    ``seg=False`` removes every ``[SEG]`` (with the space before it), ``depth=False`` the depth
+    block ``<d_start>...<d_end>``; the ends are stripped. What is left is the target
+    :func:`format_target` / :func:`format_grounded` would write without that signal.
+
+    ``drop_perception("[SEG]<d_start><d_3><d_end> A cup.", seg=False)`` -> ``"<d_start><d_3><d_end> A cup."``
+    """
+    if not depth:
+        target = _BLOCK_RE.sub("", target)
+    if not seg:
+        target = _SEG_RE.sub("", target)
+    return target.strip()
+
+
 # one alternation: the special tokens, then anything that looks like a depth code (well formed or not)
 _TOKEN_RE = re.compile(
     re.escape(SEG) + "|" + re.escape(D_START) + "|" + re.escape(D_END) + r"|<d_([^<>\s]*)>"

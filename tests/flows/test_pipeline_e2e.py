@@ -385,3 +385,37 @@ def test_a_copied_workdir_reads_itself_and_damage_is_found_and_recomputed(first_
                                   np.load(wd0 / "store" / "teacher_depth" / keys["teacher_depth"] / chunk.name))
     assert cli_main(["verify", "--config", "smoke", "--workdir", str(wd)]) == 0
     assert "0 damaged" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_ablate_runs_a_variant_once_and_only_the_new_one_after(first_run):
+    """Issue 20: ``perceptio ablate`` on the smoke run's workdir: the full model is all in the store,
+    the variant fine-tunes and evaluates once; run again nothing is computed; another variant
+    computes only its own fine-tuning and evaluation. The table holds every figure for both."""
+    wd, summary = first_run
+
+    def ablate(variants):
+        assert cli_main(["ablate", "--config", "smoke", "--workdir", str(wd), "--variants", variants]) == 0
+        out = sorted((wd / "ablations").iterdir())[-1]
+        return json.loads((out / "ablation.json").read_text()), (out / "ablation.md").read_text()
+
+    first, md = ablate("no_rec")
+    assert first["variants"] == ["full", "no_rec"]
+    assert first["runs"]["full"]["computed"] == []
+    assert sorted(first["runs"]["no_rec"]["computed"]) == ["evaluate", "finetune"]
+    assert first["runs"]["full"]["keys"]["finetune"] == summary["stages"]["finetune"]["key"]
+    shared = set(summary["stages"]) - {"finetune", "evaluate"}
+    assert {s: first["runs"]["no_rec"]["keys"][s] for s in shared} == {s: summary["stages"][s]["key"] for s in shared}
+    metrics = {r["metric"] for r in first["rows"]}
+    assert {"hardblink.3.accuracy", "hardblink.mean.accuracy"} <= metrics and any(m.endswith(".ciou") for m in metrics)
+    for r in first["rows"]:
+        assert set(r["values"]) == {"full", "no_rec"} and set(r["differences"]) == {"no_rec"}
+        full = r["values"]["full"]
+        assert full["lo"] <= full["value"] <= full["hi"] and full["n"] > 0
+    assert "| HardBLINK | mean |" in md and "no_rec - full" in md
+    again, _ = ablate("no_rec")
+    assert [again["runs"][v]["computed"] for v in ("full", "no_rec")] == [[], []]
+    assert again["rows"] == first["rows"]
+    other, _ = ablate("no_dtok")
+    assert other["runs"]["full"]["computed"] == [] and sorted(other["runs"]["no_dtok"]["computed"]) == ["evaluate",
+                                                                                                        "finetune"]

@@ -74,6 +74,12 @@ def test_deploy_all_and_run_through_a_process_worker(prefect_server: PrefectServ
     spec = deployment_names()
     on_server = {d["name"]: d for d in server.post("/deployments/filter", {"limit": 200})}
     assert set(on_server) == set(spec), deployed
+    # the ablations: their own flow, every variant of the paper by default
+    ablate = on_server.pop("ablate")
+    assert ablate["work_pool_name"] == POOL and ablate["entrypoint"] == "flows/ablate.py:perceptio_ablate"
+    assert ablate["parameters"]["variants"] == ["no_depth", "no_seg", "no_rec", "no_dtok"]
+    assert {"profile", "overrides", "workdir", "variants"} <= set(ablate["parameter_openapi_schema"]["properties"])
+    assert server.get(f"/flows/{ablate['flow_id']}")["name"] == "perceptio-ablate"
     # the whole pipeline, and each stage alone (``only``), all on the process pool
     assert "pipeline" in spec
     assert {d["parameters"].get("only") for d in on_server.values()} == (
