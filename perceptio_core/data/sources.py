@@ -450,6 +450,9 @@ def _read_benchmarks(paths: SourcePaths, validator: ImageValidator, cache_dir: s
 
 def _hash_file(h: "hashlib._Hash", path: Path, root: Path) -> None:
     fh = hashlib.sha256()
+    if not path.is_file():  # a FIFO or a device is never opened (it would hang or never end)
+        h.update(f"file {_rel(path, root)} not-a-regular-file\n".encode())
+        return
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             fh.update(block)

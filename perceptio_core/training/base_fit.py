@@ -90,15 +90,16 @@ def instruction_examples(path: str | os.PathLike[str], image_root: str | os.Path
     world's file holds its train-split multiple-choice questions, MMBench-style, and a yes/no
     question per image, MME-style."""
     from perceptio_core.curation.instructions import json_records, llava_rounds
+    from perceptio_core.data.image_io import confined
 
     root = Path(image_root) if image_root is not None else Path(path).parent
     out = []
     for entry in json_records(path):
         if not isinstance(entry, dict) or not entry.get("image") or not isinstance(entry.get("conversations"), list):
             continue
-        rounds = llava_rounds(entry["conversations"])
-        image = root / str(entry["image"])
-        if image.is_file():
+        rounds = llava_rounds(entry["conversations"])  # None: malformed (curate quarantines it, naming it)
+        image = confined(root, entry["image"])  # an image named outside the root, or not a file: left out
+        if rounds and image is not None and image.is_file():
             out += [(str(image), *r) for r in rounds]
     return out
 

@@ -90,3 +90,18 @@ def test_image_reliance_is_zero_when_every_example_has_the_same_image(tmp_path):
     assert math.isfinite(r2["image_loss"]) and math.isfinite(r2["shuffled_image_loss"])
     assert r2["image_gain"] != 0.0  # each answer now sees another image: the loss moves
     assert abs(r2["image_gain"] - (r2["shuffled_image_loss"] - r2["image_loss"])) < 1e-12
+
+
+def test_instruction_examples_leave_out_malformed_and_outside_entries(tmp_path):
+    """The base fit reads the LLaVA file too: a malformed conversation (curate quarantines it) and an
+    image named outside the image root are left out, never raised or read."""
+    import json
+
+    from perceptio_core.training.base_fit import instruction_examples
+
+    (tmp_path / "a.png").write_bytes(b"x")
+    good = {"image": "a.png", "conversations": [{"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": "A."}]}
+    bad_turn = {"image": "a.png", "conversations": [{"from": "human"}, {"from": "gpt", "value": 3}]}
+    outside = {"image": "../../etc/passwd", "conversations": good["conversations"]}
+    (tmp_path / "llava.json").write_text(json.dumps([good, bad_turn, outside, 7]))
+    assert instruction_examples(tmp_path / "llava.json") == [(str(tmp_path / "a.png"), "Q?", "A.")]
