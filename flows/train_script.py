@@ -78,6 +78,9 @@ def _warn_single_cpu_launch() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from perceptio_core.device import cpu_thread_env
+
+    cpu_thread_env()  # before torch loads: one intra-op thread, passive OpenMP waits (an export wins)
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     _warn_single_cpu_launch()

@@ -5,22 +5,44 @@ callback type of every long loop (fits, teacher inference, evaluation).
 the one mixed-precision context every forward of the teacher, the VQ-VAE and the tokenizer uses:
 ``"auto"`` is bf16 on CUDA (fp16 where the GPU has no bf16) and fp32 elsewhere. A progress callback
 is ``fn(step, total, info)``; the Prefect tasks pass one that logs, the tests pass none.
+
+CPU threads: :func:`cpu_thread_env`, called by the entry points (``perceptio``, ``flows.train_script``,
+``flows.eval_script``) before torch is imported, gives torch one intra-op thread and OpenMP a passive
+wait unless the environment says otherwise: a fit of the tiny profile with one OpenMP team per core
+ran 7 to 14x slower than clean beside a competing job, one thread 1.5 to 2x (``bench/bench_load.py``).
+This module imports torch only inside the functions that use it, so the entry points may import it first.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import random
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterator, MutableMapping
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
+if TYPE_CHECKING:
+    import torch
 
 ProgressFn = Callable[[int, int, dict[str, Any]], None]
 """``progress(step, total, info)``: called every few steps with the running metrics."""
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+CPU_THREAD_DEFAULTS = {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+"""What :func:`cpu_thread_env` sets where the environment has no value (bench/bench_load.py)."""
+
+
+def cpu_thread_env(env: MutableMapping[str, str] | None = None) -> dict[str, str]:
+    """Set in ``env`` (default ``os.environ``) each of :data:`CPU_THREAD_DEFAULTS` it lacks, before
+    torch is imported (OpenMP reads them when it loads): torch's intra-op threads default to 1 and an
+    idle OpenMP thread sleeps instead of spinning. A value already there wins (``OMP_NUM_THREADS=4
+    perceptio run``), and so does ``run.torch_threads`` (``torch.set_num_threads`` at the run's start).
+    Returns what it set."""
+    env = os.environ if env is None else env
+    out = {k: v for k, v in CPU_THREAD_DEFAULTS.items() if k not in env}
+    env.update(out)
+    return out
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -28,6 +50,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
     Raises ``ValueError`` for a CUDA device on a machine without CUDA, naming what was asked.
     """
+    import torch
+
     if isinstance(device, torch.device):
         dev = device
     else:
@@ -51,6 +75,8 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     ``"auto"``: bf16 on CUDA when supported, else fp16 there; fp32 on the CPU. ``"bf16"`` and
     ``"fp16"`` are honoured on either device (CPU autocast supports both); ``"fp32"`` disables autocast.
     """
+    import torch
+
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r} (one of {', '.join(PRECISIONS)})")
     if precision == "fp32":
@@ -70,6 +96,8 @@ def autocast(device: torch.device, precision: str = "auto") -> Iterator[torch.dt
 
     Yields the dtype in force, so callers can record it.
     """
+    import torch
+
     dtype = resolve_precision(precision, device)
     if dtype == torch.float32:
         yield dtype
@@ -81,6 +109,9 @@ def autocast(device: torch.device, precision: str = "auto") -> Iterator[torch.dt
 def seed_everything(seed: int) -> torch.Generator:
     """Seed Python, numpy and torch (CPU and CUDA); return a CPU ``torch.Generator`` seeded the same,
     for samplers and shuffles that must not depend on other code drawing from the global stream."""
+    import numpy as np
+    import torch
+
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
@@ -91,5 +122,7 @@ def seed_everything(seed: int) -> torch.Generator:
 
 def synchronize(device: torch.device) -> None:
     """Wait for queued GPU work (a no-op on CPU), so wall-clock timings mean what they say."""
+    import torch
+
     if device.type == "cuda":
         torch.cuda.synchronize(device)
