@@ -31,9 +31,12 @@ class ConfigError(ValueError):
 # --------------------------------------------------------------------------------------------
 
 
+TRACKERS = ("tensorboard", "wandb", "mlflow")  # run.trackers: what accelerate's tracker API may log to
+
+
 @dataclass
 class RunConfig:
-    """Where a run keeps its things and what it runs on."""
+    """Where a run keeps its things, what it runs on and where its curves are tracked."""
 
     workdir: str = "perceptio-work"
     store: str = ""  # artifact store: a local path or any fsspec URL; "" -> <workdir>/store
@@ -41,8 +44,15 @@ class RunConfig:
     seed: int = 0
     torch_threads: int = 0  # 0: leave torch's default
     lock_wait_s: float = 3600.0  # a run finding its workdir in use waits this long for it, then stops
+    # experiment trackers the training curves and each stage's metrics go to (tensorboard, wandb,
+    # mlflow; [] turns tracking off); logs under <workdir>/tracking/<run id>/<stage>
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
 
     def __post_init__(self) -> None:
+        bad = [t for t in self.trackers if t not in TRACKERS]
+        if bad or len(set(self.trackers)) != len(self.trackers):
+            raise ConfigError(f"run.trackers must list distinct trackers among {', '.join(TRACKERS)} "
+                              f"([] turns tracking off), got {self.trackers}")
         dev = self.device
         if dev not in ("auto", "cpu", "cuda") and not (dev.startswith("cuda:") and dev[5:].isdigit()):
             raise ConfigError(f"run.device must be auto, cpu, cuda or cuda:N, got {dev!r}")
