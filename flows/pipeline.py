@@ -15,6 +15,7 @@ from, and ``benchmarks`` (HardBLINK, the multiple-choice TSVs, MME), which only 
 from __future__ import annotations
 
 import os
+import re
 import time
 import uuid
 from pathlib import Path
@@ -200,17 +201,53 @@ def perceptio_pipeline(
         return plan.finish()
 
 
+# Each stage's headline metrics, in this order (the README's table names them): (metric pattern,
+# label); a pattern's ``*`` matches one dotted name part. The full list stays in summary.json.
+HEADLINE: dict[str, list[tuple[str, str]]] = {
+    "sources": [("coco_images", "COCO images"), ("refs.*", "refs {}"), ("ade20k", "ADE20k")],
+    "benchmarks": [("hardblink", "HardBLINK"), ("mcq.*", "MCQ {}"), ("mme", "MME")],
+    "fit_teacher": [("holdout_absrel", "hold-out AbsRel"), ("loss_last", "loss last")],
+    "teacher_depth": [("images", "maps"), ("absrel_vs_true", "AbsRel vs true")],
+    "train_vqvae": [("delta1", "delta1"), ("code_usage", "code usage"), ("recon_absrel", "AbsRel")],
+    "tokenize_depth": [("code_usage", "code usage")],
+    "curate": [("samples_total", "samples")],
+    "base": [("loss_first", "loss first"), ("loss_last", "last")],
+    "fit_sam2": [("holdout_point_miou", "hold-out point mIoU")],
+    "finetune": [("loss_first", "loss first"), ("loss_last", "last")],
+    "evaluate": [("refcoco.val.ciou", "RefCOCO val cIoU"), ("refcoco+.val.ciou", "RefCOCO+ val cIoU"),
+                 ("refcocog.val.ciou", "RefCOCOg val cIoU"), ("hardblink.mean.accuracy", "HardBLINK mean"),
+                 ("mcq.*.accuracy", "MCQ {}"), ("mme.perception.score", "MME perception")],
+}
+
+
+def headline(stage: str, metrics: dict[str, Any]) -> list[str]:
+    """The headline figures of ``stage`` (:data:`HEADLINE`) found in its ``metrics``, each as
+    ``label value``; an evaluation figure the base has too gets ``(base x)`` beside it."""
+    flat = flatten(metrics)
+    out = []
+    for pattern, label in HEADLINE.get(stage, []):
+        rx = re.compile(re.escape(pattern).replace(r"\*", r"([^.]+)"))
+        for k, v in flat.items():
+            m = rx.fullmatch(k)
+            if m is None:
+                continue
+            name = label.format(*m.groups())
+            text = f"{name} {v:.3g}" if isinstance(v, float) else f"{name} {v}"
+            base = flat.get(f"base.{k}")
+            if isinstance(base, (int, float)):
+                text += f" (base {base:.3g})"
+            out.append(text)
+    return out
+
+
 def summary_table(summary: dict[str, Any]) -> str:
-    """The per-stage summary every ``perceptio run`` prints."""
+    """The per-stage summary every ``perceptio run`` prints: each stage's status, key, time,
+    quarantine and its headline metrics (:func:`headline`); all metrics are in summary.json."""
     lines = [f"run {summary['run_id']}  ({summary['wall_s']:.1f} s)  store {summary['store']}"]
-    lines.append(f"{'stage':<16}{'status':<10}{'key':<22}{'wall s':>8}  {'quarantined':>11}  metrics")
+    lines.append(f"{'stage':<16}{'status':<12}{'key':<22}{'wall s':>8}  {'quarantined':>11}  headline")
     for name, rec in summary["stages"].items():
-        metrics = ", ".join(
-            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-            for k, v in list(flatten(rec["metrics"]).items())[:6]
-        )
-        lines.append(
-            f"{name:<16}{rec['status']:<10}{rec['key']:<22}{rec['wall_s']:>8.1f}  "
-            f"{rec['quarantine']['count']:>11}  {metrics}"
-        )
+        figures = ", ".join(headline(name, rec.get("metrics") or {}))
+        q = rec.get("quarantine", {}).get("count", 0)
+        lines.append(f"{name:<16}{rec['status']:<12}{rec.get('key', '-'):<22}{rec.get('wall_s', 0.0):>8.1f}  "
+                     f"{q:>11}  {figures}")
     return "\n".join(lines)
