@@ -491,6 +491,9 @@ def main(argv: list[str] | None = None) -> int:
     # Prefect's temporary server must come up within this; its 20 s default is not met on a loaded
     # 2-core machine (an export of the variable wins)
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    # the temporary offline server sends no telemetry (it logged "Failed to send telemetry" every
+    # few minutes on a machine without internet); an export of the variable wins
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     args = build_parser().parse_args(argv)
     try:
         if args.cmd in ("run", "ablate"):
