@@ -33,7 +33,7 @@ fi
 "$PY" - <<'PY'
 import importlib, sys
 for m in ("torch", "transformers", "peft", "accelerate", "prefect", "webdataset", "pyarrow",
-          "pycocotools", "sam2.modeling.sam.mask_decoder"):
+          "pycocotools", "sam2.modeling.sam.mask_decoder", "torch.utils.tensorboard"):
     importlib.import_module(m)
 assert "torchvision" not in sys.modules, "torchvision must not be imported"
 print("perceptio: environment ready")

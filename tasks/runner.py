@@ -29,6 +29,7 @@ from perceptio_core.config import PerceptioConfig, canonical_json, to_dict
 from perceptio_core.data.records import MissingDataError, QuarantineEntry
 from storage import ArtifactStore, ArtifactWriter, Manifest, code_digest, git_commit, stage_key
 from storage.keys import digest_text
+from tasks.tracking import log_stage, stage_tracking, tracking_scope
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 QUARANTINE_SAMPLE = 200  # entries kept verbatim in a manifest; the full list is the artifact's file
@@ -155,9 +156,10 @@ class StageContext:
 
 # Project modules left out of every stage's code version: the config schema (a stage is keyed on the
 # values of the config sections it reads, so an edit to another stage's settings does not re-run
-# it) and the progress reporting (how a stage logs, not what it computes). Package inits (lazy
-# re-exports and docstrings only) are left out too (:func:`_is_package_init`).
-UNVERSIONED = frozenset({"perceptio_core.config", "tasks.progress"})
+# it), the progress reporting and the experiment tracking (how a stage logs, not what it computes).
+# Package inits (lazy re-exports and docstrings only) are left out too (:func:`_is_package_init`).
+UNVERSIONED = frozenset({"perceptio_core.config", "tasks.progress", "tasks.tracking",
+                         "perceptio_core.training.tracking"})
 PROJECT_PACKAGES = ("perceptio_core", "tasks")
 
 
@@ -357,6 +359,7 @@ def execute_stage(
                 f"stage {spec.name}: upstream artifact {name}/{ref.key} is not in the store {store.url} "
                 "(never made, or damaged and moved aside); run the pipeline without --only/--from to make it"
             )
+    tracking = stage_tracking(run, spec.name, key)  # None: run.trackers []; a missing package stops here
     writer = store.writer(spec.name, key)
     if writer.resumed_files:
         log.info(
@@ -366,7 +369,8 @@ def execute_stage(
     ctx = StageContext(run=run, spec=spec, key=key, writer=writer, upstream=upstream, log=log)
     t0 = time.time()
     try:
-        out = spec.body(ctx)
+        with tracking_scope(tracking):  # the training loop tracks into the stage's run
+            out = spec.body(ctx)
     except BaseException:
         log.error("%s failed:\n%s", spec.name, traceback.format_exc())
         raise
@@ -401,5 +405,6 @@ def execute_stage(
         },
     )
     manifest = writer.commit(manifest)
+    log_stage(tracking, out.metrics, log)
     log.info("%s: computed in %.1f s -> %s", spec.name, wall, manifest.url)
     return ArtifactRef(spec.name, key, manifest.url, "computed"), manifest

@@ -407,12 +407,14 @@ def fit_sam2(
     phase_metrics: dict[str, float] = {}
     if two_phases:
         first = Path(out_dir) / PROMPT_PHASE_DIR
-        run_training(Sam2FitTask(train, cfg, "prompt"), c, first, device=cfg.run.device, resume=resume,
-                     progress=progress, parents=parents)  # fmt: skip
+        prompt = Sam2FitTask(train, cfg, "prompt")
+        prompt.tracking_run = "prompt"  # each phase tracked in a run of its own (<run_id>/fit_sam2/<phase>)
+        run_training(prompt, c, first, device=cfg.run.device, resume=resume, progress=progress, parents=parents)
         prompted = build_sam2(cfg.model.sam2_variant, first / "model" / CHECKPOINT, seed=0)
         phase_metrics = {"prompt_phase_holdout_point_miou": point_miou(prompted, held),
                          "prompt_phase_steps": float(c.steps)}  # fmt: skip
         task = Sam2FitTask(train, cfg, "refine", init=first / "model" / CHECKPOINT)
+        task.tracking_run = "refine"
         loop = dataclasses.replace(c, steps=c.refine_steps)
     else:
         task, loop = Sam2FitTask(train, cfg), c

@@ -63,6 +63,17 @@ loss term, tokens (attention-mask sum over the global batch), step and data-wait
 ``<out>/model/`` (the task's final save + ``meta.json``). Metrics: ``loss_first`` / ``loss_last``
 (means over the first / last W = max(1, min(100, steps // 10)) steps) and ``<term>_first`` /
 ``<term>_last`` for every term, plus throughput and data-wait share.
+
+Tracking (issue 21; :mod:`perceptio_core.training.tracking`): given a
+:class:`~perceptio_core.training.tracking.TrackingSpec` (the ``tracking`` argument, else the one
+current in this context, which the runner sets for the stage it runs), the loop hands its trackers
+to the ``Accelerator`` (``log_with``, ``project_dir`` = ``<workdir>/tracking``), logs the resolved
+config, the loop's own settings, the run id and the stage's key as hyper-parameters
+(``init_trackers``), and each optimizer step's history row as scalars at that step: ``train/<term>``
+for every loss term, ``train/lr``, ``train/grad_norm``, ``train/samples_per_s``, ``train/tokens_per_s``
+(when the batches carry an attention mask) and ``train/data_wait_frac``. A resumed loop first logs
+the history rows it kept, so its run shows the whole curve. Only process 0 writes (accelerate's
+trackers run on the main process only).
 """
 
 from __future__ import annotations
@@ -89,6 +100,7 @@ from perceptio_core.atomic_io import fsync_dir, fsync_tree, write_json
 from perceptio_core.device import ProgressFn
 from perceptio_core.config import TrainLoopConfig, canonical_json, to_dict
 from perceptio_core.training.schedule import build_scheduler, steps_for_epochs, warmup_steps
+from perceptio_core.training.tracking import TrackingSpec, current_tracking
 from perceptio_core.training.sharding import (
     configure_deepspeed,
     enable_fsdp_on_cpu,
@@ -126,6 +138,9 @@ class TrainTask(ABC):
     # A task whose model keeps changing outside the optimizer to the last step (an EMA codebook)
     # keeps its weights learning with it.
     final_lr_frac: float = 0.0
+    # A stage that runs several loops (the two-phase SAM2 fit) names each, so that each is tracked
+    # in a run of its own (``<run_id>/<stage>/<tracking_run>``); "": the stage's run.
+    tracking_run: str = ""
 
     @abstractmethod
     def build_model(self) -> nn.Module:
@@ -292,6 +307,9 @@ class Trainer:
     ``grad_dump_dir``: process 0 writes the synchronised (DDP-averaged, pre-clipping) gradients of
     the first ``grad_dump_steps`` optimizer steps there as ``grads-step-%08d.safetensors``
     (debugging, and the 2-process equivalence test).
+
+    ``tracking``: where the curves go (module docstring); None: the spec current in this context
+    (:func:`~perceptio_core.training.tracking.current_tracking`), if any.
     """
 
     def __init__(
@@ -305,6 +323,7 @@ class Trainer:
         parents: dict[str, str] | None = None,
         grad_dump_dir: str | os.PathLike[str] | None = None,
         grad_dump_steps: int = 1,
+        tracking: TrackingSpec | None = None,
     ) -> None:
         self.task = task
         self.cfg = cfg
@@ -319,6 +338,8 @@ class Trainer:
         self.terms: list[str] = []
         self.fsdp = False  # sharded with FSDP2 (set by setup)
         self.deepspeed = False  # sharded with DeepSpeed ZeRO (set by setup)
+        self.tracking = tracking if tracking is not None else current_tracking()
+        self._tracking_on = False  # trackers started (set by setup)
         self._setup_done = False
 
     # ---- setup ---------------------------------------------------------------------------
@@ -334,6 +355,8 @@ class Trainer:
         cpu = name == "cpu" or (name == "auto" and not torch.cuda.is_available())
         if name.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {self.device_name!r} asked for, but CUDA is not available here")
+        spec = self.tracking if self.tracking is not None and self.tracking.enabled else None
+        trackers = spec.build(self.task.tracking_run) if spec is not None else None  # a missing package raises here
         self.accelerator = acc = Accelerator(
             cpu=cpu,
             mixed_precision=mixed_precision_for(cfg.precision, "cpu" if cpu else "cuda"),
@@ -342,6 +365,8 @@ class Trainer:
             ),
             step_scheduler_with_optimizer=False,
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.find_unused_parameters)],
+            log_with=trackers,
+            project_dir=spec.root if spec is not None else None,
         )
         if fsdp_requested() and acc.distributed_type == DistributedType.MULTI_CPU:
             enable_fsdp_on_cpu(acc)
@@ -411,6 +436,8 @@ class Trainer:
             for p in (self.out_dir / CHECKPOINTS).glob(".tmp-*"):
                 shutil.rmtree(p, ignore_errors=True)  # a killed save: never trusted
         acc.wait_for_everyone()
+        if spec is not None:
+            self._start_tracking(spec)
         log.info(
             "%s: %d processes, %s, %d/%d trainable parameters, %d samples, %d micro-batches per "
             "process per epoch, global batch %d, %d steps (warm-up %d)",
@@ -461,6 +488,43 @@ class Trainer:
         fp["digest"] = hashlib.sha256(canonical_json(fp).encode()).hexdigest()[:16]
         return fp
 
+    # ---- tracking ------------------------------------------------------------------------
+    def _start_tracking(self, spec: TrackingSpec) -> None:
+        """``init_trackers`` (main process only) with the hyper-parameters: the resolved config and
+        tags of ``spec``, the loop's settings as this task runs them, the task and the world size."""
+        acc = self.accelerator
+        extra = {"loop": to_dict(self.cfg), "task": self.task.name, "num_processes": acc.num_processes,
+                 "global_batch": self.global_batch}  # fmt: skip
+        acc.init_trackers(spec.run_name(self.task.tracking_run), config=spec.config(extra))
+        self._tracking_on = True
+        log.info("%s: tracking with %s into %s", self.task.name, ", ".join(spec.trackers),
+                 spec.logdir(self.task.tracking_run))  # fmt: skip
+
+    def _track(self, row: dict[str, Any]) -> None:
+        """One history row to the trackers, at its step (every process calls; process 0 writes)."""
+        if not self._tracking_on:
+            return
+        step_time = float(row.get("step_time") or 0.0)
+        values = {f"train/{k}": float(row[k]) for k in self.terms if k in row}
+        values["train/lr"] = float(row["lr"])
+        if math.isfinite(float(row.get("grad_norm", float("nan")))):
+            values["train/grad_norm"] = float(row["grad_norm"])
+        if step_time > 0:
+            values["train/samples_per_s"] = self.global_batch / step_time
+            values["train/data_wait_frac"] = float(row.get("data_time", 0.0)) / step_time
+            if row.get("tokens"):
+                values["train/tokens_per_s"] = float(row["tokens"]) / step_time
+        self.accelerator.log(values, step=int(row["step"]))
+
+    def end_tracking(self) -> None:
+        """Close the trackers (flush, finish the run). Not ``accelerator.end_training``, which
+        also tears down the process group a caller may still use."""
+        if self._tracking_on:
+            for t in self.accelerator.trackers:
+                t.finish()
+            self.accelerator.trackers = []
+            self._tracking_on = False
+
     # ---- resume --------------------------------------------------------------------------
     def resume(self) -> int:
         """Load the latest complete checkpoint of ``<out>/checkpoints`` if any; returns its step (0
@@ -497,6 +561,8 @@ class Trainer:
                 for r in rows:
                     f.write(json.dumps(r) + "\n")
             os.replace(tmp, self.out_dir / HISTORY)
+            for r in rows if self._tracking_on else []:  # the run's curve from step 1
+                self._track(r)
         acc.wait_for_everyone()
         log.info("%s: resumed from %s (step %d)", self.task.name, ck, self.pos.step)
         return self.pos.step
@@ -595,6 +661,7 @@ class Trainer:
                     if hist_f is not None:
                         hist_f.write(json.dumps(row) + "\n")
                         hist_f.flush()
+                    self._track(row)
                     if self.progress is not None and acc.is_main_process:
                         self.progress(self.pos.step, cfg.steps, {k: row[k] for k in self.terms[:1]} | {"lr": lr})
                     if self.pos.step % cfg.checkpoint_every == 0 or self.pos.step == cfg.steps:
@@ -864,18 +931,24 @@ def run_training(
     progress: ProgressFn | None = None,
     parents: dict[str, str] | None = None,
     grad_dump_dir: str | os.PathLike[str] | None = None,
+    tracking: TrackingSpec | None = None,
 ) -> dict[str, float]:
     """setup -> resume (when ``resume``; otherwise earlier checkpoints are removed) -> train ->
-    save_final. Returns the metrics (see the module docstring)."""
-    trainer = Trainer(task, cfg, out_dir, device=device, progress=progress, parents=parents, grad_dump_dir=grad_dump_dir)
+    save_final, tracked into ``tracking`` (None: the spec current in this context, if any). Returns
+    the metrics (see the module docstring)."""
+    trainer = Trainer(task, cfg, out_dir, device=device, progress=progress, parents=parents,
+                      grad_dump_dir=grad_dump_dir, tracking=tracking)  # fmt: skip
     trainer.setup()
-    if not resume and trainer.accelerator.is_main_process:
-        shutil.rmtree(Path(out_dir) / CHECKPOINTS, ignore_errors=True)
-        (Path(out_dir) / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
-    trainer.accelerator.wait_for_everyone()
-    trainer.resume()
-    metrics = trainer.train()
-    trainer.save_final()
+    try:
+        if not resume and trainer.accelerator.is_main_process:
+            shutil.rmtree(Path(out_dir) / CHECKPOINTS, ignore_errors=True)
+            (Path(out_dir) / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
+        trainer.accelerator.wait_for_everyone()
+        trainer.resume()
+        metrics = trainer.train()
+        trainer.save_final()
+    finally:
+        trainer.end_tracking()
     return metrics
 
 

@@ -65,11 +65,20 @@ def test_derived_value_follows_its_base():
         ("run.device=tpu", "run.device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
         ("evaluate.batch_size=0", "evaluate.max_new_tokens, num_beams, depth_pairs, batch_size"),
         ("data.mcq.seedbench=3", "data.mcq.seedbench: expected a string, got 3"),
+        ("run.trackers=[neptune]", "run.trackers must list distinct trackers among tensorboard, wandb, mlflow"),
+        ("run.trackers=[tensorboard, tensorboard]", "run.trackers must list distinct trackers"),
+        ("run.trackers=tensorboard", "run.trackers: expected a list"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config("tiny", [override])
+
+
+def test_run_trackers_default_to_tensorboard_and_empty_turns_tracking_off():
+    assert load_config("tiny").run.trackers == ["tensorboard"]
+    assert load_config("tiny", ["run.trackers=[]"]).run.trackers == []
+    assert load_config("tiny", ["run.trackers=[wandb, mlflow]"]).run.trackers == ["wandb", "mlflow"]
 
 
 def test_bad_profile_key_is_named(tmp_path):
