@@ -1,4 +1,8 @@
-"""The ``perceptio`` command line (ARCHITECTURE.md, CLI contract)."""
+"""The ``perceptio`` command line (ARCHITECTURE.md, CLI contract).
+
+Heavy modules (torch, transformers, Prefect) are imported by the commands that use them, never at
+the top of this module, so ``--help`` and a config error answer at once (bench/bench_cli.py).
+"""
 
 from __future__ import annotations
 
@@ -12,15 +16,57 @@ from pathlib import Path
 from typing import Any
 
 from perceptio_core.config import ConfigError
-from storage import StoreError
-from tasks.runner import PipelineError
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default="tiny", help="profile name (configs/NAME.yaml) or YAML path; default tiny")
+    p.add_argument("--config", default=None,
+                   help="profile name (configs/NAME.yaml) or YAML file (a path: with a / or a .yaml suffix); "
+                        "default: the workdir's own (its perceptio-workdir.json), else tiny")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set vqvae.steps=200 (repeatable)")
+                   help="override a config field, e.g. --set vqvae.steps=200 (repeatable); with --config or "
+                        "--set the profile is as given, the workdir's own is not used")
     p.add_argument("--workdir", default=None, help="working folder (default: run.workdir of the profile)")
+
+
+def use_workdir_profile(args: argparse.Namespace) -> str:
+    """Settle ``args.config`` / ``args.overrides`` of a command given neither: the profile and
+    overrides the workdir remembers from its last run (``<workdir>/perceptio-workdir.json``, written
+    by ``perceptio run`` and ``perceptio ablate``), else the default profile ``tiny``. The workdir is
+    ``--workdir``, else the default profile's ``run.workdir``; a remembered profile is used in that
+    folder, wherever the profile's own ``run.workdir`` points. Giving ``--config`` or ``--set`` means
+    "as given": nothing is remembered (``--set`` alone is on ``tiny``). Returns the line saying what
+    was used and where it came from ("" when ``--config`` was given)."""
+    from perceptio_core.config import DEFAULT_PROFILE, WORKDIR_RECORD, load_config, remembered_profile
+
+    if args.config is not None:
+        return ""
+    wd = Path(args.workdir if args.workdir else load_config(DEFAULT_PROFILE).run.workdir).expanduser()
+    rec = remembered_profile(wd)
+    if args.overrides or rec is None:
+        args.config = DEFAULT_PROFILE
+        why = (f"--set given, so {wd / WORKDIR_RECORD} (profile {rec[0]}) is not used" if rec is not None
+               else f"{wd} has no {WORKDIR_RECORD}")  # fmt: skip
+        return f"perceptio: profile {DEFAULT_PROFILE} (the default: {why})"
+    args.config, args.overrides = rec
+    if args.workdir is None:
+        args.workdir = str(wd)
+    sets = " ".join(f"--set {o}" for o in rec[1]) or "no overrides"
+    return f"perceptio: profile {rec[0]}, {sets} (remembered in {wd / WORKDIR_RECORD}; --config or --set to choose)"
+
+
+def _config(args: argparse.Namespace) -> Any:
+    """The config of a command's ``--config``/``--set``/``--workdir`` (without importing Prefect)."""
+    from perceptio_core.config import load_config
+
+    return load_config(args.config, [*args.overrides, *([f"run.workdir={args.workdir}"] if args.workdir else [])])
+
+
+def _store(cfg: Any) -> Any:
+    """The artifact store of ``cfg`` (``run.store``, else ``<workdir>/store``)."""
+    from storage import ArtifactStore
+
+    wd = Path(cfg.run.workdir).expanduser().resolve()
+    return ArtifactStore(cfg.run.store or str(wd / "store"), cache_dir=wd / "cache")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -38,6 +84,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_ablate(args: argparse.Namespace) -> int:
     from perceptio_core.evaluation.ablation import parse_variants
 
+    from perceptio_core.config import remember_profile
+
     from flows.ablate import perceptio_ablate
 
     try:
@@ -45,6 +93,9 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"perceptio: error: {e}", file=sys.stderr)
         return 2
+    # the workdir remembers the ablation's own profile and overrides (its variants' pipeline runs,
+    # subflows, leave the record alone)
+    remember_profile(_config(args).run.workdir, args.config, args.overrides, command="perceptio ablate")
     res = perceptio_ablate(profile=args.config, overrides=args.overrides, workdir=args.workdir,
                            variants=[v for v in variants if v != "full"])
     for v, r in res["runs"].items():
@@ -55,14 +106,12 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
 
 
 def _cmd_stages(args: argparse.Namespace) -> int:
-    from flows.pipeline import resolve_config
-    from tasks.runner import RunContext, compute_keys
+    from tasks.runner import compute_keys
     from tasks.stages import STAGES
 
-    cfg = resolve_config(args.config, args.overrides, args.workdir)
-    run = RunContext(cfg=cfg, workdir=Path(cfg.run.workdir).expanduser().resolve(), run_id="-")
-    keys = compute_keys(cfg, STAGES, run.workdir)
-    store = run.store
+    cfg = _config(args)
+    keys = compute_keys(cfg, STAGES, Path(cfg.run.workdir).expanduser().resolve())
+    store = _store(cfg)
     rows = []
     print(f"store {store.url}")
     print(f"{'stage':<16}{'key':<22}{'state':<7}upstream")
@@ -95,12 +144,11 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_lineage(args: argparse.Namespace) -> int:
-    from flows.pipeline import resolve_config
-    from storage import ArtifactStore, format_lineage, lineage
+    from storage import format_lineage, lineage
 
-    cfg = resolve_config(args.config, args.overrides, args.workdir)
+    cfg = _config(args)
     wd = Path(cfg.run.workdir).expanduser().resolve()
-    store = ArtifactStore(cfg.run.store or str(wd / "store"), cache_dir=wd / "cache")
+    store = _store(cfg)
     ref = args.artifact
     if ref in _stage_names():  # a bare stage name: the artifact of the current config
         from tasks.runner import compute_keys
@@ -109,7 +157,7 @@ def _cmd_lineage(args: argparse.Namespace) -> int:
         stage, key = ref, compute_keys(cfg, STAGES, wd)[ref][0]
     else:
         stage, key = store.find(ref)
-    print(format_lineage(lineage(store, stage, key)))
+    print(format_lineage(lineage(store, stage, key), store.url))
     return 0
 
 
@@ -129,7 +177,7 @@ def resolve_run(run: Path) -> RunRecord:
     (``<workdir>/runs/<id>``, read from its summary.json), a workdir (its latest run that has a
     finetune stage), or a model folder (a finetune artifact ``<store>/finetune/<key>``, its
     ``model/``, or any saved model folder)."""
-    from storage import ArtifactStore
+    from storage import ArtifactStore, StoreError
 
     run = Path(run).expanduser().resolve()
     if (run / "model" / "config.json").exists() or (run / "config.json").exists():
@@ -226,6 +274,14 @@ def _cmd_infer(args: argparse.Namespace) -> int:
     from perceptio_core.evaluation.infer import infer
     from perceptio_core.model.export import ExportError
 
+    if args.run is not None:
+        from perceptio_core.config import WORKDIR_RECORD, remembered_profile
+
+        rec = remembered_profile(args.run)  # a workdir: say which profile its runs were made with
+        if rec is not None:
+            sets = " ".join(f"--set {o}" for o in rec[1]) or "no overrides"
+            print(f"perceptio: workdir of profile {rec[0]}, {sets} (remembered in "
+                  f"{Path(args.run) / WORKDIR_RECORD})", file=sys.stderr)
     model_dir = Path(args.model) if args.model is not None else resolve_run_model(Path(args.run))
     template = None if args.template == "none" else args.template
     try:
@@ -294,12 +350,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     """Check every artifact of the store (or of one stage) against its manifest, each file's sha256
     included; print each damaged one and what is wrong. ``--quarantine`` moves them aside (the next
     run computes them again; a run does that by itself for what it uses). Exit 1 if any is damaged."""
-    from flows.pipeline import resolve_config
-    from storage import ArtifactStore
-
-    cfg = resolve_config(args.config, args.overrides, args.workdir)
-    wd = Path(cfg.run.workdir).expanduser().resolve()
-    store = ArtifactStore(cfg.run.store or str(wd / "store"), cache_dir=wd / "cache")
+    store = _store(_config(args))
     if args.stage and args.stage not in _stage_names():
         print(f"perceptio: error: no stage {args.stage!r} (stages: {', '.join(_stage_names())})", file=sys.stderr)
         return 2
@@ -474,10 +525,7 @@ def use_workdir_prefect_home(workdir: Path, env: MutableMapping[str, str] | None
 def _prepare_prefect(args: argparse.Namespace) -> None:
     """Before ``perceptio run`` imports Prefect: the run's own Prefect home where the user has no
     server (:func:`use_workdir_prefect_home`), and one line saying where its database is."""
-    from perceptio_core.config import load_config
-
-    ov = list(args.overrides) + ([f"run.workdir={args.workdir}"] if args.workdir else [])
-    home = use_workdir_prefect_home(Path(load_config(args.config, ov).run.workdir))
+    home = use_workdir_prefect_home(Path(_config(args).run.workdir))
     if home is not None:
         print(f"perceptio: this run's Prefect database is {home / 'prefect.db'}; browse it afterwards with "
               f"`PREFECT_HOME={home} prefect server start`", file=sys.stderr)
@@ -496,12 +544,29 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     args = build_parser().parse_args(argv)
     try:
+        if hasattr(args, "workdir") and hasattr(args, "overrides"):  # the commands of _common
+            line = use_workdir_profile(args)
+            if line:
+                print(line, file=sys.stderr)
         if args.cmd in ("run", "ablate"):
             _prepare_prefect(args)
         return args.fn(args)
-    except (ConfigError, FileNotFoundError, StoreError, PipelineError) as e:
+    except Exception as e:
+        if not isinstance(e, _user_errors()):
+            raise
         print(f"perceptio: error: {e}", file=sys.stderr)
         return 2
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """What the CLI reports as a one-line error (exit 2): a config error, a missing file, a store
+    error, a pipeline error. The latter two only where their modules were imported (an exception
+    class never loaded cannot have been raised), so that reporting one imports nothing."""
+    errors: list[type[BaseException]] = [ConfigError, FileNotFoundError]
+    for module, name in (("storage.store", "StoreError"), ("tasks.runner", "PipelineError")):
+        if module in sys.modules:
+            errors.append(getattr(sys.modules[module], name))
+    return tuple(errors)
 
 
 if __name__ == "__main__":

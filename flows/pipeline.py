@@ -22,10 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.context import FlowRunContext
 from prefect.runtime import flow_run as runtime_flow_run
 from prefect.states import State
 
-from perceptio_core.config import ConfigError, PerceptioConfig, dump_config, load_config
+from perceptio_core.config import ConfigError, PerceptioConfig, dump_config, load_config, remember_profile
 from perceptio_core.atomic_io import write_json, write_text
 from tasks.runner import ArtifactRef, PipelineError, RunContext, compute_keys, flatten, workdir_lock
 from tasks.stage_task import StageResult, stage_task
@@ -165,6 +166,12 @@ def start_run(
     out = wd / "runs" / run.run_id
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "config.yaml", dump_config(cfg))
+    ctx = FlowRunContext.get()
+    if ctx is None or ctx.flow_run is None or ctx.flow_run.parent_task_run_id is None:
+        # the workdir remembers the profile and overrides of its last run, for the commands given
+        # the workdir alone (perceptio stages/lineage/verify/run --workdir W); a subflow (an
+        # ablation variant, whose overrides are the variant's) leaves that to its parent
+        remember_profile(wd, profile, overrides or [], run_id=run.run_id, flow="perceptio-pipeline")
     if cfg.run.torch_threads:
         import torch
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -684,20 +685,81 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def profile_names() -> list[str]:
+    """The profiles of ``configs/`` (``tiny``, ``smoke``, ...), sorted."""
+    return sorted(x.stem for x in CONFIG_DIR.glob("*.yaml"))
+
+
+def is_profile_path(profile: str | Path) -> bool:
+    """Whether ``--config`` names a file rather than a profile: a :class:`~pathlib.Path`, or text
+    with a ``/`` or ending in ``.yaml``/``.yml``. Anything else is a profile name of ``configs/``,
+    whatever the current folder holds (a folder ``smoke/`` there does not shadow the profile)."""
+    if isinstance(profile, Path):
+        return True
+    return "/" in profile or profile.endswith((".yaml", ".yml")) or os.sep in profile
+
+
 def resolve_profile(profile: str | Path | None) -> Path:
-    """A profile name (``tiny``) or a YAML path -> the file's path."""
+    """A profile name (``tiny``: ``configs/tiny.yaml``) or a YAML path (:func:`is_profile_path`) ->
+    the file's path; ``None`` is :data:`DEFAULT_PROFILE`. A path that is not a file, or an unknown
+    name, is a :class:`ConfigError` (the latter listing the profiles)."""
     if profile is None:
         profile = DEFAULT_PROFILE
-    p = Path(profile)
-    if p.suffix in (".yaml", ".yml") or p.exists():
-        if not p.exists():
-            raise ConfigError(f"config file not found: {p}")
+    if is_profile_path(profile):
+        p = Path(profile).expanduser()
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}" if not p.exists() else f"config {p} is not a file")
         return p
     cand = CONFIG_DIR / f"{profile}.yaml"
-    if not cand.exists():
-        names = sorted(x.stem for x in CONFIG_DIR.glob("*.yaml"))
-        raise ConfigError(f"unknown profile {profile!r} (profiles: {', '.join(names)})")
+    if not cand.is_file():
+        hint = " (a YAML file is named with a / or a .yaml suffix: ./NAME.yaml)" if Path(profile).exists() else ""
+        raise ConfigError(f"unknown profile {profile!r} (profiles: {', '.join(profile_names())}){hint}")
     return cand
+
+
+WORKDIR_RECORD = "perceptio-workdir.json"
+"""The file in a workdir naming the profile and overrides its last run was made with
+(:func:`remember_profile`), read by the commands given the workdir alone (:func:`remembered_profile`)."""
+
+
+def profile_ref(profile: str | Path | None) -> str:
+    """How a workdir records ``profile``: a profile name as it is, a YAML file as its absolute path
+    (so the record reads the same from any folder). Raises :class:`ConfigError` as
+    :func:`resolve_profile`."""
+    path = resolve_profile(profile)
+    return str(path.resolve()) if is_profile_path(profile or DEFAULT_PROFILE) else str(profile or DEFAULT_PROFILE)
+
+
+def remember_profile(workdir: str | Path, profile: str | Path | None, overrides: list[str] | tuple[str, ...],
+                     **extra: Any) -> Path:
+    """Write ``<workdir>/perceptio-workdir.json`` (atomically): ``profile`` (:func:`profile_ref`),
+    ``overrides`` as given (``run.workdir`` left out: the record's own folder is the workdir) and
+    ``extra`` (run id, command). Returns the file's path."""
+    from perceptio_core.atomic_io import write_json
+
+    ov = [o for o in overrides if not o.replace(" ", "").startswith("run.workdir=")]
+    path = Path(workdir).expanduser().resolve() / WORKDIR_RECORD
+    write_json(path, {"profile": profile_ref(profile), "overrides": ov, **extra}, sort_keys=False)
+    return path
+
+
+def remembered_profile(workdir: str | Path) -> tuple[str, list[str]] | None:
+    """``(profile, overrides)`` recorded in ``workdir`` by its last run (:func:`remember_profile`),
+    None when it has no record. A record that does not read as one is a :class:`ConfigError`
+    naming the file."""
+    path = Path(workdir).expanduser() / WORKDIR_RECORD
+    if not path.is_file():
+        return None
+    try:
+        rec = json.loads(path.read_text())
+        profile, overrides = rec["profile"], rec["overrides"]
+        if not isinstance(profile, str) or not isinstance(overrides, list) or \
+                not all(isinstance(o, str) for o in overrides):
+            raise TypeError("profile must be text and overrides a list of text")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{path} does not read as a workdir record ({type(e).__name__}: {e}); give --config "
+                          "(a run writes it again)") from e
+    return profile, list(overrides)
 
 
 def load_config(

@@ -21,35 +21,66 @@ class LineageNode:
     parents: list["LineageNode"] = field(default_factory=list)
 
 
-def lineage(store: ArtifactStore, stage: str, key: str) -> LineageNode:
-    """The tree of artifacts (stage, key) was made from; an upstream absent from the store is
-    marked ``missing`` rather than raising, so a pruned store still shows what it knows."""
+def lineage(store: ArtifactStore, stage: str, key: str,
+            _seen: dict[tuple[str, str], LineageNode] | None = None) -> LineageNode:
+    """The artifacts (stage, key) was made from, as a graph of nodes (``parents``, sorted by stage):
+    an artifact several others read (``sources``) is one node, its manifest read once. An upstream
+    absent from the store is marked ``missing`` rather than raising, so a pruned store still shows
+    what it knows. URLs are where the store is now (:meth:`ArtifactStore.manifest`)."""
+    seen = {} if _seen is None else _seen
+    if (stage, key) in seen:
+        return seen[(stage, key)]
     try:
         m = store.manifest(stage, key)
     except StoreError:
-        return LineageNode(stage, key, store.artifact_url(stage, key), missing=True)
-    node = LineageNode(
+        node = seen[(stage, key)] = LineageNode(stage, key, store.artifact_url(stage, key), missing=True)
+        return node
+    node = seen[(stage, key)] = LineageNode(
         stage=stage, key=key, url=m.url, config_digest=m.config_digest,
         code_digest=m.code.get("digest", ""), git_commit=m.code.get("git_commit"),
         produced_by=m.produced_by, metrics=m.metrics,
     )
     for up_stage, up_key in sorted(m.inputs.items()):
-        node.parents.append(lineage(store, up_stage, up_key))
+        node.parents.append(lineage(store, up_stage, up_key, seen))
     return node
 
 
-def format_lineage(node: LineageNode, depth: int = 0) -> str:
-    """A terminal rendering: one artifact per entry, the artifacts it came from indented below."""
-    pad = "    " * depth
-    arrow = "<- " if depth else ""
-    if node.missing:
-        return f"{pad}{arrow}{node.stage}/{node.key}  (not in this store)"
-    run = node.produced_by.get("run_id", "?")
-    commit = (node.git_commit or "no git")[:12]
-    lines = [
-        f"{pad}{arrow}{node.stage}/{node.key}  config {node.config_digest[:12]}  "
-        f"code {node.code_digest[:12]}  git {commit}  run {run}",
-        f"{pad}{'   ' if depth else ''}  {node.url}",
-    ]
-    lines += [format_lineage(p, depth + 1) for p in node.parents]
+def lineage_order(node: LineageNode) -> list[LineageNode]:
+    """Every artifact of ``node``'s lineage once, in topological order: each after all its parents
+    (parents in stage order, depth first), ``node`` last."""
+    out: list[LineageNode] = []
+    done: set[tuple[str, str]] = set()
+
+    def visit(n: LineageNode) -> None:
+        if (n.stage, n.key) in done:
+            return
+        done.add((n.stage, n.key))
+        for p in n.parents:
+            visit(p)
+        out.append(n)
+
+    visit(node)
+    return out
+
+
+def format_lineage(node: LineageNode, store_url: str | None = None) -> str:
+    """A terminal rendering: every artifact of the lineage once, in topological order (``node``
+    last), each with its digests, git commit and run, and a line ``<- stage/key`` per artifact it
+    was made from. With ``store_url`` (the store read) a first line names it, and each artifact's
+    location is given relative to it (``stage/key``, the artifact's name) unless it lies elsewhere."""
+    lines = [f"store {store_url}"] if store_url else []
+    base = store_url.rstrip("/") + "/" if store_url else None
+    for n in lineage_order(node):
+        name = f"{n.stage}/{n.key}"
+        if n.missing:
+            lines.append(f"{name}  (not in this store)")
+            continue
+        run = n.produced_by.get("run_id", "?")
+        commit = (n.git_commit or "no git")[:12]
+        lines.append(f"{name}  config {n.config_digest[:12]}  code {n.code_digest[:12]}  git {commit}  run {run}")
+        if base is None or not n.url.startswith(base):
+            lines.append(f"    at {n.url}")
+        elif n.url[len(base):] != name:
+            lines.append(f"    at {n.url[len(base):]}")
+        lines += [f"    <- {p.stage}/{p.key}" + ("  (not in this store)" if p.missing else "") for p in n.parents]
     return "\n".join(lines)

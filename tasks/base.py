@@ -6,14 +6,15 @@ TSV) keys or feeds it."""
 from __future__ import annotations
 
 from perceptio_core.config import PerceptioConfig
-from perceptio_core.data.sources import data_path
-from perceptio_core.training import base_fit
-from tasks.common import load_sources, publish_training, scratch_dir
-from tasks.progress import Progress
 from tasks.runner import StageContext, StageOutput, StageSpec
 
 
 def fit_base(ctx: StageContext) -> StageOutput:
+    from perceptio_core.data.sources import data_path
+    from perceptio_core.training import base_fit
+    from tasks.common import load_sources, publish_training, scratch_dir
+    from tasks.progress import Progress
+
     sources = load_sources(ctx)
     instructions = []
     if ctx.cfg.data.llava_json:  # relative to the data root, as the sources stage checked it

@@ -2,20 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-
-import numpy as np
-import torch
-
-from perceptio_core.depth.maps import DepthMaps
-from perceptio_core.depth.tokenizer import DepthTokenizer
-from perceptio_core.depth.vqvae import code_statistics
-from perceptio_core.evaluation import viz
-from perceptio_core.training import vqvae_fit
-from perceptio_core.training.schedule import split_by_digest
-from perceptio_core.training.trainer import FINAL, HISTORY, read_history
-from tasks.common import load_sources, publish_training, scratch_dir
-from tasks.progress import Progress
 from tasks.runner import StageContext, StageOutput, StageSpec
 
 FIGURE_ROWS = 4
@@ -23,6 +9,17 @@ CURVE_TERMS = ("loss", "mse", "commit", "batch_usage", "batch_perplexity")
 
 
 def train_vqvae(ctx: StageContext) -> StageOutput:
+    import numpy as np
+
+    from perceptio_core.depth.maps import DepthMaps
+    from perceptio_core.depth.tokenizer import DepthTokenizer
+    from perceptio_core.evaluation import viz
+    from perceptio_core.training import vqvae_fit
+    from perceptio_core.training.schedule import split_by_digest
+    from perceptio_core.training.trainer import FINAL, HISTORY, read_history
+    from tasks.common import load_sources, publish_training, scratch_dir
+    from tasks.progress import Progress
+
     cfg = ctx.cfg.vqvae
     maps = DepthMaps(ctx.upstream_dir("teacher_depth"))
     train, hold = split_by_digest(sorted(maps.digests), cfg.holdout_fraction)
@@ -60,6 +57,16 @@ def train_vqvae(ctx: StageContext) -> StageOutput:
 
 
 def tokenize_depth(ctx: StageContext) -> StageOutput:
+    import hashlib
+
+    import numpy as np
+    import torch
+
+    from perceptio_core.depth.maps import DepthMaps
+    from perceptio_core.depth.tokenizer import DepthTokenizer
+    from perceptio_core.depth.vqvae import code_statistics
+    from tasks.progress import Progress
+
     maps = DepthMaps(ctx.upstream_dir("teacher_depth"))
     tok = DepthTokenizer.from_pretrained(ctx.upstream_dir("train_vqvae"), device=ctx.cfg.run.device)
     digests = sorted(maps.digests)

@@ -5,25 +5,27 @@ tokens (``tokenize_depth``) are checked against the N and K of the codebook (``t
 
 from __future__ import annotations
 
-import pyarrow.parquet as pq
-
-from perceptio_core.curation.curate import curate as curate_samples
-from perceptio_core.data.records import QuarantineEntry
-from perceptio_core.depth.codec import DepthCodecSpec
-from perceptio_core.depth.maps import DepthMaps
-from perceptio_core.curation.shards import verify_read_back
-from perceptio_core.data.sources import data_path
-from tasks.common import load_sources, read_tokens
 from tasks.runner import StageContext, StageOutput, StageSpec
 
 
 def _conversations(root: str, rel: str | None) -> str | None:
     """A LLaVA / GLaMM JSON named in ``data`` (relative to the data root, as the sources stage
     resolved and checked it)."""
+    from perceptio_core.data.sources import data_path
+
     return str(data_path(root, rel)) if rel else None
 
 
 def curate(ctx: StageContext) -> StageOutput:
+    import pyarrow.parquet as pq
+
+    from perceptio_core.curation.curate import curate as curate_samples
+    from perceptio_core.curation.shards import verify_read_back
+    from perceptio_core.data.records import QuarantineEntry
+    from perceptio_core.depth.codec import DepthCodecSpec
+    from perceptio_core.depth.maps import DepthMaps
+    from tasks.common import load_sources, read_tokens
+
     sources = load_sources(ctx)
     tokens_dir = ctx.upstream_dir("tokenize_depth")
     tokens = read_tokens(tokens_dir)

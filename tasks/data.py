@@ -9,7 +9,6 @@ from pathlib import Path
 
 from perceptio_core.config import DataConfig, PerceptioConfig, canonical_json
 from perceptio_core.data import sources as data_sources
-from perceptio_core.world.synth import generate_world
 from storage import code_digest
 from storage.keys import digest_text
 from tasks.runner import RunContext, module_files, versioned_modules
@@ -60,5 +59,7 @@ def data_fingerprint(cfg: PerceptioConfig, workdir: Path, data: DataConfig, part
 
 def prepare(run: RunContext) -> None:
     """Make sure the synthetic world exists (generated once; regenerated identically if deleted)."""
+    from perceptio_core.world.synth import generate_world
+
     if not run.cfg.data.root:
         generate_world(world_dir(run.cfg, run.workdir), run.cfg.synth, progress=True)

@@ -21,16 +21,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from perceptio_core.depth.maps import DepthMaps
-from perceptio_core.atomic_io import write_json, write_text
-from perceptio_core.config import dump_config
-from perceptio_core.evaluation.evaluate import BASE, PERCEPTIO, load_predictors, run_evaluation
-from perceptio_core.evaluation.predictions import PredictionCache
-from perceptio_core.evaluation.report import write_report
-from perceptio_core.evaluation.stats import within_noise
-from tasks.common import load_benchmarks, load_sources, scratch_dir
-from tasks.data import data_root
-from tasks.progress import Progress
 from storage import code_digest
 from tasks.runner import StageContext, StageOutput, StageSpec, module_files, versioned_modules
 
@@ -45,6 +35,8 @@ def model_tags(ctx: StageContext) -> dict[str, str]:
     the offline base's, or with a released base the fine-tuning key, which covers its content), the
     decoding settings and the generation code. A change to a metric or a benchmark leaves the tags
     alone, so only new (image, prompt) pairs are generated."""
+    from perceptio_core.evaluation.evaluate import BASE, PERCEPTIO
+
     e = ctx.cfg.evaluate
     code = code_digest(module_files(versioned_modules(list(GENERATION_ENTRIES))))
     decode = f"{e.max_new_tokens}/{e.num_beams}/{e.max_tiles}/{code}"
@@ -55,6 +47,14 @@ def model_tags(ctx: StageContext) -> dict[str, str]:
 
 
 def evaluate(ctx: StageContext) -> StageOutput:
+    from perceptio_core.depth.maps import DepthMaps
+    from perceptio_core.evaluation.evaluate import load_predictors, run_evaluation
+    from perceptio_core.evaluation.predictions import PredictionCache
+    from perceptio_core.evaluation.report import write_report
+    from perceptio_core.evaluation.stats import within_noise
+    from tasks.common import load_benchmarks, load_sources
+    from tasks.progress import Progress
+
     cfg = ctx.cfg
     sources = load_sources(ctx).with_benchmarks(load_benchmarks(ctx))
     device = cfg.run.device if cfg.run.device != "auto" else "cpu"
@@ -101,6 +101,11 @@ def _generate_in_processes(ctx: StageContext, model_dir: Path, base_dir: Any, ca
                            tags: dict[str, str], device: str) -> None:
     """``torchrun --nproc_per_node <evaluate.processes> -m flows.eval_script JOB``: every process
     generates its share of the missing predictions into ``cache_dir`` (flows/eval_script.py)."""
+    from perceptio_core.atomic_io import write_json, write_text
+    from perceptio_core.config import dump_config
+    from tasks.common import scratch_dir
+    from tasks.data import data_root
+
     work = scratch_dir(ctx)
     cfg_path = work / "config.yaml"
     write_text(cfg_path, dump_config(ctx.cfg))

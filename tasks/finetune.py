@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from perceptio_core.training import finetune as finetune_fit
-from perceptio_core.training.sam2_fit import CHECKPOINT
 from tasks.checkpoints import model_fingerprint
-from tasks.common import publish_training, scratch_dir
-from tasks.progress import Progress
 from tasks.runner import StageContext, StageOutput, StageSpec
 
 
 def finetune(ctx: StageContext) -> StageOutput:
+    from perceptio_core.training import finetune as finetune_fit
+    from perceptio_core.training.sam2_fit import CHECKPOINT
+    from tasks.common import publish_training, scratch_dir
+    from tasks.progress import Progress
+
     out = scratch_dir(ctx)
     base_dir = ctx.upstream_dir("base") / "model" if "base" in ctx.upstream else None
     sam2_ckpt = ctx.upstream_dir("fit_sam2") / "model" / CHECKPOINT if "fit_sam2" in ctx.upstream else None

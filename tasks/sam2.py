@@ -4,13 +4,14 @@ standing in for Meta's released checkpoint."""
 from __future__ import annotations
 
 from perceptio_core.config import PerceptioConfig
-from perceptio_core.training import sam2_fit
-from tasks.common import load_sources, publish_training, scratch_dir
-from tasks.progress import Progress
 from tasks.runner import StageContext, StageOutput, StageSpec
 
 
 def fit_sam2(ctx: StageContext) -> StageOutput:
+    from perceptio_core.training import sam2_fit
+    from tasks.common import load_sources, publish_training, scratch_dir
+    from tasks.progress import Progress
+
     sources = load_sources(ctx)
     out = scratch_dir(ctx)
     prog = Progress("fit SAM2", ctx.log)

@@ -4,17 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 from perceptio_core.config import PerceptioConfig
-from perceptio_core.data.records import QuarantineEntry
-from perceptio_core.depth.maps import DepthMaps
-from perceptio_core.depth.metrics import teacher_scores
-from perceptio_core.depth.teacher import write_teacher_maps
-from perceptio_core.evaluation import viz
-from perceptio_core.training import teacher_fit
-from tasks.common import load_sources, publish_training, scratch_dir
-from tasks.progress import Progress
 from tasks.checkpoints import checkpoint_fingerprint
 from tasks.runner import StageContext, StageOutput, StageSpec
 
@@ -32,6 +22,10 @@ def _teacher_dir(ctx: StageContext) -> str:
 
 
 def fit_teacher(ctx: StageContext) -> StageOutput:
+    from perceptio_core.training import teacher_fit
+    from tasks.common import load_sources, publish_training, scratch_dir
+    from tasks.progress import Progress
+
     images = [r for r in load_sources(ctx).depth_images() if r.depth_path]
     if not images:
         raise RuntimeError(
@@ -61,6 +55,16 @@ def _checkpoint_fingerprint(cfg: PerceptioConfig, workdir: Path) -> str:
 
 
 def teacher_depth(ctx: StageContext) -> StageOutput:
+    import numpy as np
+
+    from perceptio_core.data.records import QuarantineEntry
+    from perceptio_core.depth.maps import DepthMaps
+    from perceptio_core.depth.metrics import teacher_scores
+    from perceptio_core.depth.teacher import write_teacher_maps
+    from perceptio_core.evaluation import viz
+    from tasks.common import load_sources
+    from tasks.progress import Progress
+
     images = {r.digest: r for r in load_sources(ctx).depth_images()}
     prog = Progress("teacher depth", ctx.log)
     run = write_teacher_maps(
