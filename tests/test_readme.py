@@ -1,8 +1,10 @@
 """The README's commands are run by tests, so a wrong README line is a failing test (STYLE rule 10).
 
 Every command in a ```bash block of README.md is listed in :data:`RUN_BY`, with the test that runs
-it. The CLI commands run here, on the ``smoke`` profile in a temporary work folder (``--config smoke
---workdir W`` added where the README line names neither; placeholders such as ``photo.jpg`` or
+it. The CLI commands run here, on the ``smoke`` profile in a temporary work folder (``--workdir W``
+added, and ``--config smoke`` where the README line names no profile and the workdir does not
+remember one: the stage commands after the main job run as written, on the profile the workdir
+remembers from its last run; placeholders such as ``photo.jpg`` or
 ``STORE/curate/KEY`` replaced by real files of that run), and what the README's comment claims
 about the command ("reruns a, b and c") is checked against the run's summary. The few commands that
 need a running server or CI's clean clone are run by the tests named in :data:`RUN_BY`.
@@ -21,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from flows.cli import main as cli_main
+from perceptio_core.config import WORKDIR_RECORD
 from tasks.stages import downstream_of, upstream_of
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -119,7 +122,10 @@ def _cli(cmd: str, workdir: Path, *, profile: bool = True) -> int:
     assert argv[0] == "perceptio", cmd
     argv = argv[1:]
     if argv[0] in {"run", "stages", "lineage"}:
-        argv += (SMOKE if profile and "--config" not in argv else []) + ["--workdir", str(workdir)]
+        # the workdir's own profile (perceptio-workdir.json) serves a line with neither --config nor
+        # --set (either means "as given"); the main job, on a new workdir, is given smoke
+        remembered = (workdir / WORKDIR_RECORD).is_file() and "--set" not in argv
+        argv += (SMOKE if profile and "--config" not in argv and not remembered else []) + ["--workdir", str(workdir)]
     return cli_main(argv)
 
 

@@ -102,3 +102,50 @@ def test_a_mapping_field_takes_new_keys_from_set():
     cfg = load_config("tiny", ["data.mcq.seedbench=/data/SEEDBench_IMG.tsv", "data.mcq.mmbench="])
     assert cfg.data.mcq == {"mmbench": "", "seedbench": "/data/SEEDBench_IMG.tsv"}
     assert load_config("tiny", ["run.device=cuda:1"]).run.device == "cuda:1"
+
+
+def test_a_profile_name_is_a_profile_even_beside_a_folder_of_that_name(tmp_path, monkeypatch):
+    """``--config smoke`` with a folder (or a file) ``smoke`` in the current folder is the profile:
+    only a ``/`` or a ``.yaml``/``.yml`` suffix makes a path (it crashed with IsADirectoryError)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "smoke").mkdir()
+    (tmp_path / "tiny").write_text("vqvae: {steps: 1}\n")
+    assert C.resolve_profile("smoke") == C.CONFIG_DIR / "smoke.yaml"
+    assert C.resolve_profile("tiny") == C.CONFIG_DIR / "tiny.yaml"
+    assert load_config("smoke").run.workdir == "perceptio-smoke"
+    assert [C.is_profile_path(x) for x in ("smoke", "./smoke", "a/b", "x.yaml", "x.yml", tmp_path)] == [
+        False, True, True, True, True, True]
+
+
+def test_a_path_is_a_file_and_an_unknown_name_lists_the_profiles(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.yaml").write_text("vqvae: {steps: 5}\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "mine").write_text("vqvae: {steps: 6}\n")
+    assert load_config("mine.yaml").vqvae.steps == 5
+    assert load_config("sub/mine").vqvae.steps == 6  # a path without a suffix: it has a /
+    with pytest.raises(ConfigError, match="config file not found: gone.yaml"):
+        load_config("gone.yaml")
+    with pytest.raises(ConfigError, match="config sub is not a file"):
+        load_config("./sub")
+    with pytest.raises(ConfigError) as e:
+        load_config("mine")  # a file ``mine`` here is not looked at; ``mine.yaml`` is the way to name it
+    assert "unknown profile 'mine'" in str(e.value) and "smoke, tiny" in str(e.value)
+    (tmp_path / "mine").write_text("vqvae: {steps: 7}\n")
+    with pytest.raises(ConfigError, match=r"a YAML file is named with a / or a \.yaml suffix"):
+        load_config("mine")
+
+
+def test_a_workdir_remembers_its_profile(tmp_path, monkeypatch):
+    """What ``perceptio run`` records in a workdir (:func:`remember_profile`) reads back, a YAML file
+    as its absolute path, ``run.workdir`` left out (the record's folder is the workdir)."""
+    monkeypatch.chdir(tmp_path)
+    assert C.remembered_profile(tmp_path / "w") is None
+    C.remember_profile(tmp_path / "w", "smoke", ["vqvae.steps=3", "run.workdir=elsewhere"], run_id="r1")
+    assert C.remembered_profile(tmp_path / "w") == ("smoke", ["vqvae.steps=3"])
+    (tmp_path / "mine.yaml").write_text("vqvae: {steps: 5}\n")
+    C.remember_profile(tmp_path / "w", "mine.yaml", [])
+    assert C.remembered_profile(tmp_path / "w") == (str(tmp_path / "mine.yaml"), [])
+    (tmp_path / "w" / C.WORKDIR_RECORD).write_text('{"profile": 3}')
+    with pytest.raises(ConfigError, match="does not read as a workdir record"):
+        C.remembered_profile(tmp_path / "w")
