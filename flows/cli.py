@@ -157,7 +157,7 @@ def _cmd_lineage(args: argparse.Namespace) -> int:
         stage, key = ref, compute_keys(cfg, STAGES, wd)[ref][0]
     else:
         stage, key = store.find(ref)
-    print(format_lineage(lineage(store, stage, key), store.url))
+    print(format_lineage(lineage(store, stage, key)))
     return 0
 
 

@@ -46,9 +46,10 @@ def lineage(store: ArtifactStore, stage: str, key: str,
 
 
 def lineage_order(node: LineageNode) -> list[LineageNode]:
-    """Every artifact of ``node``'s lineage once, in topological order: each after all its parents
-    (parents in stage order, depth first), ``node`` last."""
-    out: list[LineageNode] = []
+    """Every artifact of ``node``'s lineage once, ``node`` first and each artifact before the ones it
+    was made from (a topological order of the made-from graph: reading down goes upstream; the
+    DAG's roots, ``sources``, come last)."""
+    post: list[LineageNode] = []
     done: set[tuple[str, str]] = set()
 
     def visit(n: LineageNode) -> None:
@@ -57,19 +58,17 @@ def lineage_order(node: LineageNode) -> list[LineageNode]:
         done.add((n.stage, n.key))
         for p in n.parents:
             visit(p)
-        out.append(n)
+        post.append(n)  # after everything it was made from
 
     visit(node)
-    return out
+    return post[::-1]
 
 
-def format_lineage(node: LineageNode, store_url: str | None = None) -> str:
-    """A terminal rendering: every artifact of the lineage once, in topological order (``node``
-    last), each with its digests, git commit and run, and a line ``<- stage/key`` per artifact it
-    was made from. With ``store_url`` (the store read) a first line names it, and each artifact's
-    location is given relative to it (``stage/key``, the artifact's name) unless it lies elsewhere."""
-    lines = [f"store {store_url}"] if store_url else []
-    base = store_url.rstrip("/") + "/" if store_url else None
+def format_lineage(node: LineageNode) -> str:
+    """A terminal rendering: every artifact of the lineage once (:func:`lineage_order`: ``node``
+    first), each with its digests, git commit and run, its URL where the store read has it now, and
+    a line ``<- stage/key`` per artifact it was made from (whose own entry follows further down)."""
+    lines: list[str] = []
     for n in lineage_order(node):
         name = f"{n.stage}/{n.key}"
         if n.missing:
@@ -78,9 +77,6 @@ def format_lineage(node: LineageNode, store_url: str | None = None) -> str:
         run = n.produced_by.get("run_id", "?")
         commit = (n.git_commit or "no git")[:12]
         lines.append(f"{name}  config {n.config_digest[:12]}  code {n.code_digest[:12]}  git {commit}  run {run}")
-        if base is None or not n.url.startswith(base):
-            lines.append(f"    at {n.url}")
-        elif n.url[len(base):] != name:
-            lines.append(f"    at {n.url[len(base):]}")
+        lines.append(f"    {n.url}")
         lines += [f"    <- {p.stage}/{p.key}" + ("  (not in this store)" if p.missing else "") for p in n.parents]
     return "\n".join(lines)
