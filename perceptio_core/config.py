@@ -43,7 +43,7 @@ class RunConfig:
     store: str = ""  # artifact store: a local path or any fsspec URL; "" -> <workdir>/store
     device: str = "auto"  # "auto" (cuda when present), "cpu", "cuda"
     seed: int = 0
-    torch_threads: int = 0  # 0: leave torch's default
+    torch_threads: int = 0  # 0: the CLI's default, half the cores (perceptio_core.device.default_cpu_threads); n: n threads
     lock_wait_s: float = 3600.0  # a run finding its workdir in use waits this long for it, then stops
     # experiment trackers the training curves and each stage's metrics go to (tensorboard, wandb,
     # mlflow; [] turns tracking off); logs under <workdir>/tracking/<run id>/<stage>

@@ -7,9 +7,10 @@ the one mixed-precision context every forward of the teacher, the VQ-VAE and the
 is ``fn(step, total, info)``; the Prefect tasks pass one that logs, the tests pass none.
 
 CPU threads: :func:`cpu_thread_env`, called by the entry points (``perceptio``, ``flows.train_script``,
-``flows.eval_script``) before torch is imported, gives torch one intra-op thread and OpenMP a passive
-wait unless the environment says otherwise: a fit of the tiny profile with one OpenMP team per core
-ran 7 to 14x slower than clean beside a competing job, one thread 1.5 to 2x (``bench/bench_load.py``).
+``flows.eval_script``) before torch is imported, gives torch half the cores this process may use
+(one on 2 cores) and OpenMP a passive wait unless the environment says otherwise: on 2 cores a fit
+of the tiny profile with one OpenMP team per core ran 7 to 14x slower than clean beside a competing
+job, one thread 1.5 to 2x (``bench/bench_load.py``).
 This module imports torch only inside the functions that use it, so the entry points may import it first.
 """
 
@@ -29,18 +30,31 @@ ProgressFn = Callable[[int, int, dict[str, Any]], None]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
-CPU_THREAD_DEFAULTS = {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
-"""What :func:`cpu_thread_env` sets where the environment has no value (bench/bench_load.py)."""
+CPU_THREAD_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
+"""What :func:`cpu_thread_env` sets where the environment has no value (bench/bench_load.py), besides
+``OMP_NUM_THREADS`` (:func:`default_cpu_threads`)."""
+
+
+def default_cpu_threads() -> int:
+    """Half the cores this process may use, at least 1: one on a 2-core laptop (where a second
+    OpenMP thread beside any other job made a fit 7 to 14x slower, bench/bench_load.py), four on an
+    8-core one, so a bigger machine is not held to one core."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, cores // 2)
 
 
 def cpu_thread_env(env: MutableMapping[str, str] | None = None) -> dict[str, str]:
     """Set in ``env`` (default ``os.environ``) each of :data:`CPU_THREAD_DEFAULTS` it lacks, before
-    torch is imported (OpenMP reads them when it loads): torch's intra-op threads default to 1 and an
-    idle OpenMP thread sleeps instead of spinning. A value already there wins (``OMP_NUM_THREADS=4
+    torch is imported (OpenMP reads them when it loads): torch's intra-op threads default to half the
+    cores (:func:`default_cpu_threads`) and an idle OpenMP thread sleeps instead of spinning. A value already there wins (``OMP_NUM_THREADS=4
     perceptio run``), and so does ``run.torch_threads`` (``torch.set_num_threads`` at the run's start).
     Returns what it set."""
     env = os.environ if env is None else env
-    out = {k: v for k, v in CPU_THREAD_DEFAULTS.items() if k not in env}
+    wanted = {"OMP_NUM_THREADS": str(default_cpu_threads()), **CPU_THREAD_DEFAULTS}
+    out = {k: v for k, v in wanted.items() if k not in env}
     env.update(out)
     return out
 
