@@ -531,6 +531,34 @@ def _prepare_prefect(args: argparse.Namespace) -> None:
               f"`PREFECT_HOME={home} prefect server start`", file=sys.stderr)
 
 
+def _interruptible(args: argparse.Namespace, argv: list[str]) -> int:
+    """Run ``args.fn`` so that Ctrl-C or SIGTERM (a cluster scheduler's stop) ends it within
+    seconds and cleanly: the pipeline writes its summary with the cut stage ``interrupted``
+    (flows/pipeline.py), the finished stages and the cut stage's durable chunks stay, and one line
+    says how to resume; exit status 128 + the signal (130, 143). Prefect turns SIGTERM into its
+    ``TerminationSignal`` during a flow and sends it again to this handler after the flow ended."""
+    import shlex
+    import signal
+
+    got: list[int] = []
+
+    def stop(signum: int, _frame: Any) -> None:
+        got.append(signum)
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, stop)
+    try:
+        return args.fn(args)
+    except KeyboardInterrupt:
+        signum = got[0] if got else signal.SIGINT
+        print(f"perceptio: interrupted ({signal.Signals(signum).name}); the finished stages are in the store and "
+              f"the cut stage resumes from its last durable chunk: run `perceptio {shlex.join(argv)}` again",
+              file=sys.stderr)
+        return 128 + int(signum)
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def main(argv: list[str] | None = None) -> int:
     from perceptio_core.device import cpu_thread_env
 
@@ -550,6 +578,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(line, file=sys.stderr)
         if args.cmd in ("run", "ablate"):
             _prepare_prefect(args)
+            return _interruptible(args, sys.argv[1:] if argv is None else argv)
         return args.fn(args)
     except Exception as e:
         if not isinstance(e, _user_errors()):

@@ -24,6 +24,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.context import FlowRunContext
 from prefect.runtime import flow_run as runtime_flow_run
+from prefect.exceptions import TerminationSignal
 from prefect.states import State
 
 from perceptio_core.config import ConfigError, PerceptioConfig, dump_config, load_config, remember_profile
@@ -73,6 +74,7 @@ class Plan:
         # Prefect links them to it and draws the edge (tasks.stage_task.StageResult)
         self.task_results: dict[str, StageResult] = {}
         self.t0 = time.time()
+        self.current: tuple[str, str, float] | None = None  # (stage, key, start) of the stage running now
 
     def step(self, name: str, *upstream: ArtifactRef | State | None) -> ArtifactRef | None:
         """Run (or resolve) stage ``name`` given its upstream references; None when the stage is
@@ -101,7 +103,9 @@ class Plan:
         else:
             reused = [r.url for r in refs.values() if r.status == "reused"]
             inputs = {n: self.task_results.get(n, r) for n, r in refs.items()}
+            self.current = (name, key, t0)
             result = stage_task(name, url, reused)(name, self.run, key, material, inputs)
+            self.current = None
             if isinstance(result, State):  # a stage reused from the store returns Cached
                 result = result.result()
             if isinstance(result, StageResult):
@@ -137,6 +141,19 @@ class Plan:
             "stages": self.records,
             "metrics": flat,
         }
+
+    def interrupted(self) -> dict[str, Any]:
+        """The summary of a run cut by Ctrl-C or SIGTERM: the stages that finished as they are, the
+        one that was running marked ``interrupted`` (its finished chunks or checkpoints stay in its
+        staging folder, from which the next run resumes); written like :meth:`finish`'s."""
+        if self.current is not None:
+            name, key, t0 = self.current
+            self.records[name] = {"key": key, "url": self.run.store.artifact_url(name, key), "status": "interrupted",
+                                  "wall_s": round(time.time() - t0, 3), "metrics": {},
+                                  "quarantine": {"count": 0, "reasons": {}}}  # fmt: skip
+        summary = {**self.summary(), "interrupted": True}
+        write_json(self.run.workdir / "runs" / self.run.run_id / "summary.json", summary, sort_keys=False)
+        return summary
 
     def finish(self) -> dict[str, Any]:
         summary = self.summary()
@@ -194,18 +211,30 @@ def perceptio_pipeline(
     log = get_run_logger()
     with workdir_lock(run.workdir, run.cfg.run.lock_wait_s, log.warning):  # one run per workdir at a time
         plan = Plan(run, only=only, from_stage=from_stage)
-        world = plan.step("sources")
-        benchmarks = plan.step("benchmarks")
-        fitted = plan.step("fit_teacher", world)
-        depth = plan.step("teacher_depth", world, fitted)
-        codebook = plan.step("train_vqvae", world, depth)
-        tokens = plan.step("tokenize_depth", depth, codebook)
-        samples = plan.step("curate", world, depth, codebook, tokens)
-        base = plan.step("base", world)
-        segmenter = plan.step("fit_sam2", world)
-        model = plan.step("finetune", base, segmenter, samples, depth, codebook)
-        plan.step("evaluate", world, benchmarks, depth, model, base)
-        return plan.finish()
+        try:
+            return _steps(plan)
+        except (KeyboardInterrupt, TerminationSignal):  # Ctrl-C, or SIGTERM (Prefect's bridge)
+            plan.interrupted()
+            log.warning("run %s interrupted%s; the finished stages are in the store, the summary in %s", run.run_id,
+                        f" in {plan.current[0]}" if plan.current else "",
+                        run.workdir / "runs" / run.run_id / "summary.json")
+            raise
+
+
+def _steps(plan: Plan) -> dict[str, Any]:
+    """The DAG, stage after stage: the body of :func:`perceptio_pipeline`."""
+    world = plan.step("sources")
+    benchmarks = plan.step("benchmarks")
+    fitted = plan.step("fit_teacher", world)
+    depth = plan.step("teacher_depth", world, fitted)
+    codebook = plan.step("train_vqvae", world, depth)
+    tokens = plan.step("tokenize_depth", depth, codebook)
+    samples = plan.step("curate", world, depth, codebook, tokens)
+    base = plan.step("base", world)
+    segmenter = plan.step("fit_sam2", world)
+    model = plan.step("finetune", base, segmenter, samples, depth, codebook)
+    plan.step("evaluate", world, benchmarks, depth, model, base)
+    return plan.finish()
 
 
 # Each stage's headline metrics, in this order (the README's table names them): (metric pattern,

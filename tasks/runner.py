@@ -17,6 +17,7 @@ import logging
 import os
 import platform
 import socket
+import sys
 import threading
 import time
 import traceback
@@ -338,6 +339,14 @@ def _quarantine_summary(entries: list[QuarantineEntry]) -> dict[str, Any]:
     }
 
 
+def _interrupts() -> tuple[type[BaseException], ...]:
+    """What a stop looks like inside a stage: Ctrl-C, and Prefect's ``TerminationSignal`` (SIGTERM
+    during a flow run) when Prefect is loaded (this module does not import it)."""
+    prefect_exceptions = sys.modules.get("prefect.exceptions")
+    signal = getattr(prefect_exceptions, "TerminationSignal", None)
+    return (KeyboardInterrupt,) + ((signal,) if signal is not None else ())
+
+
 def execute_stage(
     spec: StageSpec,
     run: RunContext,
@@ -371,8 +380,11 @@ def execute_stage(
     try:
         with tracking_scope(tracking):  # the training loop tracks into the stage's run
             out = spec.body(ctx)
-    except BaseException:
-        log.error("%s failed:\n%s", spec.name, traceback.format_exc())
+    except BaseException as e:
+        if isinstance(e, _interrupts()):  # Ctrl-C or SIGTERM: one line, no traceback
+            log.warning("%s interrupted; its finished chunks stay in %s for the next run", spec.name, writer.staging)
+        else:
+            log.error("%s failed:\n%s", spec.name, traceback.format_exc())
         raise
     wall = time.time() - t0
     if out.quarantine:
