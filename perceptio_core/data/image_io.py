@@ -13,6 +13,7 @@ tokens are stored. :func:`confined` keeps a name read from an annotation under i
 from __future__ import annotations
 
 import io
+import re
 import os
 import stat
 import warnings
@@ -155,8 +156,20 @@ def decode_image_bytes(data: bytes, path: str | os.PathLike[str]) -> tuple[Image
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
         raise bomb_error(path, e) from e
     except (OSError, SyntaxError, ValueError) as e:
-        raise CorruptImageError(path, REASON_CORRUPT_IMAGE, f"{type(e).__name__}: {e}") from e
+        raise CorruptImageError(path, REASON_CORRUPT_IMAGE, _plain(e)) from e
     return im, fmt
+
+
+_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-f]+>")
+
+
+def _plain(e: BaseException) -> str:
+    """An error in words for a quarantine reason: its type and message, less the memory addresses of
+    the objects it names (PIL's "cannot identify image file <_io.BytesIO object at 0x...>")."""
+    text = _OBJECT_REPR.sub("", str(e)).strip()
+    if isinstance(e, Image.UnidentifiedImageError) or text == "cannot identify image file":
+        return f"{type(e).__name__}: not an image PIL can identify (unknown format, or not image bytes)"
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def _read(path: str | os.PathLike[str]) -> bytes:

@@ -430,3 +430,15 @@ def test_read_refer_alone_raises_only_dataset_level_errors(tmp_path):
     tree = _refer_tree(root, {1: "good.jpg"}, [_ann(10, 1)], b"cos\nsystem\n(S'true'\ntR.")
     with pytest.raises(pickle.UnpicklingError, match="refused global 'os.system'"):
         read_refer(tree, root / "images")
+
+
+def test_a_reason_names_no_memory_address():
+    """PIL's "cannot identify image file <_io.BytesIO object at 0x...>" becomes words."""
+    import re
+
+    from perceptio_core.data.image_io import CorruptImageError, decode_image_bytes
+
+    with pytest.raises(CorruptImageError) as e:
+        decode_image_bytes(b"not an image", "x.png")
+    assert "UnidentifiedImageError: not an image PIL can identify" in str(e.value)
+    assert not re.search(r"0x[0-9a-f]{6,}", str(e.value))
