@@ -562,7 +562,7 @@ def _interruptible(args: argparse.Namespace, argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     from perceptio_core.device import cpu_thread_env
 
-    cpu_thread_env()  # before torch loads: one intra-op thread, passive OpenMP waits (an export wins)
+    cpu_thread_env()  # before torch loads: half the cores, passive OpenMP waits (an export wins)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Prefect's temporary server must come up within this; its 20 s default is not met on a loaded
     # 2-core machine (an export of the variable wins)

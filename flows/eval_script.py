@@ -32,7 +32,7 @@ from pathlib import Path
 def main(argv: list[str] | None = None) -> int:
     from perceptio_core.device import cpu_thread_env
 
-    cpu_thread_env()  # before torch loads: one intra-op thread, passive OpenMP waits (an export wins)
+    cpu_thread_env()  # before torch loads: half the cores, passive OpenMP waits (an export wins)
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         print("usage: python -m flows.eval_script JOB.json (under torchrun or accelerate launch)", file=sys.stderr)

@@ -37,7 +37,9 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 from perceptio_core.config import load_config
 
@@ -80,11 +82,28 @@ def _warn_single_cpu_launch() -> None:
 def main(argv: list[str] | None = None) -> int:
     from perceptio_core.device import cpu_thread_env
 
-    cpu_thread_env()  # before torch loads: one intra-op thread, passive OpenMP waits (an export wins)
+    cpu_thread_env()  # before torch loads: half the cores, passive OpenMP waits (an export wins)
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     _warn_single_cpu_launch()
     cfg = load_config(args.config, args.overrides)
+    from perceptio_core.training.tracking import TrackingSpec, tracking_scope
+
+    # tracked like the stage's own fit (run.trackers), under <out>/tracking/<launch time>/<stage>
+    spec = TrackingSpec.for_stage(cfg, time.strftime("launch-%Y%m%d-%H%M%S"), args.stage, workdir=args.out)
+    with tracking_scope(spec):
+        metrics = _fit(args, cfg)
+    from accelerate import PartialState
+
+    state = PartialState()
+    if state.is_main_process:
+        print(json.dumps(metrics, sort_keys=True))
+    state.wait_for_everyone()
+    state.destroy_process_group()
+    return 0
+
+
+def _fit(args: argparse.Namespace, cfg: Any) -> dict[str, Any]:
     if args.stage == "base":
         from perceptio_core.training.base_fit import fit_base
 
@@ -102,14 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg, args.data, args.out, base_dir=args.base, depth_tokenizer=args.vqvae,
             depth_maps_dir=args.depth_maps, sam2_checkpoint=args.sam2, resume=not args.no_resume, grad_dump_dir=args.dump_grads,
         )  # fmt: skip
-    from accelerate import PartialState
-
-    state = PartialState()
-    if state.is_main_process:
-        print(json.dumps(metrics, sort_keys=True))
-    state.wait_for_everyone()
-    state.destroy_process_group()
-    return 0
+    return metrics
 
 
 if __name__ == "__main__":

@@ -140,3 +140,12 @@ def synchronize(device: torch.device) -> None:
 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def quiet_worker(_worker_id: int) -> None:
+    """A DataLoader ``worker_init_fn``: the worker ignores SIGINT. Ctrl-C reaches every process of
+    the terminal's group; the main process stops the run and ends its workers, which would otherwise
+    each print a KeyboardInterrupt traceback."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

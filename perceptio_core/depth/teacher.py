@@ -47,7 +47,7 @@ from perceptio_core.config import TeacherConfig, TeacherFitConfig
 from perceptio_core.data.records import ImageRecord
 from perceptio_core.depth.maps import chunk_plan, done_chunks, write_chunk
 from perceptio_core.depth.metrics import teacher_scores
-from perceptio_core.device import ProgressFn, autocast, resolve_device, synchronize
+from perceptio_core.device import ProgressFn, autocast, quiet_worker, resolve_device, synchronize
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -280,7 +280,7 @@ def _loader(
 ) -> DataLoader:
     kwargs: dict[str, Any] = {}
     if num_workers > 0:
-        kwargs.update(prefetch_factor=2, persistent_workers=False)
+        kwargs.update(prefetch_factor=2, persistent_workers=False, worker_init_fn=quiet_worker)
     return DataLoader(
         _ImageDataset(paths, processor),
         batch_size=batch_size,

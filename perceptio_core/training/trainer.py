@@ -97,7 +97,7 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset
 
 from perceptio_core.atomic_io import fsync_dir, fsync_tree, write_json
-from perceptio_core.device import ProgressFn
+from perceptio_core.device import ProgressFn, quiet_worker
 from perceptio_core.config import TrainLoopConfig, canonical_json, to_dict
 from perceptio_core.training.schedule import build_scheduler, steps_for_epochs, warmup_steps
 from perceptio_core.training.tracking import TrackingSpec, current_tracking
@@ -414,6 +414,7 @@ class Trainer:
             num_workers=cfg.num_workers,
             pin_memory=not cpu,
             generator=self._loader_gen,
+            worker_init_fn=quiet_worker,  # Ctrl-C: the main process stops, the workers stay silent
             prefetch_factor=cfg.prefetch_factor if cfg.num_workers > 0 else None,
             persistent_workers=cfg.num_workers > 0,  # no re-fork at each epoch (the order comes
             # from the sampler in this process, so nothing in the workers depends on the epoch)

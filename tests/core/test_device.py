@@ -15,3 +15,25 @@ def test_thread_defaults_are_half_the_cores_and_an_export_wins(monkeypatch):
     assert env == {"OMP_NUM_THREADS": "3", "OMP_WAIT_POLICY": "PASSIVE"}
     env = {}
     assert cpu_thread_env(env) == {"OMP_NUM_THREADS": "4", "OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def test_a_dataloader_worker_ignores_ctrl_c():
+    """quiet_worker, the loaders' worker_init_fn: a worker process ignores SIGINT (the main process
+    ends it), so Ctrl-C prints no traceback per worker."""
+    import signal
+
+    import torch
+    from torch.utils.data import DataLoader
+
+    from perceptio_core.device import quiet_worker
+
+    class Probe(torch.utils.data.Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            return torch.tensor(int(signal.getsignal(signal.SIGINT) == signal.SIG_IGN))
+
+    loader = DataLoader(Probe(), batch_size=2, num_workers=1, worker_init_fn=quiet_worker)
+    assert next(iter(loader)).tolist() == [1, 1]
+    assert signal.getsignal(signal.SIGINT) != signal.SIG_IGN  # the main process keeps its handler
