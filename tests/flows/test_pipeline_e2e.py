@@ -80,13 +80,12 @@ def test_artifacts_and_lineage_in_the_store(first_run, capsys):
 @pytest.mark.slow
 def test_second_run_is_all_cached_then_vqvae_change_reruns_only_downstream(first_run, capsys, monkeypatch):
     wd, summary = first_run
-    import tasks.teacher
-
     def no_model(*a, **k):
         raise AssertionError("a cached teacher stage must not load or fit a model")
 
-    monkeypatch.setattr(tasks.teacher, "write_teacher_maps", no_model)
-    monkeypatch.setattr(tasks.teacher.teacher_fit, "fit_teacher", no_model)
+    # the stage bodies import these where they run
+    monkeypatch.setattr("perceptio_core.depth.teacher.write_teacher_maps", no_model)
+    monkeypatch.setattr("perceptio_core.training.teacher_fit.fit_teacher", no_model)
     again = _run(wd)
     assert {s: r["status"] for s, r in again["stages"].items()} == {s: "cached" for s in STAGES}
     assert {s: r["key"] for s, r in again["stages"].items()} == {s: r["key"] for s, r in summary["stages"].items()}
