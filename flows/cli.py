@@ -282,8 +282,18 @@ def _cmd_infer(args: argparse.Namespace) -> int:
             sets = " ".join(f"--set {o}" for o in rec[1]) or "no overrides"
             print(f"perceptio: workdir of profile {rec[0]}, {sets} (remembered in "
                   f"{Path(args.run) / WORKDIR_RECORD})", file=sys.stderr)
+    if args.queries is None and args.query is None:
+        print("perceptio: error: --image needs --query (or give --queries FILE.jsonl, one query a line)",
+              file=sys.stderr)
+        return 2
+    if args.queries is not None and args.query is not None:
+        print("perceptio: error: --queries FILE.jsonl names a query on each line; --query goes with --image",
+              file=sys.stderr)
+        return 2
     model_dir = Path(args.model) if args.model is not None else resolve_run_model(Path(args.run))
     template = None if args.template == "none" else args.template
+    if args.queries is not None or Path(args.image).is_dir():
+        return _infer_batch(args, model_dir, template)
     try:
         res = infer(model_dir, args.image, args.query, args.out, template=template,
                     max_new_tokens=args.max_new_tokens, constrained=not args.unconstrained,
@@ -298,6 +308,62 @@ def _cmd_infer(args: argparse.Namespace) -> int:
         if path is not None:
             print(f"{label}: {path}")
     return 0
+
+
+def _infer_batch(args: argparse.Namespace, model_dir: Path, template: str | None) -> int:
+    """``perceptio infer`` over a folder of images (``--image DIR``, the one ``--query``) or a JSONL
+    file (``--queries``): the model loaded once, one line a query, ``<out>/results.jsonl``. Exit 0
+    when every query was answered, 1 when some were not (their entries say why), 2 when there is
+    nothing to answer or no model."""
+    from perceptio_core.evaluation.infer import folder_queries, infer_batch, read_queries
+    from perceptio_core.model.export import ExportError
+
+    if args.queries is not None:
+        queries = read_queries(args.queries, template=template)
+        source = args.queries
+    else:
+        queries = folder_queries(args.image, args.query, template=template)
+        source = f"{args.image} (no file named *.jpg, *.png, *.webp, ...)"
+    if not queries:
+        print(f"perceptio: error: nothing to answer in {source}", file=sys.stderr)
+        return 2
+
+    def show(e: dict[str, Any]) -> None:
+        if e["error"]:
+            print(f"{e['line']}: error: {e['error']}")
+        else:
+            print(f"{e['line']}: {e['answer']!r} (perception block: {e['status']}) -> {e['out']}")
+
+    try:
+        entries = infer_batch(model_dir, queries, args.out, max_new_tokens=args.max_new_tokens,
+                              constrained=not args.unconstrained, device=args.device, on_result=show)
+    except ExportError as e:
+        print(f"perceptio: error: {e}", file=sys.stderr)
+        return 2
+    failed = sum(e["error"] is not None for e in entries)
+    print(f"{len(entries) - failed} answered, {failed} failed; results: {Path(args.out) / 'results.jsonl'}")
+    return 1 if failed else 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    """``perceptio demo``: the model of ``--run`` / ``--model`` behind a local web page (flows/demo.py);
+    exit 2 with the install line when Gradio (the ``demo`` extra) is missing."""
+    try:
+        import gradio  # noqa: F401  (the optional extra; imported here only, not by --help)
+    except ImportError:
+        print('perceptio: error: the demo needs Gradio, an optional extra: pip install -e ".[demo]"',
+              file=sys.stderr)
+        return 2
+    from flows.demo import serve
+    from perceptio_core.model.export import ExportError
+
+    model_dir = Path(args.model) if args.model is not None else resolve_run_model(Path(args.run))
+    try:
+        return serve(model_dir, host=args.host, port=args.port, out_dir=args.out, device=args.device,
+                     max_new_tokens=args.max_new_tokens, constrained=not args.unconstrained)
+    except ExportError as e:
+        print(f"perceptio: error: {e}", file=sys.stderr)
+        return 2
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -403,9 +469,14 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--run", help="a run folder, a workdir (its latest run) or a model folder")
     g.add_argument("--model", help="a model folder (an export of perceptio export, or any saved model)")
-    p.add_argument("--image", required=True)
-    p.add_argument("--query", required=True, help="what to segment (with the default template) or a prompt")
-    p.add_argument("--out", default="perceptio-infer", help="folder for answer, mask.png, depth.png")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--image", help="an image, or a folder: every image in it with the one --query")
+    g.add_argument("--queries", metavar="FILE.jsonl",
+                   help='one {"image": path, "query": text[, "template": name]} a line (paths relative '
+                        "to the file's folder); results in <out>/results.jsonl")
+    p.add_argument("--query", help="what to segment (with the default template) or a prompt")
+    p.add_argument("--out", default="perceptio-infer",
+                   help="folder for answer, mask.png, depth.png (many queries: <out>/<line>/ and results.jsonl)")
     p.add_argument("--template", default="refer_seg",
                    choices=["refer_seg", "semantic_seg", "depth_cot", "instruct", "none"],
                    help="prompt template the query fills (none: the query is the prompt)")
@@ -413,6 +484,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unconstrained", action="store_true", help="no constrained perception decoding")
     p.add_argument("--device", default="cpu")
     p.set_defaults(fn=_cmd_infer)
+    p = sub.add_parser("demo", help="a local web page (Gradio): drop an image, ask, see the answer, mask and depth")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--run", help="a run folder, a workdir (its latest run) or a model folder")
+    g.add_argument("--model", help="a model folder (an export of perceptio export, or any saved model)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    p.add_argument("--port", type=int, default=None, help="port (default: the first free one from 7860)")
+    p.add_argument("--out", default=None, help="folder for the answers' files (default: a temporary folder)")
+    p.add_argument("--max-new-tokens", type=int, default=160)
+    p.add_argument("--unconstrained", action="store_true", help="no constrained perception decoding")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(fn=_cmd_demo)
     p = sub.add_parser("export", help="a self-contained model folder from a trained run (model card, manifest)")
     p.add_argument("--run", required=True, help="a run folder, a workdir (its latest run) or a model folder")
     p.add_argument("--out", required=True, help="the export folder (must not exist, unless --force)")

@@ -23,6 +23,10 @@ Directories :func:`load_model` accepts: a model saved by ``PerceptioModel.save_p
 or a folder holding one as ``model/`` (the ``finetune`` stage's artifact: ``<artifact>/model``).
 ``result.json`` names the model folder the answer came from (``model``; None for a model passed
 loaded).
+
+Many queries with one model (``perceptio infer`` on a folder or a JSONL file): :func:`folder_queries`
+and :func:`read_queries` make the list, :func:`infer_batch` answers it into ``<out>/<line>/`` and
+``<out>/results.jsonl``, a bad line giving an error entry and the others answered.
 """
 
 from __future__ import annotations
@@ -194,5 +198,135 @@ def infer(
     return result
 
 
-__all__ = ["InferResult", "ModelNotFoundError", "colorize_depth", "infer", "load_model", "mask_overlay",
-           "resolve_model_dir"]
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+"""What :func:`folder_queries` takes for an image (the suffix, any case); other files are left out."""
+
+NO_TEMPLATE = "none"
+"""A template name that means "the query is the prompt" (``template=None`` of :func:`infer`)."""
+
+
+@dataclass
+class BatchQuery:
+    """One query of a batch: ``line`` (1-based line of the JSONL, or position in the folder), the
+    image, the query text and the template (None: the query is the prompt). ``where`` names it in
+    messages (``queries.jsonl line 3``, ``image 2 (b.png)``). ``error`` says why the line cannot be
+    answered (not JSON, a missing field); then image or query may be None."""
+
+    line: int
+    image: Path | None
+    query: str | None
+    template: str | None = None
+    error: str | None = None
+    where: str = ""
+
+
+def folder_queries(folder: str | os.PathLike[str], query: str, template: str | None = None) -> list[BatchQuery]:
+    """Every image of ``folder`` (its files with a suffix of :data:`IMAGE_SUFFIXES`, sorted by name,
+    not recursive) with the one ``query``; numbered 1, 2, ... in that order."""
+    root = Path(folder)
+    files = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return [BatchQuery(n, p, query, template, where=f"image {n} ({p.name})") for n, p in enumerate(files, 1)]
+
+
+def read_queries(path: str | os.PathLike[str], template: str | None = None) -> list[BatchQuery]:
+    """The queries of a JSONL file: one JSON object a line, ``{"image": path, "query": text}`` and
+    optionally ``"template"`` (a name :func:`infer` takes, ``"none"`` or null: the query is the
+    prompt; absent: ``template``). A relative image path is relative to the file's folder. Blank
+    lines are skipped; a line that is not a JSON object or lacks a field comes back with ``error``
+    set (naming the line), so that a batch answers the others."""
+    src = Path(path)
+    base = src.parent
+    out: list[BatchQuery] = []
+    for n, raw in enumerate(src.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not raw.strip():
+            continue
+        where = f"{src.name} line {n}"
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as e:
+            out.append(BatchQuery(n, None, None, error=f"{where}: not JSON ({e.msg})", where=where))
+            continue
+        if not isinstance(obj, dict):
+            out.append(BatchQuery(n, None, None, error=f"{where}: not a JSON object (got {type(obj).__name__})",
+                                  where=where))
+            continue
+        image, query = obj.get("image"), obj.get("query")
+        tmpl = obj.get("template", template)
+        tmpl = None if tmpl in (None, NO_TEMPLATE) else tmpl
+        bad = [f"{k!r} (a non-empty string)" for k, v in (("image", image), ("query", query))
+               if not isinstance(v, str) or not v.strip()]  # fmt: skip
+        if not isinstance(tmpl, (str, type(None))):
+            bad.append("'template' (a string)")
+        img = (base / Path(image).expanduser()) if isinstance(image, str) and image.strip() else None
+        q = query if isinstance(query, str) else None
+        out.append(BatchQuery(n, img, q, tmpl if isinstance(tmpl, str) else None,
+                              error=f"{where}: missing or wrong {', '.join(bad)}" if bad else None, where=where))
+    return out
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, Path):
+        return str(v)
+    if isinstance(v, list):
+        return [_jsonable(x) for x in v]
+    return v
+
+
+def infer_batch(
+    model_or_dir: Any,
+    queries: list[BatchQuery],
+    out_dir: str | os.PathLike[str],
+    *,
+    device: str = "cpu",
+    on_result: Any = None,
+    **infer_kwargs: Any,
+) -> list[dict[str, Any]]:
+    """Answer every query of ``queries`` with one model (loaded once when ``model_or_dir`` is a
+    directory) and write ``<out_dir>/results.jsonl``, one entry a query, in order.
+
+    Query ``q`` is answered by :func:`infer` into ``<out_dir>/<q.line>/`` (its mask, overlay and
+    depth PNGs and result.json). Its entry: ``line``, ``image``, ``query``, ``template``, ``out``,
+    ``answer``, ``status`` (the block status), ``mask_png``, ``masks_png``, ``overlay_png``,
+    ``depth_png``, ``result_json``, ``error`` (None) and ``model`` (the model folder; None for a
+    model passed loaded). A query that cannot be answered (its
+    ``error`` from :func:`read_queries`, an unreadable image, an empty query, an unknown template)
+    gets ``status: "error"`` and ``error`` naming the line, and the batch goes on. Each entry is
+    written (and flushed) as soon as it is known and passed to ``on_result`` when given.
+
+    ``infer_kwargs`` go to :func:`infer` (``response_prefix``, ``max_new_tokens``, ...).
+    """
+    from perceptio_core.data.image_io import ImageError
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model, model_dir = model_or_dir, None
+    if isinstance(model_or_dir, (str, os.PathLike)):
+        model_dir = resolve_model_dir(model_or_dir).resolve()
+        model = load_model(model_dir, device=device)
+    entries: list[dict[str, Any]] = []
+    with open(out / "results.jsonl", "w", encoding="utf-8") as f:
+        for q in queries:
+            entry: dict[str, Any] = {"line": q.line, "image": _jsonable(q.image), "query": q.query,
+                                     "template": q.template, "out": None, "answer": None, "status": "error",
+                                     "mask_png": None, "masks_png": [], "overlay_png": None, "depth_png": None,
+                                     "result_json": None, "error": q.error,
+                                     "model": str(model_dir) if model_dir is not None else None}  # fmt: skip
+            if q.error is None:
+                try:
+                    r = infer(model, q.image, q.query or "", out / str(q.line), template=q.template, **infer_kwargs)
+                except (ImageError, ValueError) as e:
+                    entry["error"] = f"{q.where or f'line {q.line}'}: {e}"
+                else:
+                    entry.update({k: _jsonable(getattr(r, k)) for k in ("answer", "status", "mask_png", "masks_png",
+                                                                        "overlay_png", "depth_png", "result_json")})
+                    entry["out"] = str(out / str(q.line))
+            f.write(json.dumps(entry) + "\n")
+            f.flush()
+            entries.append(entry)
+            if on_result is not None:
+                on_result(entry)
+    return entries
+
+
+__all__ = ["IMAGE_SUFFIXES", "BatchQuery", "InferResult", "ModelNotFoundError", "colorize_depth", "folder_queries",
+           "infer", "infer_batch", "load_model", "mask_overlay", "read_queries", "resolve_model_dir"]
