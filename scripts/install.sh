@@ -11,11 +11,12 @@ PY=${PYTHON:-python3}
 if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   "$PY" -m pip install -q "torch==2.13.0"
 fi
-"$PY" -m pip install -q -e ".[test]"
+# the test extra and the demo extra (Gradio, for `perceptio demo` and its browser test)
+"$PY" -m pip install -q -e ".[test,demo]"
 if ! "$PY" -c "import sam2" >/dev/null 2>&1; then
   SAM2_BUILD_CUDA=0 "$PY" -m pip install -q --no-deps --no-build-isolation "sam2==1.1.0"
 fi
-# Headless Chromium for the UI test (tests/server/test_ui_browser.py): Debian's package, only in
+# Headless Chromium for the UI tests (tests/server/test_ui_browser.py, test_demo_browser.py): Debian's package, only in
 # CI (CI=true, as CI runners set it for .ci/run) or when asked (PERCEPTIO_INSTALL_BROWSER=1), and only as root
 # with apt-get; a developer machine is never touched otherwise (the test then skips, outside CI).
 if [ "${CI:-}" = "true" ] || [ "${PERCEPTIO_INSTALL_BROWSER:-}" = "1" ]; then
@@ -33,7 +34,7 @@ fi
 "$PY" - <<'PY'
 import importlib, sys
 for m in ("torch", "transformers", "peft", "accelerate", "prefect", "webdataset", "pyarrow",
-          "pycocotools", "sam2.modeling.sam.mask_decoder", "torch.utils.tensorboard"):
+          "pycocotools", "sam2.modeling.sam.mask_decoder", "torch.utils.tensorboard", "gradio"):
     importlib.import_module(m)
 assert "torchvision" not in sys.modules, "torchvision must not be imported"
 print("perceptio: environment ready")
