@@ -183,6 +183,9 @@ class ArtifactStore:
             for name, info in m.files.items():
                 p = f"{base}/{name}" if self.local else str(self._fetch(stage, key, name, info, check=False))
                 if file_digest(p) != info["sha256"]:
+                    token = self._digest_token(stage, key)
+                    with _DIGESTS_LOCK:  # trusted earlier in this process: no longer
+                        _DIGESTS_OK.discard(token)
                     raise StoreError(f"artifact {stage}/{key}: file {name} fails its sha256 (its bytes changed)")
         return m
 

@@ -10,8 +10,8 @@ folder survives a kill, so a long stage resumes from the files it already finish
 
 from __future__ import annotations
 
-import ast
 import contextlib
+import io
 
 import logging
 import os
@@ -20,6 +20,7 @@ import socket
 import sys
 import threading
 import time
+import tokenize
 import traceback
 from collections import Counter
 from dataclasses import dataclass, field
@@ -178,14 +179,14 @@ def _is_package_init(module: str) -> bool:
     return path is not None and path.name == "__init__.py"
 
 
-_PARSE_LOCK = threading.Lock()  # CPython 3.11's ast.parse races when threads parse at once
+_PARSE_LOCK = threading.Lock()
 _IMPORTS: dict[tuple[str, int, int], frozenset[str]] = {}  # (file, mtime, size) -> its project imports
 
 
 def _direct_project_imports(module: str) -> set[str]:
     """Project modules named by ``module``'s import statements, absolute and relative (``from pkg
-    import mod`` and ``from . import mod`` count as ``pkg.mod`` when that is a module). Each file is
-    parsed once per process (per modification), under a lock."""
+    import mod`` and ``from . import mod`` count as ``pkg.mod`` when that is a module), imports
+    inside functions included. Each file is read once per process (per modification)."""
     path = _module_file(module)
     if path is None:
         return set()
@@ -197,24 +198,82 @@ def _direct_project_imports(module: str) -> set[str]:
         return set(_IMPORTS[key])
 
 
+def import_statements(text: str) -> list[tuple[int, str, list[str]]]:
+    """Every import statement of Python source ``text`` as ``(level, module, names)``: ``import a.b,
+    c`` -> ``(0, "", ["a.b", "c"])``, ``from ..x import y as z`` -> ``(2, "x", ["y"])``. Read with the
+    tokenizer, not ``ast.parse``: CPython 3.11's AST conversion fails at random ("AST constructor
+    recursion depth mismatch") when another thread builds an AST at the same time, and a run has
+    Prefect's threads beside it."""
+    toks = [t for t in tokenize.generate_tokens(io.StringIO(text).readline)
+            if t.type not in (tokenize.COMMENT, tokenize.NL)]
+    out: list[tuple[int, str, list[str]]] = []
+    start = True
+    i = 0
+    while i < len(toks):
+        t = toks[i]
+        # a statement starts a logical line, or follows ";" or a compound statement's ":" (``if x: import y``;
+        # import and from are keywords, so after ":" they can only start a statement)
+        if t.type in (tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT) or (t.type == tokenize.OP and t.string in ";:"):
+            start = True
+            i += 1
+            continue
+        if start and t.type == tokenize.NAME and t.string in ("import", "from"):
+            j = i
+            while j < len(toks) and toks[j].type not in (tokenize.NEWLINE, tokenize.ENDMARKER) and \
+                    not (toks[j].type == tokenize.OP and toks[j].string == ";"):
+                j += 1
+            words = [x.string for x in toks[i:j] if x.string not in ("(", ")")]
+            out.append(_statement(words))
+            i = j
+            continue
+        start = False
+        i += 1
+    return out
+
+
+def _statement(words: list[str]) -> tuple[int, str, list[str]]:
+    def names(ws: list[str]) -> list[str]:
+        out, cur, skip = [], "", False
+        for w in ws + [","]:
+            if w == ",":
+                if cur and cur != "*":
+                    out.append(cur)
+                cur, skip = "", False
+            elif w == "as":
+                skip = True
+            elif not skip:
+                cur += w
+        return out
+
+    if words[0] == "import":
+        return 0, "", names(words[1:])
+    k, level = 1, 0
+    while k < len(words) and words[k] in (".", "..."):
+        level += len(words[k])
+        k += 1
+    module = ""
+    while k < len(words) and words[k] != "import":
+        module += words[k]
+        k += 1
+    return level, module, names(words[k + 1:])
+
+
 def _parse_imports(module: str, path: Path) -> set[str]:
     package = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
     out: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-        if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:  # relative: from the module's package, one level up per extra dot
-                parts = package[: len(package) - (node.level - 1)] if node.level - 1 <= len(package) else []
-                base = ".".join(parts + ([node.module] if node.module else []))
+    for level, mod, names in import_statements(path.read_text()):
+        if level == 0 and not mod:  # import a.b, c
+            found = names
+        else:
+            if level:  # relative: from the module's package, one level up per extra dot
+                parts = package[: len(package) - (level - 1)] if level - 1 <= len(package) else []
+                base = ".".join(parts + ([mod] if mod else []))
             else:
-                base = node.module or ""
+                base = mod
             if not base:
                 continue
-            names = [base] + [f"{base}.{a.name}" for a in node.names]
-        else:
-            continue
-        out |= {n for n in names if n.split(".")[0] in PROJECT_PACKAGES and _module_file(n) is not None}
+            found = [base] + [f"{base}.{n}" for n in names]
+        out |= {n for n in found if n.split(".")[0] in PROJECT_PACKAGES and _module_file(n) is not None}
     return out
 
 

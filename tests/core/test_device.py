@@ -34,6 +34,10 @@ def test_a_dataloader_worker_ignores_ctrl_c():
         def __getitem__(self, i):
             return torch.tensor(int(signal.getsignal(signal.SIGINT) == signal.SIG_IGN))
 
-    loader = DataLoader(Probe(), batch_size=2, num_workers=1, worker_init_fn=quiet_worker)
-    assert next(iter(loader)).tolist() == [1, 1]
-    assert signal.getsignal(signal.SIGINT) != signal.SIG_IGN  # the main process keeps its handler
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # a terminal's (CI may run us ignoring it)
+    try:
+        loader = DataLoader(Probe(), batch_size=2, num_workers=1, worker_init_fn=quiet_worker)
+        assert next(iter(loader)).tolist() == [1, 1]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the main process keeps its own
+    finally:
+        signal.signal(signal.SIGINT, before)

@@ -121,7 +121,7 @@ def test_the_worked_example_trains_on_its_own_dataset(tmp_path):
     stages = summary["stages"]
     assert all(s["status"] == "computed" and s["quarantine"]["count"] == 0 for s in stages.values())
 
-    # what the doc says the summary shows: each stage line's status, quarantine and name=value metrics
+    # what the doc says the summary shows: each stage line's status, quarantine and headline figures
     table = {line.split()[0]: line for line in r.stdout.splitlines() if line.split()[:1] and line.split()[0] in stages}
     for line in _blocks("text")[0].splitlines()[1:]:
         name, status, _key, _wall, quarantined, *metrics = line.replace(",", " ").split()

@@ -134,7 +134,11 @@ def test_teacher_killed_half_way_resumes_without_recomputing(first_run, tmp_path
     wd = tmp_path / "killed"
     shutil.copytree(wd0 / "store", wd / "store", ignore=shutil.ignore_patterns("teacher_depth"))
     shutil.copytree(wd0 / "worlds", wd / "worlds")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # the killed run computes with this process's thread count, as the first run did (the CLI's thread
+    # default, exported by the in-process runs, would change the float sums)
+    import torch
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(torch.get_num_threads())}
     with open(tmp_path / "killed.log", "w") as log:
         p = subprocess.Popen(
             [sys.executable, "-c", KILL_SCRIPT.format(root=str(ROOT), wd=str(wd))],
@@ -285,7 +289,8 @@ def test_a_benchmark_edit_reruns_evaluation_and_no_training_stage(first_run, tmp
     assert {s for s, r in again["stages"].items() if r["status"] == "cached"} == set(STAGES) - benchmark_readers
     bkey = again["stages"]["benchmarks"]["key"]
     store = ArtifactStore(wd / "store")
-    bench = Benchmarks.from_json((store.dir("benchmarks", bkey) / "benchmarks.json").read_text())
+    bdir = store.dir("benchmarks", bkey)
+    bench = Benchmarks.from_json((bdir / "benchmarks.json").read_text(), artifact=bdir)
     edited = next(r for r in bench.hardblink if r.qid == f"3pt/{rows[0]['question_id']}")
     assert edited.answer == rows[0]["text"] != old and edited.image_path.startswith(str(hb.resolve()))
     ev = store.manifest("evaluate", again["stages"]["evaluate"]["key"])

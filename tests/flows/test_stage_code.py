@@ -77,3 +77,31 @@ def test_relative_imports_are_followed(tmp_path, monkeypatch):
     (pkg / "cousin.py").write_text("Y = 4\n")  # an edit is seen: the cached parse is per file version
     again = runner.project_imports_closure(["perceptio_core.fake.top"])
     assert again == found and [p.read_text() for p in runner.module_files(sorted(again))] != before
+
+
+def _ast_imports(text):
+    """The reference: the same statements read with ``ast`` (one thread, here)."""
+    import ast
+
+    out = []
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.Import):
+            out.append((0, "", [a.name for a in node.names]))
+        elif isinstance(node, ast.ImportFrom):
+            out.append((node.level, node.module or "", [a.name for a in node.names if a.name != "*"]))
+    return sorted(out)
+
+
+def test_the_tokenizer_reads_the_imports_ast_reads_in_every_project_file():
+    """The code-version walk reads imports with the tokenizer (CPython 3.11's ast.parse fails when
+    threads build ASTs at once): on every file of the project it finds exactly what ast finds."""
+    from tasks.runner import REPO_ROOT, import_statements
+
+    files = [p for d in ("perceptio_core", "tasks", "flows", "storage") for p in (REPO_ROOT / d).rglob("*.py")]
+    assert len(files) > 50
+    for p in files:
+        text = p.read_text()
+        assert sorted(import_statements(text)) == _ast_imports(text), p
+    tricky = ("import a.b as c, d\nfrom .. import (x,\n    y as z)  # c\nif 1: from .m import *\n"
+              "s = 'import nothing'\nx = 1; import e\nfrom ...p.q import r\n")
+    assert sorted(import_statements(tricky)) == _ast_imports(tricky)

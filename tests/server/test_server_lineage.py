@@ -223,18 +223,20 @@ def test_lineage_cli_reads_the_store_alone(smoke_pipeline: SmokePipeline, tmp_pa
     assert lines[0].startswith(f"{sink}/{keys[sink]}")
     assert f"run {run.summary['run_id']}" in lines[0]
     assert lines[1].strip() == run.stage(sink)["url"]
-    # every artifact of the chain, with its store URL; each upstream indented below its consumer
+    # every artifact of the chain once, with its store URL and one "<- parent" line per input; an
+    # artifact is printed before the ones it was made from
+    headers = [i for i, ln in enumerate(lines) if not ln.startswith(" ")]
     for stage in chain:
-        assert f"{stage}/{keys[stage]}" in out, stage
+        assert sum(ln.startswith(f"{stage}/{keys[stage]}") for ln in lines) == 1, stage
         assert run.stage(stage)["url"] in out, stage
     for stage in set(keys) - chain:
         assert f"{stage}/" not in out, stage
 
-    def indent(line: str) -> int:
-        return len(line) - len(line.lstrip())
+    def block(stage: str) -> list[str]:
+        i = next(i for i in headers if lines[i].startswith(f"{stage}/{keys[stage]}"))
+        end = next((j for j in headers if j > i), len(lines))
+        return lines[i:end]
 
     for up, down in CHAIN:
-        i_down = next(i for i, ln in enumerate(lines) if f"{down}/{keys[down]}" in ln)
-        i_up = next(i for i, ln in enumerate(lines)
-                    if i > i_down and f"<- {up}/{keys[up]}" in ln)
-        assert indent(lines[i_up]) > indent(lines[i_down]), (up, down)
+        assert f"    <- {up}/{keys[up]}" in block(down), (up, down)
+        assert headers.index(lines.index(block(down)[0])) < headers.index(lines.index(block(up)[0])), (up, down)

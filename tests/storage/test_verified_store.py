@@ -64,6 +64,18 @@ def test_digests_are_checked_once_per_process(tmp_path):
     assert store.trust("a", "k") is None
 
 
+def test_damage_found_by_a_full_check_is_not_trusted_later_in_the_process(tmp_path):
+    """perceptio verify (digests) finds the change: the artifact this process trusted before is
+    checked again, and moved aside, when a run reuses it."""
+    root = tmp_path / "store"
+    store = ArtifactStore(root)
+    _write(store, "a", "k", {"f.bin": b"1234"})
+    assert store.trust("a", "k") is not None
+    (root / "a" / "k" / "f.bin").write_bytes(b"9999")
+    assert [s for s, _, _ in store.damaged()] == ["a"]
+    assert store.trust("a", "k") is None
+
+
 @pytest.mark.parametrize("damage", ["truncate_file", "delete_file", "extra_file", "truncate_manifest",
                                     "delete_manifest", "garble_manifest", "other_key_manifest"])
 def test_every_kind_of_damage_is_not_in_the_store_and_is_replaced(tmp_path, damage):
