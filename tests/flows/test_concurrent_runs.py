@@ -20,7 +20,10 @@ import pytest
 from storage import ArtifactStore
 
 ROOT = Path(__file__).resolve().parents[2]
-ROUNDS = [("a", "b"), ("c", "c"), ("d", "e"), ("f", "f"), ("a", "c")]  # two fresh pairs of each kind, then a rerun pair
+FULL_ROUNDS = [("a", "b"), ("c", "c"), ("d", "e"), ("f", "f"), ("a", "c")]  # two fresh pairs of each kind, a rerun pair
+# CI runs one round of each kind (6 runs: the suite stays under 15 minutes on 2 cores); the ten
+# runs with PERCEPTIO_FULL_STRESS=1 (10 of 10 passed on the loaded 2-core machine, docs/reliability.md)
+ROUNDS = FULL_ROUNDS if os.environ.get("PERCEPTIO_FULL_STRESS") == "1" else [("a", "b"), ("c", "c"), ("a", "c")]
 
 
 @pytest.mark.slow
