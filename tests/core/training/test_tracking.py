@@ -10,14 +10,11 @@ import sys
 import types
 
 import pytest
-import torch
 import yaml
-from torch import nn
-from torch.utils.data import Dataset
 
 from perceptio_core.config import TrainLoopConfig, load_config, to_dict
 from perceptio_core.training import tracking as tracking_mod
-from perceptio_core.training.trainer import Trainer, read_history, run_training, TrainTask
+from perceptio_core.training.trainer import Trainer, read_history, run_training
 from perceptio_core.training.tracking import (
     TrackerUnavailableError,
     TrackingSpec,
@@ -29,48 +26,13 @@ from perceptio_core.training.tracking import (
 pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
+from test_trainer import ToyTask  # noqa: E402  (the trainer tests' toy task)
+
 TERMS = ("loss", "mse", "l1")
 
 
-class _Pairs(Dataset):
-    def __init__(self, n: int) -> None:
-        g = torch.Generator().manual_seed(7)
-        self.x = torch.randn(n, 4, generator=g)
-        self.y = self.x.sum(-1) / 4
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return self.x[i], self.y[i]
-
-
-def _stack(items):
-    return {"x": torch.stack([a for a, _ in items]), "y": torch.stack([b for _, b in items])}
-
-
-class TinyTask(TrainTask):
-    """Two logged terms besides the total, as a stage's loss has."""
-
-    name = "tiny"
-
-    def build_model(self):
-        return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
-
-    def build_dataset(self):
-        return _Pairs(20)
-
-    def build_collate(self):
-        return _stack
-
-    def loss(self, model, batch):
-        pred = model(batch["x"]).squeeze(-1)
-        mse = ((pred - batch["y"]) ** 2).mean()
-        l1 = (pred - batch["y"]).abs().mean()
-        return {"loss": mse + 0.5 * l1, "mse": mse, "l1": l1}
-
-    def save_final(self, model, out_dir):
-        (out_dir / "config.json").write_text("{}")
+def TinyTask() -> ToyTask:  # noqa: N802  (the trainer tests' toy task: two logged terms besides the total)
+    return ToyTask(n=20, dropout=0.0)
 
 
 def _loop(**kw) -> TrainLoopConfig:
@@ -117,7 +79,7 @@ def test_a_tracked_fit_writes_every_loss_term_and_the_lr_at_its_step(tmp_path):
     hp = yaml.safe_load(hp_files[0].read_text())
     assert hp["run_id"] == "run-a" and hp["key"] == "k0123" and hp["stage"] == "fit_tiny"
     assert hp["vqvae.codebook_size"] == load_config("smoke").vqvae.codebook_size
-    assert hp["loop.steps"] == 7 and hp["task"] == "tiny" and hp["run.trackers"] == '["tensorboard"]'
+    assert hp["loop.steps"] == 7 and hp["task"] == "toy" and hp["run.trackers"] == '["tensorboard"]'
     assert all(isinstance(v, (bool, int, float, str)) for v in hp.values())
     assert not any("+" in k for k in hp)  # data.refer_split_by.refcoco+ made tracker-safe
 
