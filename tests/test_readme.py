@@ -39,6 +39,8 @@ RUN_BY = {
     "perceptio run --only teacher_depth": "test_main_job_then_the_stage_commands",
     "perceptio run --from train_vqvae": "test_main_job_then_the_stage_commands",
     "perceptio lineage train_vqvae": "test_main_job_then_the_stage_commands",
+    "perceptio ablate":
+        "tests/flows/test_pipeline_e2e.py::test_ablate_runs_a_variant_once_and_only_the_new_one_after",
     "perceptio verify":
         "tests/flows/test_pipeline_e2e.py::test_a_copied_workdir_reads_itself_and_damage_is_found_and_recomputed",
     "perceptio synth --out world --images 60 --seed 1": "test_synth_command",
