@@ -151,14 +151,17 @@ class Plan:
             self.records[name] = {"key": key, "url": self.run.store.artifact_url(name, key), "status": "interrupted",
                                   "wall_s": round(time.time() - t0, 3), "metrics": {},
                                   "quarantine": {"count": 0, "reasons": {}}}  # fmt: skip
-        summary = {**self.summary(), "interrupted": True}
-        write_json(self.run.workdir / "runs" / self.run.run_id / "summary.json", summary, sort_keys=False)
-        return summary
+        return self._write({**self.summary(), "interrupted": True})
 
     def finish(self) -> dict[str, Any]:
-        summary = self.summary()
-        out = self.run.workdir / "runs" / self.run.run_id
-        write_json(out / "summary.json", summary, sort_keys=False)  # stages in pipeline order
+        return self._write(self.summary())
+
+    @property
+    def summary_path(self) -> Path:
+        return self.run.workdir / "runs" / self.run.run_id / "summary.json"
+
+    def _write(self, summary: dict[str, Any]) -> dict[str, Any]:
+        write_json(self.summary_path, summary, sort_keys=False)  # stages in pipeline order
         return summary
 
 
@@ -216,8 +219,7 @@ def perceptio_pipeline(
         except (KeyboardInterrupt, TerminationSignal):  # Ctrl-C, or SIGTERM (Prefect's bridge)
             plan.interrupted()
             log.warning("run %s interrupted%s; the finished stages are in the store, the summary in %s", run.run_id,
-                        f" in {plan.current[0]}" if plan.current else "",
-                        run.workdir / "runs" / run.run_id / "summary.json")
+                        f" in {plan.current[0]}" if plan.current else "", plan.summary_path)
             raise
 
 
