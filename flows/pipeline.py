@@ -24,12 +24,11 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.context import FlowRunContext
 from prefect.runtime import flow_run as runtime_flow_run
-from prefect.exceptions import TerminationSignal
 from prefect.states import State
 
 from perceptio_core.config import ConfigError, PerceptioConfig, dump_config, load_config, remember_profile
 from perceptio_core.atomic_io import write_json, write_text
-from tasks.runner import ArtifactRef, PipelineError, RunContext, compute_keys, flatten, workdir_lock
+from tasks.runner import ArtifactRef, PipelineError, RunContext, compute_keys, flatten, interrupts, workdir_lock
 from tasks.stage_task import StageResult, stage_task
 from tasks.stages import BY_NAME, STAGES, downstream_of, upstream_of
 
@@ -216,7 +215,7 @@ def perceptio_pipeline(
         plan = Plan(run, only=only, from_stage=from_stage)
         try:
             return _steps(plan)
-        except (KeyboardInterrupt, TerminationSignal):  # Ctrl-C, or SIGTERM (Prefect's bridge)
+        except interrupts():  # Ctrl-C, or SIGTERM (Prefect's TerminationSignal)
             plan.interrupted()
             log.warning("run %s interrupted%s; the finished stages are in the store, the summary in %s", run.run_id,
                         f" in {plan.current[0]}" if plan.current else "", plan.summary_path)

@@ -398,7 +398,7 @@ def _quarantine_summary(entries: list[QuarantineEntry]) -> dict[str, Any]:
     }
 
 
-def _interrupts() -> tuple[type[BaseException], ...]:
+def interrupts() -> tuple[type[BaseException], ...]:
     """What a stop looks like inside a stage: Ctrl-C, and Prefect's ``TerminationSignal`` (SIGTERM
     during a flow run) when Prefect is loaded (this module does not import it)."""
     prefect_exceptions = sys.modules.get("prefect.exceptions")
@@ -440,7 +440,7 @@ def execute_stage(
         with tracking_scope(tracking):  # the training loop tracks into the stage's run
             out = spec.body(ctx)
     except BaseException as e:
-        if isinstance(e, _interrupts()):  # Ctrl-C or SIGTERM: one line, no traceback
+        if isinstance(e, interrupts()):  # Ctrl-C or SIGTERM: one line, no traceback
             log.warning("%s interrupted; its finished chunks stay in %s for the next run", spec.name, writer.staging)
         else:
             log.error("%s failed:\n%s", spec.name, traceback.format_exc())
